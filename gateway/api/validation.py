@@ -1,0 +1,64 @@
+"""Parse and validate a request body into a plain dict, or raise OpenAI's 400 naming the `param`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from gateway.errors import GatewayError
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "a boolean", "string": "a string",
+               "list": "an array", "dict": "an object", "model": "an object"}
+
+
+def parse_body(raw: bytes, schema: type[BaseModel]) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise GatewayError(
+            400,
+            "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload.",
+        ) from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, "The request body must be a JSON object.")
+    try:
+        schema.model_validate(body)
+    except ValidationError as exc:
+        raise _to_openai_error(exc) from None
+    return body
+
+
+def _to_openai_error(exc: ValidationError) -> GatewayError:
+    error = exc.errors()[0]
+    loc = [part for part in error["loc"] if not _is_union_branch(part)]
+    param = _param_path(loc)
+    kind = error["type"]
+    if kind == "missing":
+        return GatewayError(400, f"Missing required parameter: '{param}'.", param=param,
+                            code="missing_required_parameter")
+    if kind in {"greater_than_equal", "less_than_equal", "greater_than", "less_than"}:
+        return GatewayError(400, f"Invalid '{param}': {error['msg']}, but got {error['input']!r}.",
+                            param=param, code="invalid_value")
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "model_attributes_type":
+        expected = _TYPE_WORDS.get(kind.split("_")[0], kind.split("_")[0])
+        return GatewayError(400, f"Invalid type for '{param}': expected {expected}.", param=param,
+                            code="invalid_type")
+    if kind == "too_short" and param == "messages":
+        return GatewayError(400, "Invalid 'messages': empty array. Expected an array with minimum "
+                            "length 1, but got an empty array instead.", param=param,
+                            code="empty_array")
+    return GatewayError(400, f"Invalid '{param}': {error['msg']}.", param=param, code="invalid_value")
+
+
+def _is_union_branch(part: Any) -> bool:
+    # pydantic names the union member it tried ("str", "list[str]", "function-after[...]") in `loc`.
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "list"})
+
+
+def _param_path(loc: list[Any]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "body"

@@ -1,0 +1,34 @@
+"""What differs between the OpenAI-compatible engines we speak to, in one table.
+
+The gateway absorbs these differences so that every client sees the same API: e.g. llama.cpp's
+server ignores `stream_options.include_usage`, so the gateway adds the usage chunk itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.registry.schema import Engine
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    health_path: str
+    # Does the engine send the final `usage` chunk when a stream asks for `include_usage`?
+    sends_stream_usage: bool
+    # Path of a tokenizer endpoint taking {"model", "prompt"} or {"input"}; None if there is none.
+    tokenize_path: str | None
+
+
+ENGINE_PROFILES: dict[Engine, EngineProfile] = {
+    Engine.VLLM: EngineProfile(health_path="/health", sends_stream_usage=True, tokenize_path="/tokenize"),
+    # llama-cpp-python's server has no /health (404) and ignores include_usage (measured, 0.3.36).
+    Engine.LLAMA_CPP: EngineProfile(
+        health_path="/v1/models", sends_stream_usage=False, tokenize_path="/extras/tokenize"
+    ),
+    Engine.SEQ2SEQ: EngineProfile(health_path="/health", sends_stream_usage=True, tokenize_path=None),
+}
+
+
+def profile_of(engine: Engine) -> EngineProfile:
+    return ENGINE_PROFILES[engine]

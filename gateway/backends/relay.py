@@ -1,0 +1,149 @@
+"""Relay an engine's answer to the client: rename the model, absorb engine quirks, keep errors in shape.
+
+Streams are relayed event by event as they arrive (no buffering beyond one SSE event). The `model`
+field is renamed with a byte replacement rather than a parse/re-serialise: inside JSON strings every
+quote is escaped, so `"model":"<name>"` can only match the real key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+import orjson
+
+from gateway.errors import GatewayError
+
+_EVENT_BOUNDARY = re.compile(rb"\r?\n\r?\n")
+_DONE = b"[DONE]"
+_OPENAI_ERROR_TYPES = {"invalid_request_error", "not_found_error", "permission_error",
+                       "authentication_error", "rate_limit_error", "server_error"}
+
+
+@dataclass(frozen=True)
+class ModelRename:
+    """Replace the engine's model name with the id the client asked for."""
+
+    served: str
+    requested: str
+
+    def __post_init__(self) -> None:
+        old, new = orjson.dumps(self.served), orjson.dumps(self.requested)
+        object.__setattr__(self, "_pairs", ((b'"model":' + old, b'"model":' + new),
+                                            (b'"model": ' + old, b'"model": ' + new)))
+
+    def apply(self, data: bytes) -> bytes:
+        if self.served == self.requested:
+            return data
+        for old, new in self._pairs:  # type: ignore[attr-defined]
+            if old in data:
+                return data.replace(old, new, 1)
+        return data
+
+
+@dataclass
+class UsageCounter:
+    """Counts a stream's tokens for engines that do not send the `include_usage` chunk themselves."""
+
+    count_prompt_tokens: Callable[[], Awaitable[int]]
+    first_chunk: dict | None = None
+    completion_tokens: dict[int, int] = field(default_factory=dict)
+    engine_sent_usage: bool = False
+
+    def observe(self, chunk: dict) -> None:
+        if self.first_chunk is None:
+            self.first_chunk = chunk
+        if chunk.get("usage"):
+            self.engine_sent_usage = True
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            text = delta.get("content") if "delta" in choice else choice.get("text")
+            if text:
+                index = choice.get("index", 0)
+                # llama.cpp and vLLM emit one generated token per content chunk.
+                self.completion_tokens[index] = self.completion_tokens.get(index, 0) + 1
+
+    async def usage_event(self, rename: ModelRename) -> bytes | None:
+        if self.engine_sent_usage or self.first_chunk is None:
+            return None
+        prompt_tokens = await self.count_prompt_tokens()
+        completion = sum(self.completion_tokens.values())
+        chunk = {
+            "id": self.first_chunk.get("id"),
+            "object": self.first_chunk.get("object"),
+            "created": self.first_chunk.get("created"),
+            "model": rename.requested,
+            "choices": [],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion},
+        }
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+def split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
+    """Complete SSE events in `buffer`, and the incomplete rest."""
+    parts = _EVENT_BOUNDARY.split(buffer)
+    return parts[:-1], parts[-1]
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The `data:` payload of one SSE event (joined per the SSE spec), None for comments/keep-alives."""
+    lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+async def relay_stream(
+    response: httpx.Response, rename: ModelRename, usage: UsageCounter | None
+) -> AsyncIterator[bytes]:
+    """Yield the client's SSE bytes from an engine's SSE response, event by event."""
+    buffer = b""
+    try:
+        async for raw in response.aiter_bytes():
+            events, buffer = split_events(buffer + raw)
+            for event in events:
+                data = event_data(event)
+                if data is None:
+                    continue
+                if data == _DONE:
+                    if usage is not None and (extra := await usage.usage_event(rename)):
+                        yield extra
+                    yield b"data: [DONE]\n\n"
+                    continue
+                if usage is not None:
+                    usage.observe(orjson.loads(data))
+                yield b"data: " + rename.apply(data) + b"\n\n"
+    finally:
+        await response.aclose()
+
+
+def upstream_error(status: int, body: bytes) -> GatewayError:
+    """The engine's error, in OpenAI's envelope, with the engine's status for client errors."""
+    message, err_type, param, code = _parse_engine_error(body)
+    if status >= 500:
+        return GatewayError(502, f"The model backend failed: {message}", type="upstream_error",
+                            code="upstream_error")
+    if status == 422:  # FastAPI-based engines use 422 for what OpenAI calls 400
+        status = 400
+    if err_type not in _OPENAI_ERROR_TYPES:
+        err_type = "invalid_request_error"
+    return GatewayError(status, message, type=err_type, param=param, code=code)
+
+
+def _parse_engine_error(body: bytes) -> tuple[str, str, str | None, str | None]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace")[:500] or "no detail", "", None, None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        data = data["error"]  # OpenAI / vLLM >= 0.10 / llama.cpp shape
+    if not isinstance(data, dict):
+        return str(data)[:500], "", None, None
+    message = data.get("message") or data.get("detail") or "no detail"
+    if not isinstance(message, str):
+        message = orjson.dumps(message).decode()[:500]
+    code = data.get("code")
+    param = data.get("param")
+    return (message, str(data.get("type") or ""), param if isinstance(param, str) else None,
+            code if isinstance(code, str) else None)

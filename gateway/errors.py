@@ -1,0 +1,55 @@
+"""The one error type every layer raises for a client-visible failure (bottom of the stack).
+
+It carries OpenAI's error fields; `gateway.api.errors` turns it into the `{"error": {...}}` envelope.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def model_not_found(model_id: str) -> GatewayError:
+    return GatewayError(
+        404,
+        f"The model `{model_id}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def no_backend_available(model_id: str, detail: str, retry_after_s: int) -> GatewayError:
+    return GatewayError(
+        503,
+        f"No backend for model `{model_id}` is reachable right now ({detail}). Retry later.",
+        type="service_unavailable_error",
+        code="backend_unavailable",
+        headers={"Retry-After": str(retry_after_s)},
+    )

@@ -1,0 +1,146 @@
+"""The shape of `model_registry.yaml`: licenses, models, their hardware, engines and backends.
+
+Plain pydantic models, validated once at start-up (and on reload). Cross-entry checks (license keys,
+duplicate ids, engine support) live in `validate.py`, because they need the whole file.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CommercialUse(str, Enum):
+    YES = "yes"
+    NO = "no"
+    CONDITIONAL = "conditional"
+
+
+class Engine(str, Enum):
+    VLLM = "vllm"
+    LLAMA_CPP = "llama.cpp"
+    SEQ2SEQ = "seq2seq"  # our own Transformers worker (gateway.workers.seq2seq)
+
+
+class Role(str, Enum):
+    PRIMARY = "primary"  # GPU engine
+    FALLBACK = "fallback"  # CPU engine, used only when no primary can serve
+
+
+# Every prompt format a model may declare. `gateway.prompts` holds one renderer per id; the list lives
+# here, at the bottom of the stack, so the registry can be validated without importing the renderers.
+PromptFormatId = Literal[
+    "none",
+    "llama-2-chat",
+    "alpaca",
+    "vicuna-v1.1",
+    "guanaco",
+    "stable-beluga",
+    "redpajama-chat",
+    "redpajama-instruct",
+    "falcon-instruct",
+    "falcon-180b-chat",
+    "mpt-chat",
+    "mpt-instruct",
+    "flan-t5",
+    "chatml",
+]
+
+
+class LicenseCondition(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    text: str
+
+
+class License(_Strict):
+    name: str
+    commercial_use: CommercialUse
+    conditions: tuple[LicenseCondition, ...] = ()
+    url: AnyHttpUrl | None = None
+    notes: str = ""
+
+
+class GpuRequirement(_Strict):
+    type: str  # e.g. "A10G-24GB", "A100-80GB"; "none" for models that need no GPU
+    count: int = Field(ge=0)
+
+
+class Hardware(_Strict):
+    fp16_weight_gb: float = Field(gt=0)
+    min_gpu: GpuRequirement
+    tensor_parallel_size: int = Field(ge=1)
+    cpu_fallback_realistic: bool
+
+
+class EngineSupport(_Strict):
+    """An engine that can serve this model, and which of its versions can."""
+
+    engine: Engine
+    versions: str = Field(default="", description="PEP 440 specifier, e.g. '<0.28'; empty = any")
+    notes: str = ""
+
+    @field_validator("versions")
+    @classmethod
+    def _is_specifier(cls, value: str) -> str:
+        try:
+            SpecifierSet(value)
+        except InvalidSpecifier as exc:
+            raise ValueError(f"not a version specifier: {value!r}") from exc
+        return value
+
+
+class Backend(_Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    engine: Engine
+    engine_version: str
+    url: AnyHttpUrl
+    role: Role = Role.PRIMARY
+    served_model_name: str | None = Field(
+        default=None, description="the name the engine knows the model by; defaults to the model id"
+    )
+
+    @field_validator("engine_version")
+    @classmethod
+    def _is_version(cls, value: str) -> str:
+        try:
+            Version(value)
+        except InvalidVersion as exc:
+            raise ValueError(f"not a version: {value!r}") from exc
+        return value
+
+    @property
+    def base_url(self) -> str:
+        return str(self.url).rstrip("/")
+
+
+class Model(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    family: str
+    hf_repo: str
+    params_b: float = Field(gt=0, description="parameters, in billions")
+    architecture: str
+    context_length: int = Field(gt=0)
+    license: str
+    hardware: Hardware
+    prompt_format: PromptFormatId
+    # Whether the engine's own chat template (tokenizer_config.json) is right for this model. When false,
+    # the gateway renders chat itself and calls the engine's /v1/completions ([2/5]).
+    native_chat_template: bool = False
+    # Base models (prompt_format "none") refuse chat unless this is set.
+    allow_chat_without_format: bool = False
+    engines: tuple[EngineSupport, ...] = Field(min_length=1)
+    backends: tuple[Backend, ...] = ()
+    notes: str = ""
+
+
+class RegistryFile(_Strict):
+    licenses: dict[str, License] = {}
+    models: tuple[Model, ...] = ()

@@ -1,0 +1,77 @@
+"""Checks that need the whole registry: license keys, backend ids, and engine/architecture support."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from gateway.registry.engines import ARCHITECTURE_SUPPORT, why_engine_cannot_serve
+from gateway.registry.schema import Engine, License, Model
+
+OriginOf = Callable[[str, str], Path]
+
+
+def cross_check(licenses: dict[str, License], models: dict[str, Model], origin: OriginOf) -> list[str]:
+    problems: list[str] = []
+    backend_owner: dict[str, str] = {}
+    for model in models.values():
+        problems.extend(_check_license(model, licenses, origin))
+        problems.extend(_check_backends(model, backend_owner, origin))
+    return problems
+
+
+def _check_license(model: Model, licenses: dict[str, License], origin: OriginOf) -> list[str]:
+    if model.license in licenses:
+        return []
+    known = ", ".join(sorted(licenses)) or "none defined"
+    return [
+        f"{origin(model.id, 'license')}: model '{model.id}': field 'license': "
+        f"unknown license key {model.license!r} (known: {known})"
+    ]
+
+
+def _check_backends(model: Model, backend_owner: dict[str, str], origin: OriginOf) -> list[str]:
+    problems: list[str] = []
+    where = f"{origin(model.id, 'backends')}: model '{model.id}'"
+    declared = {support.engine: SpecifierSet(support.versions) for support in model.engines}
+    for index, backend in enumerate(model.backends):
+        field = f"field 'backends.{index}'"
+        owner = backend_owner.setdefault(backend.id, model.id)
+        if owner != model.id:
+            problems.append(f"{where}: {field}.id: backend id {backend.id!r} already used by '{owner}'")
+        reason = why_engine_cannot_serve(backend.engine, backend.engine_version, model.architecture)
+        if reason:
+            problems.append(f"{where}: {field}.engine_version: {reason}")
+            continue
+        spec = declared.get(backend.engine)
+        if spec is None:
+            problems.append(
+                f"{where}: {field}.engine: {backend.engine.value} is not among this model's engines"
+            )
+        elif not spec.contains(Version(backend.engine_version), prereleases=True):
+            problems.append(
+                f"{where}: {field}.engine_version: {backend.engine.value} {backend.engine_version} "
+                f"is outside this model's declared versions ({spec})"
+            )
+    for index, support in enumerate(model.engines):
+        problems.extend(_check_declared_engine(model, index, support.engine, support.versions, origin))
+    return problems
+
+
+def _check_declared_engine(
+    model: Model, index: int, engine: Engine, versions: str, origin: OriginOf
+) -> list[str]:
+    """A declared engine range must not promise versions that cannot serve the architecture."""
+    supported = ARCHITECTURE_SUPPORT[engine].get(model.architecture)
+    where = f"{origin(model.id, 'engines')}: model '{model.id}': field 'engines.{index}'"
+    if supported is None:
+        return [f"{where}.engine: {engine.value} cannot serve {model.architecture} at any version"]
+    if str(supported) and not str(SpecifierSet(versions)):
+        return [
+            f"{where}.versions: {engine.value} serves {model.architecture} only at "
+            f"{engine.value}{supported}; say so (versions: \"{supported}\")"
+        ]
+    return []
