@@ -31,7 +31,7 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> dict[str, Any]:
 
 
 def _to_openai_error(exc: ValidationError) -> GatewayError:
-    error = exc.errors()[0]
+    error = min(exc.errors(), key=_specificity)
     loc = [part for part in error["loc"] if not _is_union_branch(part)]
     param = _param_path(loc)
     kind = error["type"]
@@ -50,6 +50,12 @@ def _to_openai_error(exc: ValidationError) -> GatewayError:
                             "length 1, but got an empty array instead.", param=param,
                             code="empty_array")
     return GatewayError(400, f"Invalid '{param}': {error['msg']}.", param=param, code="invalid_value")
+
+
+def _specificity(error: Any) -> int:
+    """For a union (`stop: str | list[str]`), the branch whose type matched says what is really wrong."""
+    kind = error["type"]
+    return 1 if kind.endswith("_type") or kind.endswith("_parsing") else 0
 
 
 def _is_union_branch(part: Any) -> bool:

@@ -16,7 +16,7 @@ class EngineProfile:
     health_path: str
     # Does the engine send the final `usage` chunk when a stream asks for `include_usage`?
     sends_stream_usage: bool
-    # Path of a tokenizer endpoint taking {"model", "prompt"} or {"input"}; None if there is none.
+    # Tokenizer endpoint: vLLM takes {"model", "prompt"} -> {"count"}; llama.cpp {"input"} -> {"count"}.
     tokenize_path: str | None
 
 
@@ -24,7 +24,7 @@ ENGINE_PROFILES: dict[Engine, EngineProfile] = {
     Engine.VLLM: EngineProfile(health_path="/health", sends_stream_usage=True, tokenize_path="/tokenize"),
     # llama-cpp-python's server has no /health (404) and ignores include_usage (measured, 0.3.36).
     Engine.LLAMA_CPP: EngineProfile(
-        health_path="/v1/models", sends_stream_usage=False, tokenize_path="/extras/tokenize"
+        health_path="/v1/models", sends_stream_usage=False, tokenize_path="/extras/tokenize/count"
     ),
     Engine.SEQ2SEQ: EngineProfile(health_path="/health", sends_stream_usage=True, tokenize_path=None),
 }

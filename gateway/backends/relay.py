@@ -107,10 +107,12 @@ async def relay_stream(
                 if data is None:
                     continue
                 if data == _DONE:
+                    # Let go of the engine first: llama.cpp's tokenizer waits for its model lock.
+                    await response.aclose()
                     if usage is not None and (extra := await usage.usage_event(rename)):
                         yield extra
                     yield b"data: [DONE]\n\n"
-                    continue
+                    return
                 if usage is not None:
                     usage.observe(orjson.loads(data))
                 yield b"data: " + rename.apply(data) + b"\n\n"

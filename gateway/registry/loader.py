@@ -62,7 +62,7 @@ def load_registry(paths: list[Path]) -> Registry:
             _merge_file(path, document, merged, problems)
     licenses = _validate_licenses(merged, problems)
     models = _validate_models(merged, problems)
-    problems.extend(cross_check(licenses, models, lambda mid, fld: _origin(merged, mid, fld)))
+    problems.extend(cross_check(licenses, merged.models, models, lambda mid, fld: _origin(merged, mid, fld)))
     if problems:
         raise RegistryError(problems)
     return Registry(licenses=licenses, models=models, sources=tuple(paths))

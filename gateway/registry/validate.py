@@ -14,22 +14,26 @@ from gateway.registry.schema import Engine, License, Model
 OriginOf = Callable[[str, str], Path]
 
 
-def cross_check(licenses: dict[str, License], models: dict[str, Model], origin: OriginOf) -> list[str]:
+def cross_check(
+    licenses: dict[str, License], raw_models: dict[str, dict], models: dict[str, Model], origin: OriginOf
+) -> list[str]:
+    """`raw_models` are checked too, so an entry with a schema error still has its license checked."""
     problems: list[str] = []
+    for model_id, raw in raw_models.items():
+        problems.extend(_check_license(model_id, raw.get("license"), licenses, origin))
     backend_owner: dict[str, str] = {}
     for model in models.values():
-        problems.extend(_check_license(model, licenses, origin))
         problems.extend(_check_backends(model, backend_owner, origin))
     return problems
 
 
-def _check_license(model: Model, licenses: dict[str, License], origin: OriginOf) -> list[str]:
-    if model.license in licenses:
-        return []
+def _check_license(model_id: str, key: object, licenses: dict[str, License], origin: OriginOf) -> list[str]:
+    if not isinstance(key, str) or key in licenses:
+        return []  # a missing or non-string key is already a schema error
     known = ", ".join(sorted(licenses)) or "none defined"
     return [
-        f"{origin(model.id, 'license')}: model '{model.id}': field 'license': "
-        f"unknown license key {model.license!r} (known: {known})"
+        f"{origin(model_id, 'license')}: model '{model_id}': field 'license': "
+        f"unknown license key {key!r} (known: {known})"
     ]
 
 
@@ -38,22 +42,22 @@ def _check_backends(model: Model, backend_owner: dict[str, str], origin: OriginO
     where = f"{origin(model.id, 'backends')}: model '{model.id}'"
     declared = {support.engine: SpecifierSet(support.versions) for support in model.engines}
     for index, backend in enumerate(model.backends):
-        field = f"field 'backends.{index}'"
+        field = f"backends.{index}"
         owner = backend_owner.setdefault(backend.id, model.id)
         if owner != model.id:
-            problems.append(f"{where}: {field}.id: backend id {backend.id!r} already used by '{owner}'")
+            problems.append(f"{where}: field '{field}.id': backend id {backend.id!r} already used by '{owner}'")
         reason = why_engine_cannot_serve(backend.engine, backend.engine_version, model.architecture)
         if reason:
-            problems.append(f"{where}: {field}.engine_version: {reason}")
+            problems.append(f"{where}: field '{field}.engine_version': {reason}")
             continue
         spec = declared.get(backend.engine)
         if spec is None:
             problems.append(
-                f"{where}: {field}.engine: {backend.engine.value} is not among this model's engines"
+                f"{where}: field '{field}.engine': {backend.engine.value} is not among this model's engines"
             )
         elif not spec.contains(Version(backend.engine_version), prereleases=True):
             problems.append(
-                f"{where}: {field}.engine_version: {backend.engine.value} {backend.engine_version} "
+                f"{where}: field '{field}.engine_version': {backend.engine.value} {backend.engine_version} "
                 f"is outside this model's declared versions ({spec})"
             )
     for index, support in enumerate(model.engines):
@@ -66,12 +70,12 @@ def _check_declared_engine(
 ) -> list[str]:
     """A declared engine range must not promise versions that cannot serve the architecture."""
     supported = ARCHITECTURE_SUPPORT[engine].get(model.architecture)
-    where = f"{origin(model.id, 'engines')}: model '{model.id}': field 'engines.{index}'"
+    where = f"{origin(model.id, 'engines')}: model '{model.id}': field 'engines.{index}"
     if supported is None:
-        return [f"{where}.engine: {engine.value} cannot serve {model.architecture} at any version"]
+        return [f"{where}.engine': {engine.value} cannot serve {model.architecture} at any version"]
     if str(supported) and not str(SpecifierSet(versions)):
         return [
-            f"{where}.versions: {engine.value} serves {model.architecture} only at "
+            f"{where}.versions': {engine.value} serves {model.architecture} only at "
             f"{engine.value}{supported}; say so (versions: \"{supported}\")"
         ]
     return []

@@ -98,15 +98,27 @@ def unigram_tokenizer() -> Tokenizer:
         vocab_size=VOCAB, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
+    tok = canonical_unigram(tok, n_special=3)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", 1)])
     return tok
 
 
+def canonical_unigram(tok: Tokenizer, n_special: int) -> Tokenizer:
+    """The Unigram trainer is not reproducible: its parallel EM sums differ in the last digits and
+    the characters it must keep (appended at the end with tiny score steps) come in hash-set order.
+    Round the scores (single characters coarsely, so those steps vanish) and sort, for a stable file."""
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    pieces = [(p, round(s, 1 if len(p) == 1 else 6)) for p, s in vocab[n_special:]]
+    data["model"]["vocab"] = vocab[:n_special] + sorted(pieces, key=lambda ps: (-ps[1], ps[0]))
+    return Tokenizer.from_str(json.dumps(data))
+
+
 def fast_tokenizer(tok: Tokenizer, **special: str) -> transformers.PreTrainedTokenizerFast:
     # The generic class (not LlamaTokenizerFast etc.) keeps our post-processor as trained and loads
     # with any transformers version through AutoTokenizer.
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **special)
 
 
 def save(model: torch.nn.Module, tokenizer: transformers.PreTrainedTokenizerBase, out: Path,
@@ -164,8 +176,8 @@ def build_falcon(out: Path) -> None:
     cfg = transformers.FalconConfig(
         vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
         multi_query=True, parallel_attn=True, bias=False, new_decoder_architecture=False, alibi=False,
-        ffn_hidden_size=256, max_position_embeddings=512, bos_token_id=eot, eos_token_id=eot,
-    )
+        max_position_embeddings=512, bos_token_id=eot, eos_token_id=eot,
+    )  # no ffn_hidden_size: vLLM's Falcon hard-codes the MLP at 4 * hidden_size (512)
     save(transformers.FalconForCausalLM(cfg), tokenizer, out)
 
 
@@ -179,14 +191,18 @@ def build_mpt(out: Path) -> None:
 
 
 def build_t5(out: Path) -> None:
-    tokenizer = transformers.T5TokenizerFast(tokenizer_object=unigram_tokenizer(), extra_ids=0,
+    tokenizer = transformers.T5TokenizerFast(tokenizer_object=unigram_tokenizer(), extra_ids=0, model_max_length=512,
                                              pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     cfg = transformers.T5Config(
         vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
         num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,  # T5 starts decoding at pad
+        tie_word_embeddings=False,  # tied, the random decoder echoes its start token: only <pad> comes out
     )
+    model = transformers.T5ForConditionalGeneration(cfg)
+    with torch.no_grad():  # random T5 tends to greedily emit <pad> (empty text): give <pad>/<unk> logit 0
+        model.lm_head.weight[[0, 2]] = 0.0
     # float32: the Transformers worker runs T5 on CPU where fp32 is the safe default.
-    save(transformers.T5ForConditionalGeneration(cfg), tokenizer, out, dtype=torch.float32)
+    save(model, tokenizer, out, dtype=torch.float32)
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
@@ -221,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(BUILDERS), help="build only these models")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    transformers.utils.logging.disable_progress_bar()  # keep output to one line per model
     for name in args.only or list(BUILDERS):
         start = time.monotonic()
         status = build(name, args.out)

