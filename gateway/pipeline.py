@@ -16,11 +16,13 @@ from starlette.responses import Response, StreamingResponse
 
 from gateway.api.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.api.validation import parse_body
-from gateway.backends.relay import ModelRename, UsageCounter, relay_stream, upstream_error
+from gateway.backends.relay import UsageCounter, relay_stream, upstream_error
+from gateway.backends.translate import ChatFromCompletion, Passthrough, Translator
 from gateway.backends.upstream import OpenAIUpstream, UpstreamUnavailable
 from gateway.errors import GatewayError, model_not_found, no_backend_available
 from gateway.policy.decide import decide
-from gateway.prompts.prepare import UpstreamCall, prepare_chat, prepare_completion
+from gateway.prompts.context import ensure_prompt_fits
+from gateway.prompts.prepare import Reply, UpstreamCall, prepare_chat, prepare_completion
 from gateway.registry import Model, Registry
 from gateway.routing.picker import backends_in_try_order
 from gateway.settings import Settings
@@ -56,14 +58,19 @@ async def serve(state: GatewayState, endpoint: Endpoint, authorization: str | No
     if not decision.allowed:
         raise GatewayError(403, decision.reason, type="permission_error", code=decision.rule)
     call = endpoint.prepare(model, body)
-    return await _dispatch(state, model, call, requested=model_id)
+    upstreams = [state.upstreams[backend.id] for backend in backends_in_try_order(model.backends)]
+    if upstreams:
+        await ensure_prompt_fits(model, call, upstreams[0].count_tokens)
+    return await _dispatch(state, upstreams, call, requested=model_id)
 
 
-async def _dispatch(state: GatewayState, model: Model, call: UpstreamCall, requested: str) -> Response:
+async def _dispatch(
+    state: GatewayState, upstreams: list[OpenAIUpstream], call: UpstreamCall, requested: str
+) -> Response:
     stream = bool(call.payload.get("stream"))
     failures: list[str] = []
-    for backend in backends_in_try_order(model.backends):
-        upstream = state.upstreams[backend.id]
+    for upstream in upstreams:
+        backend = upstream.backend
         call.payload["model"] = upstream.served_model_name
         try:
             response = await upstream.post(call.path, call.payload, stream=stream)
@@ -74,26 +81,33 @@ async def _dispatch(state: GatewayState, model: Model, call: UpstreamCall, reque
             await response.aclose()
             failures.append(f"{backend.id}: HTTP {response.status_code}")
             continue
-        rename = ModelRename(served=upstream.served_model_name, requested=requested)
+        translator = _translator(call, upstream, requested)
         headers = {"x-gateway-backend": backend.id}
         if stream:
-            return await _stream_response(upstream, response, call, rename, headers)
-        return _json_response(response, rename, headers)
+            return await _stream_response(upstream, response, call, translator, requested, headers)
+        return _json_response(response, translator, headers)
     detail = "; ".join(failures) if failures else "the model has no backends configured"
     raise no_backend_available(requested, detail, state.settings.retry_after_s)
 
 
-def _json_response(response: httpx.Response, rename: ModelRename, headers: dict[str, str]) -> Response:
+def _translator(call: UpstreamCall, upstream: OpenAIUpstream, requested: str) -> Translator:
+    if call.reply is Reply.CHAT_FROM_COMPLETION:
+        return ChatFromCompletion(requested)
+    return Passthrough(served=upstream.served_model_name, requested=requested)
+
+
+def _json_response(response: httpx.Response, translator: Translator, headers: dict[str, str]) -> Response:
     if response.status_code != 200:
         raise upstream_error(response.status_code, response.content)
-    return Response(rename.apply(response.content), media_type="application/json", headers=headers)
+    return Response(translator.body(response.content), media_type="application/json", headers=headers)
 
 
 async def _stream_response(
     upstream: OpenAIUpstream,
     response: httpx.Response,
     call: UpstreamCall,
-    rename: ModelRename,
+    translator: Translator,
+    requested: str,
     headers: dict[str, str],
 ) -> Response:
     if response.status_code != 200:
@@ -104,7 +118,7 @@ async def _stream_response(
     if _wants_usage(call.payload) and not upstream.profile.sends_stream_usage:
         usage = UsageCounter(count_prompt_tokens=lambda: _count_prompt(upstream, call))
     return StreamingResponse(
-        relay_stream(response, rename, usage),
+        relay_stream(response, translator, requested, usage),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )

@@ -19,12 +19,12 @@ import yaml
 from tests.support.processes import Server, free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("CACHE", Path.home() / ".cache" / "llm-gateway"))
+CACHE = Path(os.environ.get("LLMGW_CACHE", Path.home() / ".cache" / "llm-gateway"))
 VLLM_VENVS = {
-    "0.32.0": Path(os.environ.get("VLLM_VENV", CACHE / "venv-vllm-0.32.0")),
-    "0.27.1": Path(os.environ.get("VLLM_MPT_VENV", CACHE / "venv-vllm-0.27.1")),
+    "0.32.0": Path(os.environ.get("LLMGW_VLLM_VENV", CACHE / "venv-vllm-0.32.0")),
+    "0.27.1": Path(os.environ.get("LLMGW_VLLM_MPT_VENV", CACHE / "venv-vllm-0.27.1")),
 }
-TEST_MODELS = Path(os.environ.get("TEST_MODELS", CACHE / "test-models"))
+TEST_MODELS = Path(os.environ.get("LLMGW_TEST_MODELS", CACHE / "test-models"))
 VLLM_READY_TIMEOUT_S = 420
 
 # Tiny checkpoint -> (vLLM version that serves it, registry ids it stands in for).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import openai
+import pytest
 
 from tests.conftest import LOCAL_MODEL
 
@@ -78,3 +79,24 @@ def test_streamed_completion_usage_matches_the_engines_own_count(client: openai.
     assert usage.completion_tokens == plain.usage.completion_tokens
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == plain.choices[0].text  # greedy: same tokens either way
+
+
+def test_streamed_chat_usage_matches_the_non_streamed_count(client: openai.OpenAI) -> None:
+    """llama.cpp sends no usage chunk; the gateway's own (rendered SmolLM2 ChatML, counted by the
+    engine's tokenizer) must agree with what the engine reports for the same chat."""
+    plain = client.chat.completions.create(model=LOCAL_MODEL, messages=QUESTION, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(
+        model=LOCAL_MODEL, messages=QUESTION, max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_over_long_prompt_is_refused_before_the_engine(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=LOCAL_MODEL, max_tokens=100,
+            messages=[{"role": "user", "content": "lorem ipsum dolor sit amet " * 2000}])
+    error = caught.value.response.json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "messages")
+    assert "maximum context length is 8192 tokens" in error["message"]

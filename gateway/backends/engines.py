@@ -16,17 +16,19 @@ class EngineProfile:
     health_path: str
     # Does the engine send the final `usage` chunk when a stream asks for `include_usage`?
     sends_stream_usage: bool
-    # Tokenizer endpoint: vLLM takes {"model", "prompt"} -> {"count"}; llama.cpp {"input"} -> {"count"}.
+    # Tokenizer endpoint answering {"count": n}, and the body field that carries the text.
     tokenize_path: str | None
+    tokenize_field: str = "prompt"
 
 
 ENGINE_PROFILES: dict[Engine, EngineProfile] = {
     Engine.VLLM: EngineProfile(health_path="/health", sends_stream_usage=True, tokenize_path="/tokenize"),
     # llama-cpp-python's server has no /health (404) and ignores include_usage (measured, 0.3.36).
     Engine.LLAMA_CPP: EngineProfile(
-        health_path="/v1/models", sends_stream_usage=False, tokenize_path="/extras/tokenize/count"
+        health_path="/v1/models", sends_stream_usage=False, tokenize_path="/extras/tokenize/count",
+        tokenize_field="input",
     ),
-    Engine.SEQ2SEQ: EngineProfile(health_path="/health", sends_stream_usage=True, tokenize_path=None),
+    Engine.SEQ2SEQ: EngineProfile(health_path="/health", sends_stream_usage=True, tokenize_path="/tokenize"),
 }
 
 

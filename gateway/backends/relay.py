@@ -1,8 +1,6 @@
-"""Relay an engine's answer to the client: rename the model, absorb engine quirks, keep errors in shape.
+"""Relay an engine's answer to the client: translate its shape, absorb engine quirks, keep errors in shape.
 
-Streams are relayed event by event as they arrive (no buffering beyond one SSE event). The `model`
-field is renamed with a byte replacement rather than a parse/re-serialise: inside JSON strings every
-quote is escaped, so `"model":"<name>"` can only match the real key.
+Streams are relayed event by event as they arrive (no buffering beyond one SSE event).
 """
 
 from __future__ import annotations
@@ -14,33 +12,13 @@ from dataclasses import dataclass, field
 import httpx
 import orjson
 
+from gateway.backends.translate import Translator
 from gateway.errors import GatewayError
 
 _EVENT_BOUNDARY = re.compile(rb"\r?\n\r?\n")
 _DONE = b"[DONE]"
 _OPENAI_ERROR_TYPES = {"invalid_request_error", "not_found_error", "permission_error",
                        "authentication_error", "rate_limit_error", "server_error"}
-
-
-@dataclass(frozen=True)
-class ModelRename:
-    """Replace the engine's model name with the id the client asked for."""
-
-    served: str
-    requested: str
-
-    def __post_init__(self) -> None:
-        old, new = orjson.dumps(self.served), orjson.dumps(self.requested)
-        object.__setattr__(self, "_pairs", ((b'"model":' + old, b'"model":' + new),
-                                            (b'"model": ' + old, b'"model": ' + new)))
-
-    def apply(self, data: bytes) -> bytes:
-        if self.served == self.requested:
-            return data
-        for old, new in self._pairs:  # type: ignore[attr-defined]
-            if old in data:
-                return data.replace(old, new, 1)
-        return data
 
 
 @dataclass
@@ -65,7 +43,7 @@ class UsageCounter:
                 # llama.cpp and vLLM emit one generated token per content chunk.
                 self.completion_tokens[index] = self.completion_tokens.get(index, 0) + 1
 
-    async def usage_event(self, rename: ModelRename) -> bytes | None:
+    async def usage_event(self, requested_model: str) -> bytes | None:
         if self.engine_sent_usage or self.first_chunk is None:
             return None
         prompt_tokens = await self.count_prompt_tokens()
@@ -74,12 +52,12 @@ class UsageCounter:
             "id": self.first_chunk.get("id"),
             "object": self.first_chunk.get("object"),
             "created": self.first_chunk.get("created"),
-            "model": rename.requested,
+            "model": requested_model,
             "choices": [],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                       "total_tokens": prompt_tokens + completion},
         }
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        return orjson.dumps(chunk)
 
 
 def split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
@@ -95,7 +73,7 @@ def event_data(event: bytes) -> bytes | None:
 
 
 async def relay_stream(
-    response: httpx.Response, rename: ModelRename, usage: UsageCounter | None
+    response: httpx.Response, translator: Translator, requested_model: str, usage: UsageCounter | None
 ) -> AsyncIterator[bytes]:
     """Yield the client's SSE bytes from an engine's SSE response, event by event."""
     buffer = b""
@@ -109,13 +87,15 @@ async def relay_stream(
                 if data == _DONE:
                     # Let go of the engine first: llama.cpp's tokenizer waits for its model lock.
                     await response.aclose()
-                    if usage is not None and (extra := await usage.usage_event(rename)):
-                        yield extra
+                    if usage is not None and (extra := await usage.usage_event(requested_model)):
+                        for out in translator.event(extra):
+                            yield b"data: " + out + b"\n\n"
                     yield b"data: [DONE]\n\n"
                     return
                 if usage is not None:
                     usage.observe(orjson.loads(data))
-                yield b"data: " + rename.apply(data) + b"\n\n"
+                for out in translator.event(data):
+                    yield b"data: " + out + b"\n\n"
     finally:
         await response.aclose()
 

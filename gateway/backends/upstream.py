@@ -71,7 +71,7 @@ class OpenAIUpstream:
         path = self.profile.tokenize_path
         if path is None:
             return None
-        payload = {"model": self.served_model_name, "prompt": text, "input": text}
+        payload = {"model": self.served_model_name, self.profile.tokenize_field: text}
         try:
             response = await self._client.post(self._base_url + path, content=orjson.dumps(payload),
                                                headers=_JSON_HEADERS)
@@ -80,10 +80,8 @@ class OpenAIUpstream:
         if response.status_code != 200:
             return None
         data = orjson.loads(response.content)
-        if "count" in data:
-            return int(data["count"])
-        tokens = data.get("tokens")
-        return len(tokens) if isinstance(tokens, list) else None
+        count = data.get("count") if isinstance(data, dict) else None
+        return count if isinstance(count, int) else None
 
     async def is_healthy(self) -> bool:
         try:

@@ -1,27 +1,44 @@
-"""Turn a client request into the call the engine needs (which endpoint, what payload).
+"""Turn a client request into the call the engine needs: which endpoint, what payload, what comes back.
 
-[1/5]: chat is forwarded to the engine's own chat endpoint; base models refuse chat. [2/5] adds one
-renderer per prompt format and serves template-less models through the engine's /v1/completions.
+Chat to a model whose engine template is right (`native_chat_template`) is forwarded as chat. Every
+other chat is rendered here with the model's own prompt format and sent to the engine's
+`/v1/completions`; the answer is translated back into chat shape (`Reply.CHAT_FROM_COMPLETION`).
+Either way the format's stop strings are added to the request.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from gateway.errors import GatewayError
+from gateway.prompts.formats import FORMATS
+from gateway.prompts.messages import to_turns
 from gateway.registry.schema import Model
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
+# Chat-only fields a completions endpoint does not take (after their completions equivalents are set).
+_CHAT_ONLY = ("messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
+              "tool_choice", "parallel_tool_calls", "functions", "function_call")
+
+
+class Reply(Enum):
+    AS_IS = "as-is"  # the engine answers in the client's shape already
+    CHAT_FROM_COMPLETION = "chat-from-completion"
 
 
 @dataclass
 class UpstreamCall:
     path: str
     payload: dict[str, Any]
-    # The prompt as text, when the gateway knows it (to count tokens for engines that don't).
-    prompt_text: str | None
+    prompt_text: str | None  # the prompt as text when known (token counting, context check)
+    reply: Reply = Reply.AS_IS
+
+    @property
+    def max_tokens(self) -> int | None:
+        return self.payload.get("max_tokens") or self.payload.get("max_completion_tokens")
 
 
 def prepare_chat(model: Model, body: dict[str, Any]) -> UpstreamCall:
@@ -32,7 +49,13 @@ def prepare_chat(model: Model, body: dict[str, Any]) -> UpstreamCall:
             param="model",
             code="chat_not_supported",
         )
-    return UpstreamCall(CHAT_PATH, body, prompt_text=_chat_text(body))
+    prompt_format = FORMATS[model.prompt_format]
+    prompt = prompt_format.render(to_turns(body["messages"]), model.default_system_prompt)
+    payload = _with_stops(model, body, prompt_format.stop)
+    if model.native_chat_template:
+        return UpstreamCall(CHAT_PATH, payload, prompt_text=prompt)
+    return UpstreamCall(COMPLETIONS_PATH, _as_completion(payload, prompt), prompt_text=prompt,
+                        reply=Reply.CHAT_FROM_COMPLETION)
 
 
 def prepare_completion(model: Model, body: dict[str, Any]) -> UpstreamCall:
@@ -40,12 +63,27 @@ def prepare_completion(model: Model, body: dict[str, Any]) -> UpstreamCall:
     return UpstreamCall(COMPLETIONS_PATH, body, prompt_text=prompt if isinstance(prompt, str) else None)
 
 
-def _chat_text(body: dict[str, Any]) -> str:
-    """The messages' text with role markers: what an engine's template tokenizes, give or take a few."""
-    parts = []
-    for message in body.get("messages", ()):
-        content = message.get("content")
-        if isinstance(content, list):
-            content = "".join(part.get("text") or "" for part in content)
-        parts.append(f"{message.get('role')}\n{content or ''}\n")
-    return "".join(parts)
+def _with_stops(model: Model, body: dict[str, Any], format_stops: tuple[str, ...]) -> dict[str, Any]:
+    stop = body.get("stop")
+    client_stops = [stop] if isinstance(stop, str) else list(stop or ())
+    payload = dict(body)
+    payload["stop"] = client_stops + [s for s in format_stops if s not in client_stops]
+    if model.stop_token_ids:
+        payload["stop_token_ids"] = list(dict.fromkeys([*body.get("stop_token_ids", ()), *model.stop_token_ids]))
+    return payload
+
+
+def _as_completion(payload: dict[str, Any], prompt: str) -> dict[str, Any]:
+    if payload.get("tools") or payload.get("functions"):
+        raise GatewayError(400, "This model's prompt format cannot express tools.", param="tools",
+                           code="unsupported_parameter")
+    completion = {key: value for key, value in payload.items() if key not in _CHAT_ONLY}
+    completion["prompt"] = prompt
+    # Chat without a limit means "until the context is full"; completions endpoints default to 16
+    # tokens instead, so say explicitly that there is no limit (vLLM and llama.cpp read null so).
+    completion["max_tokens"] = payload.get("max_tokens") or payload.get("max_completion_tokens")
+    if payload.get("logprobs"):  # chat's bool + top_logprobs -> completions' int
+        completion["logprobs"] = payload.get("top_logprobs") or 1
+    else:
+        completion.pop("logprobs", None)
+    return completion

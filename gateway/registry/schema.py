@@ -50,6 +50,7 @@ PromptFormatId = Literal[
     "falcon-180b-chat",
     "mpt-chat",
     "mpt-instruct",
+    "mpt-30b-instruct",
     "flan-t5",
     "chatml",
 ]
@@ -136,6 +137,11 @@ class Model(_Strict):
     native_chat_template: bool = False
     # Base models (prompt_format "none") refuse chat unless this is set.
     allow_chat_without_format: bool = False
+    # The system prompt used when a chat has none (FastChat's per-model defaults, e.g. MPT-7B-chat's).
+    default_system_prompt: str | None = None
+    # Token ids that end a turn besides the tokenizer's EOS (MPT chat: <|im_end|> 50278, <|endoftext|> 0),
+    # sent to engines that take `stop_token_ids` (vLLM).
+    stop_token_ids: tuple[int, ...] = ()
     engines: tuple[EngineSupport, ...] = Field(min_length=1)
     backends: tuple[Backend, ...] = ()
     notes: str = ""

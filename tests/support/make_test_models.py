@@ -17,6 +17,7 @@ import json
 import random
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,7 +27,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 # Bump whenever anything below changes what lands on disk: stale outputs are then rebuilt.
-RECIPE_VERSION = "tiny-models-v1"
+RECIPE_VERSION = "tiny-models-v2"
 VOCAB = 512
 
 # Meta's Llama-2-chat format (generation.py): "<s>[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{user} [/INST] {answer} </s>"
@@ -121,8 +122,21 @@ def fast_tokenizer(tok: Tokenizer, **special: str) -> transformers.PreTrainedTok
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **special)
 
 
+def printable_greedy_output(model: transformers.PreTrainedModel,
+                            tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    """Random weights pick tokens blindly: byte-level BPE then emits control bytes and split UTF-8
+    (empty stream deltas, U+FFFD), T5 emits <pad>, and EOS ends replies at random. Zeroing those
+    tokens' output rows gives them logit 0, below the best random logit, so greedy (temperature 0)
+    output is printable ASCII and always runs to max_tokens (finish_reason "length")."""
+    bad = [i for i in range(len(tokenizer)) if i in tokenizer.all_special_ids
+           or not (text := tokenizer.decode([i])) or not (text.isascii() and text.isprintable())]
+    with torch.no_grad():
+        model.get_output_embeddings().weight[bad] = 0.0
+
+
 def save(model: torch.nn.Module, tokenizer: transformers.PreTrainedTokenizerBase, out: Path,
          dtype: torch.dtype = torch.bfloat16) -> None:
+    printable_greedy_output(model, tokenizer)
     model.to(dtype).eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -198,11 +212,8 @@ def build_t5(out: Path) -> None:
         num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,  # T5 starts decoding at pad
         tie_word_embeddings=False,  # tied, the random decoder echoes its start token: only <pad> comes out
     )
-    model = transformers.T5ForConditionalGeneration(cfg)
-    with torch.no_grad():  # random T5 tends to greedily emit <pad> (empty text): give <pad>/<unk> logit 0
-        model.lm_head.weight[[0, 2]] = 0.0
     # float32: the Transformers worker runs T5 on CPU where fp32 is the safe default.
-    save(model, tokenizer, out, dtype=torch.float32)
+    save(transformers.T5ForConditionalGeneration(cfg), tokenizer, out, dtype=torch.float32)
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
@@ -214,20 +225,28 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 }
 
 
+def up_to_date(folder: Path) -> bool:
+    marker = folder / ".complete"
+    return marker.is_file() and marker.read_text().strip() == RECIPE_VERSION
+
+
 def build(name: str, root: Path) -> str:
     out = root / name
-    marker = out / ".complete"
-    if marker.is_file() and marker.read_text().strip() == RECIPE_VERSION:
+    if up_to_date(out):
         return "skipped"
-    # Build into a scratch folder and swap it in, so a crash never leaves a half-written model.
-    tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.manual_seed(0)
-    BUILDERS[name](tmp)
-    (tmp / ".complete").write_text(RECIPE_VERSION + "\n")  # written last: marks a finished build
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    # Build in a private scratch folder and move it into place, so a crash never leaves a
+    # half-written model and two test sessions building at once do not mix files.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the model folder should not be
+    try:
+        torch.manual_seed(0)
+        BUILDERS[name](tmp)
+        (tmp / ".complete").write_text(RECIPE_VERSION + "\n")  # written last: marks a finished build
+        if not up_to_date(out):  # another process may have finished first
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return "built"
 
 

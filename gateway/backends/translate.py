@@ -1,0 +1,117 @@
+"""One translator per (what the client asked, what the engine answers) pair.
+
+`Passthrough`: the engine already answers in the client's shape; only the model name changes, by a
+byte replacement (no parse). `ChatFromCompletion`: the gateway rendered the chat into a prompt and
+called `/v1/completions`; the engine's `text_completion` (and its chunks) become a `chat.completion`
+(and `chat.completion.chunk`s: role first, then content, finish_reason on the last content chunk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+
+class Translator(Protocol):
+    def body(self, data: bytes) -> bytes: ...
+
+    def event(self, data: bytes) -> Iterator[bytes]: ...
+
+
+@dataclass(frozen=True)
+class Passthrough:
+    """Replace the engine's model name with the id the client asked for.
+
+    Inside JSON strings every quote is escaped, so `"model":"<name>"` can only match the real key.
+    """
+
+    served: str
+    requested: str
+    _pairs: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        old, new = orjson.dumps(self.served), orjson.dumps(self.requested)
+        pairs = ((b'"model":' + old, b'"model":' + new), (b'"model": ' + old, b'"model": ' + new))
+        object.__setattr__(self, "_pairs", pairs if self.served != self.requested else ())
+
+    def body(self, data: bytes) -> bytes:
+        for old, new in self._pairs:
+            if old in data:
+                return data.replace(old, new, 1)
+        return data
+
+    def event(self, data: bytes) -> Iterator[bytes]:
+        yield self.body(data)
+
+
+@dataclass
+class ChatFromCompletion:
+    requested: str
+    _started: set[int] = field(default_factory=set)  # choices whose role chunk was sent
+    _speaking: set[int] = field(default_factory=set)  # choices whose first non-space text was sent
+
+    def body(self, data: bytes) -> bytes:
+        completion = orjson.loads(data)
+        choices = [
+            {
+                "index": choice.get("index", 0),
+                "message": {"role": "assistant", "content": (choice.get("text") or "").lstrip()},
+                "logprobs": _chat_logprobs(choice.get("logprobs")),
+                "finish_reason": choice.get("finish_reason"),
+            }
+            for choice in completion.get("choices", ())
+        ]
+        return orjson.dumps({**self._envelope(completion, "chat.completion"), "choices": choices,
+                             "usage": completion.get("usage")})
+
+    def event(self, data: bytes) -> Iterator[bytes]:
+        chunk = orjson.loads(data)
+        envelope = self._envelope(chunk, "chat.completion.chunk")
+        if not chunk.get("choices"):
+            yield orjson.dumps({**envelope, "choices": [], "usage": chunk.get("usage")})
+            return
+        for choice in chunk["choices"]:
+            index = choice.get("index", 0)
+            if index not in self._started:
+                self._started.add(index)
+                yield orjson.dumps({**envelope, "choices": [
+                    {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}]})
+            text = choice.get("text") or ""
+            if index not in self._speaking:
+                text = text.lstrip()  # "ASSISTANT: Hi" -> the model's first token is " Hi"
+                if text:
+                    self._speaking.add(index)
+            delta = {"content": text} if text else {}
+            yield orjson.dumps({**envelope, "choices": [
+                {"index": index, "delta": delta, "logprobs": _chat_logprobs(choice.get("logprobs")),
+                 "finish_reason": choice.get("finish_reason")}]})
+
+    def _envelope(self, completion: dict[str, Any], kind: str) -> dict[str, Any]:
+        upstream_id = str(completion.get("id", ""))
+        return {
+            "id": "chatcmpl-" + upstream_id.removeprefix("cmpl-"),
+            "object": kind,
+            "created": completion.get("created"),
+            "model": self.requested,
+        }
+
+
+def _chat_logprobs(logprobs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Completions' parallel lists -> chat's list of {token, logprob, bytes, top_logprobs}."""
+    if not logprobs or not logprobs.get("tokens"):
+        return None
+    tops = logprobs.get("top_logprobs") or [None] * len(logprobs["tokens"])
+    content = []
+    for token, logprob, top in zip(logprobs["tokens"], logprobs.get("token_logprobs") or (), tops):
+        content.append({
+            "token": token,
+            "logprob": logprob,
+            "bytes": list(token.encode()),
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}
+                             for t, lp in (top or {}).items()],
+        })
+    return {"content": content}
