@@ -28,11 +28,13 @@ TEST_MODELS = Path(os.environ.get("LLMGW_TEST_MODELS", CACHE / "test-models"))
 VLLM_READY_TIMEOUT_S = 420
 
 # Tiny checkpoint -> (vLLM version that serves it, registry ids it stands in for).
+# Template-less chat models (vicuna, redpajama chat, falcon instruct, mpt chat) are among them: their
+# chat goes through the engine's /v1/completions with the gateway's rendering.
 TINY_VLLM_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "tiny-llama": ("0.32.0", ("llama-2-7b-chat", "llama-2-7b")),
-    "tiny-gpt-neox": ("0.32.0", ("redpajama-incite-7b-base",)),
-    "tiny-falcon": ("0.32.0", ("falcon-7b",)),
-    "tiny-mpt": ("0.27.1", ("mpt-7b",)),
+    "tiny-llama": ("0.32.0", ("llama-2-7b-chat", "llama-2-7b", "vicuna-7b-v1.3")),
+    "tiny-gpt-neox": ("0.32.0", ("redpajama-incite-7b-base", "redpajama-incite-7b-chat")),
+    "tiny-falcon": ("0.32.0", ("falcon-7b", "falcon-7b-instruct")),
+    "tiny-mpt": ("0.27.1", ("mpt-7b", "mpt-7b-chat")),
 }
 LOCAL_MODEL = "smollm2-135m-instruct"
 UNREACHABLE_MODEL = "llama-13b"  # its backend is pointed at a closed port
@@ -77,7 +79,8 @@ def vllm_fleet_launched(log_dir: Path) -> Iterator[dict[str, Server]]:
         port = free_port()
         argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                 "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
-                "--max-model-len", "512", "--dtype", "bfloat16", "--enforce-eager"]
+                "--max-model-len", "512", "--dtype", "bfloat16", "--enforce-eager",
+                "--enable-log-requests"]  # logs each request's SamplingParams: what the engine received
         fleet[name] = start_server(f"vllm-{version}-{name}", argv, port, "/health", log_dir, env)
     try:
         yield fleet

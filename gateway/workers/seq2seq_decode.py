@@ -25,6 +25,9 @@ class Delta:
 class _Row:
     ids: list[int] = field(default_factory=list)
     text: str = ""  # everything decoded so far (cut at a stop string once one is found)
+    # Incremental detokenization (vLLM's): decode only a window of recent ids each step.
+    prefix_offset: int = 0
+    read_offset: int = 0
     sent: int = 0  # how many characters of `text` have been handed out
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -93,32 +96,37 @@ class TextTracker:
                 row.finish_reason = "length"
         if row.finish_reason is not None:
             return Delta(index, self._flush(row), row.finish_reason, row.stop_reason)
-        # Hold back an unfinished multi-byte character (U+FFFD) and a possible stop-string prefix.
+        # Hold back what could be the start of a stop string.
         visible = len(row.text) - self._holdback
-        if row.text.endswith("\ufffd"):
-            visible = min(visible, len(row.text) - 1)
         upto = max(row.sent, visible)
         delta, row.sent = row.text[row.sent:upto], upto
         return Delta(index, delta)
 
     def _update_text(self, row: _Row) -> None:
         previous = len(row.text)
-        text = self._decode(row.ids)
-        if not self._stop:
-            row.text = text
-            return
+        row.text += self._new_text(row)
         # Only the new tail (plus the overlap a stop string could straddle) needs searching.
         hits = []
         for stop in self._stop:
-            position = text.find(stop, max(0, previous - len(stop) + 1))
+            position = row.text.find(stop, max(0, previous - len(stop) + 1))
             if position >= 0:
                 hits.append((position, stop))
         if hits:
             position, stop = min(hits)
-            row.text = text[:position]
+            row.text = row.text[:position]
             row.finish_reason, row.stop_reason = "stop", stop
-        else:
-            row.text = text
+
+    def _new_text(self, row: _Row) -> str:
+        """The text the newest token adds. Decoding from `prefix_offset` (a token or so back) rather
+        than from the start keeps each step cheap, and decoding the same window with and without the
+        new ids keeps word-start spaces right (SentencePiece drops the space of a window's first piece).
+        Text that ends in an incomplete UTF-8 sequence (U+FFFD) waits for the next token."""
+        prefix = self._decode(row.ids[row.prefix_offset:row.read_offset])
+        text = self._decode(row.ids[row.prefix_offset:])
+        if len(text) <= len(prefix) or text.endswith("\ufffd"):
+            return ""
+        row.prefix_offset, row.read_offset = row.read_offset, len(row.ids)
+        return text[len(prefix):]
 
     @staticmethod
     def _flush(row: _Row) -> str:

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import secrets
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +184,7 @@ class Engine:
 class _StepCriteria(StoppingCriteria):
     """Called by `generate` once per step with every row's new token: our hook into the decoding loop."""
 
-    def __init__(self, generation: Generation, push: Any) -> None:
+    def __init__(self, generation: Generation, push: Callable[[list[Delta]], None]) -> None:
         self._generation = generation
         self._push = push
 

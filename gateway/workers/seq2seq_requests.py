@@ -109,6 +109,9 @@ def _job(req: CompletionBody | ChatBody, body: dict[str, Any], chat: bool, promp
             f"This model's maximum context length is {tok.max_model_len} tokens. However, you requested "
             f"{longest} tokens {where}. Please reduce the length of the {'messages' if chat else 'prompt'}.",
             param=param, code="context_length_exceeded")
+    if req.stream_options is not None and not req.stream:
+        raise GatewayError(400, "Invalid 'stream_options': only allowed when 'stream' is true.",
+                           param="stream_options", code="invalid_value")
     n = req.n or 1
     if n * len(prompts) > MAX_ROWS:
         raise GatewayError(400, f"Invalid 'n': at most {MAX_ROWS} choices (prompts x n) per request.",

@@ -27,11 +27,11 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 # Bump whenever anything below changes what lands on disk: stale outputs are then rebuilt.
-RECIPE_VERSION = "tiny-models-v2"
+RECIPE_VERSION = "tiny-models-v3"
 VOCAB = 512
 
-# Meta's Llama-2-chat format (generation.py): "<s>[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{user} [/INST] {answer} </s>"
-# with "</s><s>" between turns. This is the template Meta's HF repos ship.
+# Meta's Llama-2-chat format (generation.py), as its HF repos ship it:
+# "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST]".
 LLAMA2_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
     "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
@@ -42,7 +42,8 @@ LLAMA2_CHAT_TEMPLATE = (
     "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
     "{% else %}{% set content = message['content'] %}{% endif %}"
     "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
 )
 
 WORDS = (
@@ -63,7 +64,7 @@ WORDS = (
 
 
 def corpus(lines: int = 4000, seed: int = 1234) -> list[str]:
-    """English-like sentences (words, punctuation, numbers, newlines) so BPE learns useful merges."""
+    """English-like sentences (words, punctuation, numbers) so the tokenizers learn useful merges."""
     rng = random.Random(seed)
     out = []
     for _ in range(lines):
@@ -117,8 +118,7 @@ def canonical_unigram(tok: Tokenizer, n_special: int) -> Tokenizer:
 
 
 def fast_tokenizer(tok: Tokenizer, **special: str) -> transformers.PreTrainedTokenizerFast:
-    # The generic class (not LlamaTokenizerFast etc.) keeps our post-processor as trained and loads
-    # with any transformers version through AutoTokenizer.
+    # The generic class (not LlamaTokenizerFast etc.) keeps our post-processor exactly as set here.
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **special)
 
 
@@ -127,27 +127,31 @@ def printable_greedy_output(model: transformers.PreTrainedModel,
     """Random weights pick tokens blindly: byte-level BPE then emits control bytes and split UTF-8
     (empty stream deltas, U+FFFD), T5 emits <pad>, and EOS ends replies at random. Zeroing those
     tokens' output rows gives them logit 0, below the best random logit, so greedy (temperature 0)
-    output is printable ASCII and always runs to max_tokens (finish_reason "length")."""
+    output is printable ASCII and always runs to max_tokens (finish_reason "length"). Falcon and MPT
+    tie input and output embeddings, so there those tokens also read as zero vectors: harmless."""
     bad = [i for i in range(len(tokenizer)) if i in tokenizer.all_special_ids
            or not (text := tokenizer.decode([i])) or not (text.isascii() and text.isprintable())]
     with torch.no_grad():
         model.get_output_embeddings().weight[bad] = 0.0
 
 
-def save(model: torch.nn.Module, tokenizer: transformers.PreTrainedTokenizerBase, out: Path,
-         dtype: torch.dtype = torch.bfloat16) -> None:
+def save(model: transformers.PreTrainedModel, tokenizer: transformers.PreTrainedTokenizerBase, out: Path,
+         tokenizer_class: str = "PreTrainedTokenizerFast", dtype: torch.dtype = torch.bfloat16) -> None:
     printable_greedy_output(model, tokenizer)
     model.to(dtype).eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    template = getattr(tokenizer, "chat_template", None)
-    if template:
-        # Newer transformers write the template to chat_template.jinja only; older ones (and older
-        # vLLM) read tokenizer_config.json["chat_template"], so put it there as well.
-        cfg_path = out / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text())
+    # transformers 5 writes tokenizer_class "TokenizersBackend" and a list for extra_special_tokens,
+    # neither of which 4.x (still allowed for the T5 worker) can load; 5.x reads the 4.x names too.
+    # It also writes the chat template only to chat_template.jinja, which 4.x and older vLLM miss.
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = tokenizer_class
+    if not cfg.get("extra_special_tokens"):
+        cfg.pop("extra_special_tokens", None)
+    if template := getattr(tokenizer, "chat_template", None):
         cfg["chat_template"] = template
-        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def build_llama(out: Path) -> None:
@@ -205,15 +209,16 @@ def build_mpt(out: Path) -> None:
 
 
 def build_t5(out: Path) -> None:
-    tokenizer = transformers.T5TokenizerFast(tokenizer_object=unigram_tokenizer(), extra_ids=0, model_max_length=512,
-                                             pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = transformers.T5TokenizerFast(
+        tokenizer_object=unigram_tokenizer(), extra_ids=0, model_max_length=512,
+        pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     cfg = transformers.T5Config(
         vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
         num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,  # T5 starts decoding at pad
-        tie_word_embeddings=False,  # tied, the random decoder echoes its start token: only <pad> comes out
+        tie_word_embeddings=False,  # so zeroing <pad>'s output row keeps the decoder-start embedding
     )
     # float32: the Transformers worker runs T5 on CPU where fp32 is the safe default.
-    save(transformers.T5ForConditionalGeneration(cfg), tokenizer, out, dtype=torch.float32)
+    save(transformers.T5ForConditionalGeneration(cfg), tokenizer, out, "T5TokenizerFast", torch.float32)
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
