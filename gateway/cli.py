@@ -1,4 +1,4 @@
-"""`gateway` command line: serve, check the registry, list models."""
+"""`gateway` command line: serve, check the configuration, list models, make keys, explain policy."""
 
 from __future__ import annotations
 
@@ -7,52 +7,87 @@ import logging
 import sys
 from pathlib import Path
 
+from gateway.cli_tables import format_formats, format_matrix, format_model_table
+from gateway.policy.decide import decide
 from gateway.registry import Registry, RegistryError, load_registry
 from gateway.settings import get_settings
+from gateway.snapshot import load_config
+from gateway.tenancy.tenants import TenantDirectory, TenantsError, load_tenants, new_key
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args.host, args.port)
+    if args.command == "keys":
+        key, key_hash = new_key()
+        print(f"API key for tenant '{args.tenant}' (shown once, store it now):\n  {key}")
+        print(f"Add this line under the tenant's api_key_hashes in the tenants file:\n  - \"{key_hash}\"")
+        return 0
+    try:
+        registry = load_registry(args.registry or get_settings().registry_paths)
+        tenants = _tenants(args, registry)
+    except (RegistryError, TenantsError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return _report(args, registry, tenants)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="License-aware OpenAI-compatible LLM gateway")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    for name, help_text in (("check", "validate the registry files"), ("models", "print the model table")):
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--registry", action="append", type=Path,
-                         help="registry file (repeat for overlays); default: GATEWAY_REGISTRY")
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args.host, args.port)
-    try:
-        registry = load_registry(args.registry or get_settings().registry_paths)
-    except RegistryError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    keys = commands.add_parser("keys", help="make an API key")
+    keys.add_argument("action", choices=["new"])
+    keys.add_argument("--tenant", required=True)
+    _with_config(commands.add_parser("check", help="validate the registry (and tenants) files"))
+    models = _with_config(commands.add_parser("models", help="print the model table"))
+    models.add_argument("--formats", action="store_true", help="list prompt formats and their models")
+    policy = _with_config(commands.add_parser("policy", help="explain license decisions"))
+    policy.add_argument("action", choices=["explain", "matrix"])
+    policy.add_argument("--tenant")
+    policy.add_argument("--model")
+    return parser
+
+
+def _with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub.add_argument("--registry", action="append", type=Path,
+                     help="registry file (repeat for overlays); default: GATEWAY_REGISTRY")
+    sub.add_argument("--tenants", type=Path, help="tenants file; default: GATEWAY_TENANTS")
+    return sub
+
+
+def _tenants(args: argparse.Namespace, registry: Registry) -> TenantDirectory | None:
+    path = args.tenants or get_settings().tenants
+    return load_tenants(path, registry) if path else None
+
+
+def _report(args: argparse.Namespace, registry: Registry, tenants: TenantDirectory | None) -> int:
     if args.command == "check":
-        print(f"ok: {len(registry.models)} models, {len(registry.licenses)} licenses")
-    else:
-        print(format_model_table(registry))
+        count = f", {len(tenants.tenants)} tenants" if tenants else ""
+        print(f"ok: {len(registry.models)} models, {len(registry.licenses)} licenses{count}")
+        return 0
+    if args.command == "models":
+        print(format_formats(registry) if args.formats else format_model_table(registry))
+        return 0
+    if tenants is None:
+        print("policy needs a tenants file: --tenants FILE or GATEWAY_TENANTS", file=sys.stderr)
+        return 2
+    if args.action == "matrix":
+        print(format_matrix(registry, tenants))
+        return 0
+    tenant, model = tenants.tenants.get(args.tenant or ""), registry.model(args.model or "")
+    if tenant is None or model is None:
+        print(f"unknown {'tenant' if tenant is None else 'model'}: "
+              f"{args.tenant if tenant is None else args.model}", file=sys.stderr)
+        return 2
+    decision = decide(tenant, model, registry)
+    print(f"{decision.verdict.value} ({decision.rule}): {decision.reason}")
+    if decision.served_model and decision.served_model != model.id:
+        print(f"served model: {decision.served_model}")
     return 0
-
-
-def format_model_table(registry: Registry) -> str:
-    header = ("id", "family", "params", "context", "license", "commercial", "min GPU", "backends")
-    rows = [header]
-    for model in registry.models.values():
-        gpu = model.hardware.min_gpu
-        rows.append((
-            model.id,
-            model.family,
-            f"{model.params_b:g}B",
-            str(model.context_length),
-            model.license,
-            registry.license_of(model).commercial_use.value,
-            "none" if gpu.count == 0 else f"{gpu.count}x {gpu.type}",
-            ", ".join(f"{b.engine.value}:{b.role.value}" for b in model.backends) or "-",
-        ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def _serve(host: str | None, port: int | None) -> int:
@@ -60,8 +95,8 @@ def _serve(host: str | None, port: int | None) -> int:
 
     settings = get_settings()
     try:
-        load_registry(settings.registry_paths)  # fail here with a clean message, not inside uvicorn
-    except RegistryError as exc:
+        load_config(settings)  # fail here with a clean message, not inside uvicorn
+    except (RegistryError, TenantsError) as exc:
         print(exc, file=sys.stderr)
         return 1
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -25,6 +25,15 @@ class Settings(BaseSettings):
     pool_max_keepalive: int = Field(default=200, ge=0)
     retry_after_s: int = Field(default=5, ge=1)
 
+    # Tenants file; unset = open access (any bearer token is one anonymous development tenant).
+    tenants: Path | None = None
+    # Where audit records go: "stdout", or a file path (JSON lines, appended).
+    audit_sink: str = "stdout"
+    # Shared rate-limit state across replicas; unset = limits per process.
+    redis_url: str | None = None
+    # When Redis is unreachable: keep serving on local limits (default) or refuse with 503.
+    ratelimit_fail_closed: bool = False
+
     @property
     def registry_paths(self) -> list[Path]:
         return [Path(part.strip()) for part in self.registry.split(",") if part.strip()]

@@ -38,6 +38,7 @@ TINY_VLLM_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 LOCAL_MODEL = "smollm2-135m-instruct"
 UNREACHABLE_MODEL = "llama-13b"  # its backend is pointed at a closed port
+SEQ2SEQ_MODEL = "flan-t5-small"  # served by our worker on the tiny T5 checkpoint
 
 
 def smollm2_gguf() -> Path:
@@ -60,6 +61,19 @@ def llama_cpp(log_dir: Path) -> Iterator[Server]:
     server = start_server("llama-cpp", argv, port, "/v1/models", log_dir)
     try:
         server.wait_ready(120)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def seq2seq_worker(log_dir: Path) -> Iterator[Server]:
+    """Our FLAN-T5 worker on the tiny random T5 checkpoint (started in the background, waited for later)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "gateway.workers.seq2seq", "--model", str(TEST_MODELS / "tiny-t5"),
+            "--served-model-name", "tiny-t5", "--port", str(port), "--threads", "1"]
+    server = start_server("seq2seq", argv, port, "/health", log_dir)
+    try:
         yield server
     finally:
         server.stop()
@@ -96,7 +110,7 @@ def vllm_fleet(vllm_fleet_launched: dict[str, Server]) -> dict[str, Server]:
     return vllm_fleet_launched
 
 
-def _overlay(llama_cpp: Server, fleet: dict[str, Server]) -> dict:
+def _overlay(llama_cpp: Server, fleet: dict[str, Server], seq2seq: Server) -> dict:
     models = [yaml.safe_load((ROOT / "deploy/local/registry.yaml").read_text())["models"][0]]
     models[0]["backends"][0]["url"] = llama_cpp.url
     for name, (version, model_ids) in TINY_VLLM_MODELS.items():
@@ -104,6 +118,9 @@ def _overlay(llama_cpp: Server, fleet: dict[str, Server]) -> dict:
             models.append({"id": model_id, "backends": [{
                 "id": f"test-{name}-for-{model_id}", "engine": "vllm", "engine_version": version,
                 "url": fleet[name].url, "role": "primary", "served_model_name": name}]})
+    models.append({"id": SEQ2SEQ_MODEL, "backends": [{
+        "id": "test-seq2seq-tiny-t5", "engine": "seq2seq", "engine_version": "0.1.0", "url": seq2seq.url,
+        "role": "primary", "served_model_name": "tiny-t5"}]})
     models.append({"id": UNREACHABLE_MODEL, "backends": [{
         "id": "test-closed-port", "engine": "vllm", "engine_version": "0.32.0",
         "url": f"http://127.0.0.1:{free_port()}", "role": "primary"}]})
@@ -111,10 +128,10 @@ def _overlay(llama_cpp: Server, fleet: dict[str, Server]) -> dict:
 
 
 @pytest.fixture(scope="session")
-def gateway(llama_cpp: Server, vllm_fleet_launched: dict[str, Server], log_dir: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def gateway(llama_cpp: Server, vllm_fleet_launched: dict[str, Server], seq2seq_worker: Server,
+            log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     overlay = tmp_path_factory.mktemp("registry") / "test-overlay.yaml"
-    overlay.write_text(yaml.safe_dump(_overlay(llama_cpp, vllm_fleet_launched)))
+    overlay.write_text(yaml.safe_dump(_overlay(llama_cpp, vllm_fleet_launched, seq2seq_worker)))
     port = free_port()
     env = {"GATEWAY_REGISTRY": f"{ROOT / 'model_registry.yaml'},{overlay}"}
     argv = [sys.executable, "-m", "gateway", "serve", "--port", str(port)]

@@ -91,7 +91,8 @@ def test_max_tokens_bounds_what_the_model_says(client: openai.OpenAI, prompt: st
 
 
 def test_streamed_completion_matches_unstreamed(client: openai.OpenAI) -> None:
-    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=9, extra_body=TO_LENGTH, **GREEDY)
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=9, extra_body=TO_LENGTH,
+                                      **GREEDY)
     chunks = list(client.completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=9, stream=True, stream_options={"include_usage": True},
         extra_body=TO_LENGTH, **GREEDY))
@@ -111,8 +112,10 @@ def test_stream_without_include_usage_has_no_usage_chunk(client: openai.OpenAI) 
 
 
 def test_chat(worker: Server, client: openai.OpenAI) -> None:
-    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."}]
-    completion = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, extra_body=TO_LENGTH)
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "Name a colour."}]
+    completion = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                                extra_body=TO_LENGTH)
     assert completion.id.startswith("chatcmpl-") and completion.object == "chat.completion"
     [choice] = completion.choices
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
@@ -168,7 +171,8 @@ def test_batched_prompts_token_ids_and_echo(worker: Server, client: openai.OpenA
     assert batch.usage.prompt_tokens == count_tokens(worker, "one") + count_tokens(worker, "two three")
     ids = httpx.post(worker.url + "/tokenize", json={"model": MODEL, "prompt": PROMPT}).json()["tokens"]
     by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=3, extra_body=TO_LENGTH, **GREEDY)
-    by_text = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, extra_body=TO_LENGTH, **GREEDY)
+    by_text = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, extra_body=TO_LENGTH,
+                                        **GREEDY)
     assert by_ids.choices[0].text == by_text.choices[0].text and by_ids.usage == by_text.usage
     echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, echo=True,
                                        extra_body=TO_LENGTH, **GREEDY)
@@ -190,8 +194,8 @@ def test_stop_string_truncates(client: openai.OpenAI) -> None:
     assert len(full) >= 8, full
     stop = full[4:8]
     expected = full[:full.index(stop)]
-    completion = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, stop=["@@never@@", stop],
-                                           extra_body=TO_LENGTH, **GREEDY)
+    completion = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40,
+                                           stop=["@@never@@", stop], extra_body=TO_LENGTH, **GREEDY)
     assert completion.choices[0].text == expected
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage.completion_tokens < 40
@@ -213,7 +217,8 @@ def test_stop_string_truncates(client: openai.OpenAI) -> None:
     ({"logit_bias": {"999999": 1}}, "logit_bias"),
     ({"top_k": -7}, "top_k"),
 ])
-def test_bad_completion_params_get_400_naming_the_param(client: openai.OpenAI, body: dict, param: str) -> None:
+def test_bad_completion_params_get_400_naming_the_param(client: openai.OpenAI, body: dict,
+                                                        param: str) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=MODEL, prompt=PROMPT, extra_body=body)
     assert caught.value.body["param"] == param
@@ -280,7 +285,8 @@ def test_busy_worker_answers_429_stays_responsive_and_frees_slots_on_disconnect(
         # The first event means its generation is running. Keep the line iterators: dropping one
         # closes its connection (httpcore closes on GeneratorExit), which would end the generation.
         lines = [stream.iter_lines() for stream in streams]
-        assert all(stream.status_code == 200 and next(it).startswith("data: ") for stream, it in zip(streams, lines))
+        for stream, it in zip(streams, lines):
+            assert stream.status_code == 200 and next(it).startswith("data: ")
         # Both generations run in threads: the event loop still answers at once.
         for _ in range(5):
             started = time.monotonic()

@@ -1,21 +1,26 @@
-"""The FastAPI application: load the registry at start-up, share one upstream pool, mount routes."""
+"""The FastAPI application: load the configuration at start-up, share one upstream pool, mount routes."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from gateway.admin import reload_config
 from gateway.api.errors import install_error_handlers
+from gateway.api.request_id import RequestIdMiddleware
 from gateway.api.routes import router
-from gateway.backends.pool import build_upstreams
 from gateway.backends.upstream import make_http_client
+from gateway.observability.audit import AuditTrail
 from gateway.pipeline import GatewayState
-from gateway.registry import load_registry
 from gateway.settings import Settings, get_settings
+from gateway.snapshot import load_snapshot
 from gateway.tenancy.auth import warn_open_access
+from gateway.tenancy.ratelimit import make_rate_limiter
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -23,14 +28,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = load_registry(settings.registry_paths)  # RegistryError stops start-up, by design
-        warn_open_access()
         async with make_http_client(settings) as client:
+            snapshot = load_snapshot(settings, client)  # an invalid file stops start-up, by design
+            if snapshot.tenants is None:
+                warn_open_access()
+            limiter = make_rate_limiter(settings.redis_url, fail_closed=settings.ratelimit_fail_closed)
+            audit = AuditTrail(settings.audit_sink)
+            state = GatewayState(settings, client, snapshot, limiter, audit)
             app.state.created = int(time.time())
-            app.state.gateway = GatewayState(settings, registry, client, build_upstreams(registry, client))
-            yield
+            app.state.gateway = state
+            _reload_on_sighup(state)
+            try:
+                yield
+            finally:
+                await limiter.close()
+                audit.close()
 
     app = FastAPI(title="LLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     app.include_router(router)
+    app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def _reload_on_sighup(state: GatewayState) -> None:
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(reload_config(state))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)

@@ -1,9 +1,18 @@
-"""`/v1/models` objects: OpenAI's fields plus license, commercial use, context length and hardware."""
+"""`/v1/models` objects: OpenAI's fields plus license, commercial use, context length and hardware.
+
+A tenant sees only the models it may call (allowed, or substituted by a twin it may call).
+"""
 
 from __future__ import annotations
 
-from gateway.api.protocol import ModelCard, ModelHardware, ModelList
+from gateway.api.protocol import ModelCard, ModelHardware
+from gateway.policy.decide import decide
 from gateway.registry import Model, Registry
+from gateway.tenancy.tenants import Tenant
+
+
+def visible_models(registry: Registry, tenant: Tenant) -> list[Model]:
+    return [m for m in registry.models.values() if decide(tenant, m, registry).allowed]
 
 
 def model_card(registry: Registry, model: Model, created: int) -> ModelCard:
@@ -27,7 +36,3 @@ def model_card(registry: Registry, model: Model, created: int) -> ModelCard:
             cpu_fallback_realistic=model.hardware.cpu_fallback_realistic,
         ),
     )
-
-
-def model_list(registry: Registry, created: int) -> ModelList:
-    return ModelList(data=[model_card(registry, m, created) for m in registry.models.values()])

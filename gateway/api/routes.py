@@ -7,9 +7,10 @@ from fastapi.responses import ORJSONResponse
 from starlette.responses import Response
 
 from gateway import pipeline
-from gateway.api.models import model_card, model_list
+from gateway.admin import reload_config
+from gateway.api.models import model_card, visible_models
 from gateway.errors import model_not_found
-from gateway.tenancy.auth import authenticate
+from gateway.tenancy.auth import authenticate, require_admin
 
 router = APIRouter()
 
@@ -18,31 +19,47 @@ def _state(request: Request) -> pipeline.GatewayState:
     return request.app.state.gateway
 
 
+def _request_id(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "")
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, authorization: str | None = Header(None)) -> Response:
-    return await pipeline.serve(_state(request), pipeline.CHAT, authorization, await request.body())
+    return await pipeline.serve(_state(request), pipeline.CHAT, authorization, await request.body(),
+                                _request_id(request))
 
 
 @router.post("/v1/completions")
 async def completions(request: Request, authorization: str | None = Header(None)) -> Response:
-    return await pipeline.serve(_state(request), pipeline.COMPLETIONS, authorization, await request.body())
+    return await pipeline.serve(_state(request), pipeline.COMPLETIONS, authorization, await request.body(),
+                                _request_id(request))
 
 
 @router.get("/v1/models")
 async def list_models(request: Request, authorization: str | None = Header(None)) -> ORJSONResponse:
-    authenticate(authorization)
-    state = _state(request)
-    return ORJSONResponse(model_list(state.registry, request.app.state.created).model_dump())
+    snapshot = _state(request).snapshot
+    caller = authenticate(authorization, snapshot.tenants)
+    cards = [model_card(snapshot.registry, m, request.app.state.created)
+             for m in visible_models(snapshot.registry, caller.tenant)]
+    return ORJSONResponse({"object": "list", "data": [card.model_dump() for card in cards]})
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request, authorization: str | None = Header(None)) -> ORJSONResponse:
-    authenticate(authorization)
+    snapshot = _state(request).snapshot
+    caller = authenticate(authorization, snapshot.tenants)
+    model = snapshot.registry.model(model_id)
+    if model is None or model not in visible_models(snapshot.registry, caller.tenant):
+        raise model_not_found(model_id)  # a forbidden model looks exactly like a missing one
+    return ORJSONResponse(model_card(snapshot.registry, model, request.app.state.created).model_dump())
+
+
+@router.post("/admin/reload")
+async def admin_reload(request: Request, authorization: str | None = Header(None)) -> ORJSONResponse:
     state = _state(request)
-    model = state.registry.model(model_id)
-    if model is None:
-        raise model_not_found(model_id)
-    return ORJSONResponse(model_card(state.registry, model, request.app.state.created).model_dump())
+    require_admin(authenticate(authorization, state.snapshot.tenants))
+    result = await reload_config(state)
+    return ORJSONResponse(result.body(), status_code=200 if result.ok else 400)
 
 
 @router.get("/health")
@@ -55,4 +72,4 @@ async def ready(request: Request) -> ORJSONResponse:
     state = getattr(request.app.state, "gateway", None)
     if state is None:
         return ORJSONResponse({"status": "starting"}, status_code=503)
-    return ORJSONResponse({"status": "ready", "models": len(state.registry.models)})
+    return ORJSONResponse({"status": "ready", "models": len(state.snapshot.registry.models)})

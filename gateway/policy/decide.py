@@ -1,19 +1,108 @@
-"""May this tenant use this model? [3/5] puts the license rules here; until then every call is allowed."""
+"""May this tenant use this model? A pure function of (tenant, registry entry, license table).
+
+Rules, in order (each decision names the rule that made it):
+1. `private-model` / `tenant-deny-list` / `tenant-allow-list`: the tenant's own lists, or a model kept
+   for other tenants. Such a model is invisible: the caller gets the same 404 as for a missing model.
+2. `commercial-license`: a commercially usable license is allowed everywhere.
+3. `conditional-license-attested` / `conditional-license-unattested`: in production and staging a
+   conditional license (Llama 2, Falcon-180B's "no hosting use") needs every condition attested.
+4. `non-commercial-license-non-production` / `non-commercial-license-in-production`: non-commercial
+   licenses are allowed only in development and research.
+5. `substitute-commercial-twin`: a license denial becomes a substitution when the model names a
+   commercially usable twin, the tenant opted in, and the twin itself is allowed (never chained).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
-from gateway.registry.schema import Model
-from gateway.tenancy.auth import Tenant
+from gateway.registry import CommercialUse, Model, Registry
+from gateway.tenancy.tenants import Environment, Tenant
+
+_PRODUCTION_LIKE = {Environment.PRODUCTION, Environment.STAGING}
+
+
+class Verdict(str, Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+    SUBSTITUTE = "substitute"
 
 
 @dataclass(frozen=True)
 class Decision:
-    allowed: bool
+    verdict: Verdict
     rule: str
     reason: str
+    served_model: str | None = None  # the model actually served (the twin when substituted)
+    hidden: bool = False  # deny as "not found": the tenant may not even know the model exists
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict is not Verdict.DENY
 
 
-def decide(tenant: Tenant, model: Model) -> Decision:
-    return Decision(allowed=True, rule="open-access", reason="no tenant policy configured yet")
+def decide(tenant: Tenant, model: Model, registry: Registry) -> Decision:
+    decision = _by_lists(tenant, model) or _by_license(tenant, model, registry)
+    if decision.verdict is Verdict.DENY and not decision.hidden:
+        return _substitute(tenant, model, registry, decision) or decision
+    return decision
+
+
+def _by_lists(tenant: Tenant, model: Model) -> Decision | None:
+    if model.private_to and tenant.name not in model.private_to:
+        rule, why = "private-model", f"`{model.id}` is private to other tenants"
+    elif tenant.denies(model.id):
+        rule, why = "tenant-deny-list", f"tenant '{tenant.name}' denies `{model.id}`"
+    elif not tenant.allows(model.id):
+        rule, why = "tenant-allow-list", f"`{model.id}` is not on tenant '{tenant.name}''s allow list"
+    else:
+        return None
+    return Decision(Verdict.DENY, rule, why, hidden=True)
+
+
+def _by_license(tenant: Tenant, model: Model, registry: Registry) -> Decision:
+    license_ = registry.license_of(model)
+    env = tenant.environment.value
+    named = f"`{model.id}` is under {license_.name} ({model.license})"
+    if license_.commercial_use is CommercialUse.YES:
+        return Decision(Verdict.ALLOW, "commercial-license", f"{named}, which allows commercial use",
+                        served_model=model.id)
+    if license_.commercial_use is CommercialUse.CONDITIONAL:
+        if tenant.environment not in _PRODUCTION_LIKE:
+            return Decision(Verdict.ALLOW, "conditional-license-non-production",
+                            f"{named}; its commercial conditions bind {env} use only once it ships",
+                            served_model=model.id)
+        missing = [c.id for c in license_.conditions if c.id not in tenant.attestations]
+        if not missing:
+            return Decision(Verdict.ALLOW, "conditional-license-attested",
+                            f"{named}; tenant '{tenant.name}' attested every condition", served_model=model.id)
+        return Decision(
+            Verdict.DENY, "conditional-license-unattested",
+            f"{named}, which allows commercial use only under conditions. Tenant '{tenant.name}' "
+            f"({env}) has not attested: {', '.join(missing)}. It is permitted once the tenant's "
+            "attestations list those conditions, or from a development or research tenant.")
+    if tenant.environment not in _PRODUCTION_LIKE:
+        return Decision(Verdict.ALLOW, "non-commercial-license-non-production",
+                        f"{named}, a non-commercial license; allowed in {env}", served_model=model.id)
+    return Decision(
+        Verdict.DENY, "non-commercial-license-in-production",
+        f"{named}, which forbids commercial use, and tenant '{tenant.name}' is a {env} tenant. It is "
+        "permitted only from a development or research tenant" + _twin_hint(model) + ".")
+
+
+def _twin_hint(model: Model) -> str:
+    if model.commercial_twin:
+        return f"; `{model.commercial_twin}` is a commercially usable alternative (opt in to substitutions)"
+    return ""
+
+
+def _substitute(tenant: Tenant, model: Model, registry: Registry, denial: Decision) -> Decision | None:
+    twin = registry.model(model.commercial_twin) if model.commercial_twin else None
+    if twin is None or not tenant.substitutions:
+        return None
+    twin_decision = _by_lists(tenant, twin) or _by_license(tenant, twin, registry)
+    if twin_decision.verdict is not Verdict.ALLOW:
+        return None  # never chain into another forbidden model
+    return Decision(Verdict.SUBSTITUTE, "substitute-commercial-twin",
+                    f"{denial.reason} Substituted `{twin.id}` ({twin_decision.rule}).", served_model=twin.id)

@@ -142,6 +142,10 @@ class Model(_Strict):
     # Token ids that end a turn besides the tokenizer's EOS (MPT chat: <|im_end|> 50278, <|endoftext|> 0),
     # sent to engines that take `stop_token_ids` (vLLM).
     stop_token_ids: tuple[int, ...] = ()
+    # A commercially usable model an opted-in tenant gets instead of a license denial ([3/5]).
+    commercial_twin: str | None = None
+    # Tenants that may see and call this model; empty = every tenant the license rules allow.
+    private_to: tuple[str, ...] = ()
     engines: tuple[EngineSupport, ...] = Field(min_length=1)
     backends: tuple[Backend, ...] = ()
     notes: str = ""

@@ -24,7 +24,22 @@ def cross_check(
     backend_owner: dict[str, str] = {}
     for model in models.values():
         problems.extend(_check_backends(model, backend_owner, origin))
+        problems.extend(_check_twin(model, models, licenses, origin))
     return problems
+
+
+def _check_twin(model: Model, models: dict[str, Model], licenses: dict[str, License],
+                origin: OriginOf) -> list[str]:
+    if model.commercial_twin is None:
+        return []
+    where = f"{origin(model.id, 'commercial_twin')}: model '{model.id}': field 'commercial_twin'"
+    twin = models.get(model.commercial_twin)
+    if twin is None:
+        return [f"{where}: unknown model {model.commercial_twin!r}"]
+    twin_license = licenses.get(twin.license)
+    if twin_license is not None and twin_license.commercial_use.value == "no":
+        return [f"{where}: {twin.id!r} is not commercially usable either ({twin.license})"]
+    return []
 
 
 def _check_license(model_id: str, key: object, licenses: dict[str, License], origin: OriginOf) -> list[str]:

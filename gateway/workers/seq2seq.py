@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import torch
@@ -28,7 +29,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
-from starlette.types import Receive
+from starlette.types import Receive, Scope, Send
 
 from gateway.errors import GatewayError, model_not_found
 from gateway.prompts.formats import FORMATS
@@ -94,7 +95,7 @@ async def _serve(engine: Engine, job: Job, served_name: str, request: Request) -
     echo = [text for text in job.prompt_texts for _ in range(job.n)] if job.echo else None
     reply = Reply(job.chat, served_name, rows, sum(len(p) for p in job.prompts), echo)
     if job.stream:
-        return StreamingResponse(_stream(job, generation, reply), media_type="text/event-stream",
+        return _GenerationStream(generation, _stream(job, generation, reply), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
     return await _collect(generation, reply, request.receive)
 
@@ -143,6 +144,21 @@ async def _stream(job: Job, generation: Generation, reply: Reply) -> AsyncIterat
         yield DONE
     finally:
         generation.cancel.set()
+
+
+class _GenerationStream(StreamingResponse):
+    """Cancels its generation however the response ends, even if the body iterator never started
+    (a client gone before the first chunk), which the iterator's own `finally` cannot see."""
+
+    def __init__(self, generation: Generation, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._generation.cancel.set()
 
 
 def _internal(error: BaseException) -> GatewayError:

@@ -89,9 +89,12 @@ class Engine:
         # T5 starts decoding from <pad>; a config that names none falls back to it too.
         self.decoder_start_id: int = (config.decoder_start_token_id
                                       if config.decoder_start_token_id is not None else self.pad_id)
-        # The encoder was trained on (and the tokenizer declares) 512 tokens for every FLAN-T5 size.
+        # The encoder was trained on (and the tokenizer declares) 512 tokens for every FLAN-T5 size;
+        # tokenizers without a limit report a huge sentinel, then the config's n_positions decides.
         limit = getattr(self.tokenizer, "model_max_length", None)
-        self.max_model_len: int = int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else 512
+        if not (isinstance(limit, int) and 0 < limit < 1_000_000):
+            limit = getattr(config, "n_positions", None) or 512
+        self.max_model_len: int = int(limit)
         self.max_concurrency = max_concurrency
         self._executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="seq2seq-generate")
         self._active = 0
@@ -140,6 +143,7 @@ class Engine:
             except RuntimeError:  # the loop is gone (shutdown): nobody is listening any more
                 generation.cancel.set()
 
+        final = End()
         try:
             input_ids, attention_mask = self._batch(prompts, n)
             criteria = _StepCriteria(generation, push)
@@ -147,19 +151,20 @@ class Engine:
                 self.model.generate(
                     input_ids=input_ids, attention_mask=attention_mask,
                     generation_config=self._config(params),
-                    logits_processor=_processors(params, self.eos_id, self.decoder_start_id),
+                    logits_processor=_processors(params, self.eos_id),
                     stopping_criteria=StoppingCriteriaList([criteria]),
                 )
             # Rows `generate` ended without our verdict (cancelled): close them so every choice finishes.
             tail = generation.tracker.finish_all("length")
             if tail:
                 push(tail)
-            push(End())
         except BaseException as exc:  # reported to the client as an error event / 500, never swallowed
             log.exception("generation failed")
-            push(End(exc))
+            final = End(exc)
         finally:
+            # Free the slot before the client can see the end: its next request must not get a 429.
             self._release()
+        push(final)
 
     def _batch(self, prompts: list[list[int]], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows prompt-major (row = prompt_index * n + choice), right-padded: vLLM's choice numbering."""
@@ -197,7 +202,7 @@ class _StepCriteria(StoppingCriteria):
         return torch.tensor(self._generation.tracker.done, dtype=torch.bool)
 
 
-def _processors(params: SamplingParams, eos_id: int, start_id: int) -> LogitsProcessorList:
+def _processors(params: SamplingParams, eos_id: int) -> LogitsProcessorList:
     # Order as in vLLM: penalties and bias on the raw logits, then temperature, top-k, top-p, sample.
     processors: list[LogitsProcessor] = [_Adjust(params, eos_id)]
     if params.temperature > 0:

@@ -1,0 +1,36 @@
+"""One consistent view of the configuration: registry, tenants and the upstreams built from them.
+
+A request reads `GatewayState.snapshot` once and is judged against that snapshot to the end; a reload
+builds a complete new snapshot and swaps it in with one assignment, or keeps the old one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+
+from gateway.backends.pool import build_upstreams
+from gateway.backends.upstream import OpenAIUpstream
+from gateway.registry import Registry, load_registry
+from gateway.settings import Settings
+from gateway.tenancy.tenants import TenantDirectory, load_tenants
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    registry: Registry
+    tenants: TenantDirectory | None  # None: open access
+    upstreams: dict[str, OpenAIUpstream]
+
+
+def load_config(settings: Settings) -> tuple[Registry, TenantDirectory | None]:
+    """Read and validate every config file; raises RegistryError or TenantsError."""
+    registry = load_registry(settings.registry_paths)
+    tenants = load_tenants(settings.tenants, registry) if settings.tenants else None
+    return registry, tenants
+
+
+def load_snapshot(settings: Settings, client: httpx.AsyncClient) -> Snapshot:
+    registry, tenants = load_config(settings)
+    return Snapshot(registry, tenants, build_upstreams(registry, client))

@@ -1,0 +1,280 @@
+"""Per-tenant rate limits (requests/min, tokens/min, concurrency): the interface and the in-process limiter.
+
+Both limiters share the semantics: RPM and TPM are exact sliding 60 s logs (not fixed windows, so a burst
+straddling a minute boundary can't get 2x), tokens are reserved at admission and reconciled in `finish`,
+and a refused request consumes nothing. The Redis limiter (ratelimit_redis.py) shares state across replicas;
+this module's LocalRateLimiter serves single-replica deployments and is the Redis limiter's fail-open fallback.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+WINDOW_S = 60.0
+# An in-flight entry whose finish() never came (its replica died, a bug) stops counting after this.
+STALE_INFLIGHT_S = 15 * 60.0
+# Retry-After for a refusal by concurrency: slots free on finish(), which no clock predicts.
+CONCURRENCY_RETRY_S = 1.0
+# On a TPM refusal we walk the oldest reservations to find when enough tokens free up; past this many
+# we answer with the (safe, later) time the whole window empties, so a refusal costs bounded work.
+RETRY_WALK_CAP = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One tenant's limits; None means unlimited."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+
+
+class RateLimited(Exception):
+    """A limit refused the request; the gateway answers 429 with `headers` and `message`."""
+
+    def __init__(self, limit: str, retry_after_s: int, headers: dict[str, str], message: str) -> None:
+        super().__init__(message)
+        self.limit = limit  # "requests" | "tokens" | "concurrency"
+        self.retry_after_s = retry_after_s
+        self.headers = headers
+        self.message = message
+
+
+class RateLimitUnavailable(Exception):
+    """The shared limiter's store is down and the limiter fails closed; the gateway answers 503."""
+
+
+class Admission:
+    """An admitted request. finish() reconciles its tokens and frees its concurrency slot, exactly once."""
+
+    def __init__(self, headers: dict[str, str], release: Callable[[int | None], Awaitable[None]]) -> None:
+        self.headers = headers
+        self._release = release
+        self._finished = False
+
+    async def finish(self, actual_tokens: int | None = None) -> None:
+        if self._finished:  # idempotent: the gateway may call it from both a finally and a stream's end
+            return
+        self._finished = True
+        await self._release(actual_tokens)
+
+
+class RateLimiter(Protocol):
+    async def admit(self, tenant: str, limits: Limits, reserve_tokens: int) -> Admission: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A tenant's window as one admission saw it (after recording it, or unrecorded when refused).
+
+    Waits are milliseconds until that limit would admit this request, None where it doesn't block;
+    resets are milliseconds until that window is empty again (OpenAI's "reset to its initial state").
+    """
+
+    requests: int
+    tokens: int
+    inflight: int
+    wait_requests_ms: float | None = None
+    wait_tokens_ms: float | None = None
+    wait_concurrency_ms: float | None = None
+    too_large: bool = False
+    reset_requests_ms: float = 0.0
+    reset_tokens_ms: float = 0.0
+
+    @property
+    def admitted(self) -> bool:
+        return self.wait_requests_ms is None and self.wait_tokens_ms is None and self.wait_concurrency_ms is None
+
+
+def format_duration(ms: float) -> str:
+    """OpenAI's (Go-style) duration strings: "12ms", "1s", "59.5s", "6m0s"."""
+    ms = max(0, round(ms))
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest_ms = divmod(ms, 60_000)
+    seconds = f"{rest_ms / 1000:.3f}".rstrip("0").rstrip(".")
+    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
+
+
+def ratelimit_headers(limits: Limits, usage: Usage) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if limits.rpm is not None:
+        headers["x-ratelimit-limit-requests"] = str(limits.rpm)
+        headers["x-ratelimit-remaining-requests"] = str(max(0, limits.rpm - usage.requests))
+        headers["x-ratelimit-reset-requests"] = format_duration(usage.reset_requests_ms)
+    if limits.tpm is not None:
+        headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, limits.tpm - usage.tokens))
+        headers["x-ratelimit-reset-tokens"] = format_duration(usage.reset_tokens_ms)
+    return headers
+
+
+def refusal(limits: Limits, reserve_tokens: int, usage: Usage) -> RateLimited:
+    """The 429 for a refused admission, naming the limit that holds it back longest."""
+    waits = {
+        "requests": usage.wait_requests_ms,
+        "tokens": usage.wait_tokens_ms,
+        "concurrency": usage.wait_concurrency_ms,
+    }
+    limit, wait_ms = max(((k, v) for k, v in waits.items() if v is not None), key=lambda kv: kv[1])
+    retry_s = max(1, math.ceil(wait_ms / 1000))
+    headers = ratelimit_headers(limits, usage)
+    headers["retry-after"] = str(retry_s)
+    headers["retry-after-ms"] = str(max(1, math.ceil(wait_ms)))  # the openai SDKs prefer the precise one
+    if limit == "requests":
+        message = f"Rate limit reached for requests per minute (limit {limits.rpm}). Retry in {retry_s}s."
+    elif limit == "tokens" and usage.too_large:
+        message = (
+            f"Request too large for tokens per minute (limit {limits.tpm}, requested {reserve_tokens}). "
+            "Reduce the prompt or max_tokens."
+        )
+    elif limit == "tokens":
+        message = (
+            f"Rate limit reached for tokens per minute (limit {limits.tpm}, used {usage.tokens}, "
+            f"requested {reserve_tokens}). Retry in {retry_s}s."
+        )
+    else:
+        message = (
+            f"Rate limit reached for concurrent requests (limit {limits.max_concurrent}). Retry in {retry_s}s."
+        )
+    return RateLimited(limit, retry_s, headers, message)
+
+
+# --- in-process limiter ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Reservation:
+    at: float
+    tokens: int
+    live: bool = True  # False once pruned from the window: a late finish() must not touch the total
+
+
+@dataclass(eq=False)
+class _TenantWindow:
+    requests: deque[float] = field(default_factory=deque)  # admission times, oldest first
+    reservations: deque[_Reservation] = field(default_factory=deque)
+    tokens: int = 0  # running sum of the live reservations, so a check is O(1)
+    inflight: OrderedDict[int, float] = field(default_factory=OrderedDict)  # id -> start, oldest first
+
+    def prune(self, now: float) -> None:
+        # Each entry is appended once and popped once: amortised O(1) per request.
+        cutoff = now - WINDOW_S
+        while self.requests and self.requests[0] <= cutoff:
+            self.requests.popleft()
+        while self.reservations and self.reservations[0].at <= cutoff:
+            gone = self.reservations.popleft()
+            gone.live = False
+            self.tokens -= gone.tokens
+        stale = now - STALE_INFLIGHT_S
+        while self.inflight and next(iter(self.inflight.values())) <= stale:
+            self.inflight.popitem(last=False)
+
+    def usage(self, limits: Limits, reserve: int, now: float) -> Usage:
+        wait_req = wait_tok = wait_conc = None
+        too_large = False
+        if limits.rpm is not None and len(self.requests) >= limits.rpm:
+            # Admitting needs len - rpm + 1 entries to expire; the last of those is at index len - rpm.
+            idx = len(self.requests) - limits.rpm
+            wait_req = (self.requests[idx] + WINDOW_S - now) * 1000 if idx < len(self.requests) else WINDOW_S * 1000
+        if limits.tpm is not None and self.tokens + reserve > limits.tpm:
+            too_large = reserve > limits.tpm
+            wait_tok = WINDOW_S * 1000 if too_large else self._token_wait_ms(self.tokens + reserve - limits.tpm, now)
+        if limits.max_concurrent is not None and len(self.inflight) >= limits.max_concurrent:
+            wait_conc = CONCURRENCY_RETRY_S * 1000
+        return Usage(
+            requests=len(self.requests),
+            tokens=self.tokens,
+            inflight=len(self.inflight),
+            wait_requests_ms=wait_req,
+            wait_tokens_ms=wait_tok,
+            wait_concurrency_ms=wait_conc,
+            too_large=too_large,
+            reset_requests_ms=(self.requests[-1] + WINDOW_S - now) * 1000 if self.requests else 0.0,
+            reset_tokens_ms=(self.reservations[-1].at + WINDOW_S - now) * 1000 if self.reservations else 0.0,
+        )
+
+    def _token_wait_ms(self, excess: int, now: float) -> float:
+        freed = 0
+        for res in itertools.islice(self.reservations, RETRY_WALK_CAP):
+            freed += res.tokens
+            if freed >= excess:
+                return (res.at + WINDOW_S - now) * 1000
+        last = self.reservations[-1].at if self.reservations else now
+        return (last + WINDOW_S - now) * 1000
+
+
+class LocalRateLimiter:
+    """Exact sliding-window limits held in this process.
+
+    admit() never awaits between checking and recording, so on one event loop it is atomic without a lock.
+    `clock` (seconds, monotonic) is injectable for tests.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._tenants: dict[str, _TenantWindow] = {}
+        self._ids = itertools.count()
+
+    async def admit(self, tenant: str, limits: Limits, reserve_tokens: int) -> Admission:
+        return self.admit_now(tenant, limits, reserve_tokens)
+
+    def admit_now(self, tenant: str, limits: Limits, reserve_tokens: int) -> Admission:
+        """admit() without the coroutine, for callers already on the loop (the Redis fallback)."""
+        now = self._clock()
+        window = self._tenants.get(tenant)
+        if window is None:
+            window = self._tenants[tenant] = _TenantWindow()
+        window.prune(now)
+        reserve = max(0, reserve_tokens)
+        usage = window.usage(limits, reserve, now)
+        if not usage.admitted:
+            raise refusal(limits, reserve, usage)
+        # Record only the limits that are set: an unlimited dimension needs no log.
+        if limits.rpm is not None:
+            window.requests.append(now)
+        reservation: _Reservation | None = None
+        if limits.tpm is not None:
+            reservation = _Reservation(now, reserve)
+            window.reservations.append(reservation)
+            window.tokens += reserve
+        slot: int | None = None
+        if limits.max_concurrent is not None:
+            slot = next(self._ids)
+            window.inflight[slot] = now
+        headers = ratelimit_headers(limits, window.usage(Limits(), 0, now))
+
+        async def release(actual: int | None) -> None:
+            self._release(window, reservation, slot, actual)
+
+        return Admission(headers, release)
+
+    @staticmethod
+    def _release(window: _TenantWindow, reservation: _Reservation | None, slot: int | None, actual: int | None) -> None:
+        if slot is not None:
+            window.inflight.pop(slot, None)
+        if reservation is not None and actual is not None:
+            actual = max(0, actual)
+            if reservation.live:  # keep its timestamp, swap the amount
+                window.tokens += actual - reservation.tokens
+            reservation.tokens = actual
+
+    async def close(self) -> None:
+        self._tenants.clear()
+
+
+def make_rate_limiter(redis_url: str | None, *, fail_closed: bool = False) -> RateLimiter:
+    """The Redis limiter when a URL is configured (limits shared by every replica), else the in-process one."""
+    if not redis_url:
+        return LocalRateLimiter()
+    from gateway.tenancy.ratelimit_redis import RedisRateLimiter  # redis is only needed when configured
+
+    return RedisRateLimiter(redis_url, fail_closed=fail_closed)
