@@ -12,12 +12,12 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX2=ON -DGGML_FMA
 # Not plain CACHE & co.: llama-cpp-python's server reads every environment variable as a setting.
 export LLMGW_CACHE LLMGW_VLLM_VENV LLMGW_VLLM_MPT_VENV LLMGW_TEST_MODELS
 
-.PHONY: run test install engines test-models check clean
+.PHONY: run test install engines test-models check clean redis-server
 
 run: $(VENV)/.installed
 	deploy/local/run.sh
 
-test: 
+test: redis-server
 	$(MAKE) -j3 $(VENV)/.installed $(LLMGW_VLLM_VENV)/.ready $(LLMGW_VLLM_MPT_VENV)/.ready
 	$(MAKE) test-models
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -49,6 +49,10 @@ $(LLMGW_CACHE)/venv-vllm-%/.ready:
 
 test-models: $(LLMGW_VLLM_VENV)/.ready
 	$(LLMGW_VLLM_VENV)/bin/python tests/support/make_test_models.py --out $(LLMGW_TEST_MODELS)
+
+# The tests start their own redis-server processes (shared rate limits across gateway replicas).
+redis-server:
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 
 clean:
 	rm -rf $(VENV) *.egg-info

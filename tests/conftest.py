@@ -16,6 +16,7 @@ import openai
 import pytest
 import yaml
 
+from gateway.tenancy.tenants import hash_key
 from tests.support.processes import Server, free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ VLLM_READY_TIMEOUT_S = 420
 # Template-less chat models (vicuna, redpajama chat, falcon instruct, mpt chat) are among them: their
 # chat goes through the engine's /v1/completions with the gateway's rendering.
 TINY_VLLM_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "tiny-llama": ("0.32.0", ("llama-2-7b-chat", "llama-2-7b", "vicuna-7b-v1.3")),
+    "tiny-llama": ("0.32.0", ("llama-2-7b-chat", "llama-2-7b", "vicuna-7b-v1.3", "vicuna-7b-v1.5")),
     "tiny-gpt-neox": ("0.32.0", ("redpajama-incite-7b-base", "redpajama-incite-7b-chat")),
     "tiny-falcon": ("0.32.0", ("falcon-7b", "falcon-7b-instruct")),
     "tiny-mpt": ("0.27.1", ("mpt-7b", "mpt-7b-chat")),
@@ -39,6 +40,25 @@ TINY_VLLM_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
 LOCAL_MODEL = "smollm2-135m-instruct"
 UNREACHABLE_MODEL = "llama-13b"  # its backend is pointed at a closed port
 SEQ2SEQ_MODEL = "flan-t5-small"  # served by our worker on the tiny T5 checkpoint
+
+# The main gateway's tenants. The research key is what most tests use (every model allowed).
+RESEARCH_KEY = "sk-test-any-key"
+PROD_KEY = "sk-test-prod-key"
+SUBST_KEY = "sk-test-subst-key"
+LIMITED_KEY = "sk-test-limited-key"
+LLAMA2_CONDITIONS = ["llama2-under-700m-mau", "llama2-no-improving-other-llms", "llama2-acceptable-use-policy"]
+
+
+def tenants_document() -> dict:
+    def tenant(name: str, environment: str, key: str, **extra: object) -> dict:
+        return {"name": name, "environment": environment, "api_key_hashes": [hash_key(key)], **extra}
+
+    return {"tenants": [
+        tenant("research-lab", "research", RESEARCH_KEY, admin=True),
+        tenant("prod-app", "production", PROD_KEY),
+        tenant("prod-subst", "production", SUBST_KEY, substitutions=True, attestations=LLAMA2_CONDITIONS),
+        tenant("limited-dev", "development", LIMITED_KEY, limits={"rpm": 3, "max_concurrent": 2}),
+    ]}
 
 
 def smollm2_gguf() -> Path:
@@ -132,8 +152,11 @@ def gateway(llama_cpp: Server, vllm_fleet_launched: dict[str, Server], seq2seq_w
             log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     overlay = tmp_path_factory.mktemp("registry") / "test-overlay.yaml"
     overlay.write_text(yaml.safe_dump(_overlay(llama_cpp, vllm_fleet_launched, seq2seq_worker)))
+    tenants = overlay.parent / "tenants.yaml"
+    tenants.write_text(yaml.safe_dump(tenants_document()))
     port = free_port()
-    env = {"GATEWAY_REGISTRY": f"{ROOT / 'model_registry.yaml'},{overlay}"}
+    env = {"GATEWAY_REGISTRY": f"{ROOT / 'model_registry.yaml'},{overlay}", "GATEWAY_TENANTS": str(tenants),
+           "GATEWAY_AUDIT_SINK": str(log_dir / "audit.jsonl")}
     argv = [sys.executable, "-m", "gateway", "serve", "--port", str(port)]
     server = start_server("gateway", argv, port, "/ready", log_dir, env)
     try:
@@ -145,4 +168,8 @@ def gateway(llama_cpp: Server, vllm_fleet_launched: dict[str, Server], seq2seq_w
 
 @pytest.fixture(scope="session")
 def client(gateway: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-test-any-key", max_retries=0)
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=RESEARCH_KEY, max_retries=0)
+
+
+def client_for(gateway: Server, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)

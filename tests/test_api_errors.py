@@ -6,10 +6,11 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import LOCAL_MODEL, UNREACHABLE_MODEL
+from tests.conftest import LOCAL_MODEL, RESEARCH_KEY, UNREACHABLE_MODEL
 from tests.support.processes import Server
 
 HELLO = [{"role": "user", "content": "hi"}]
+AUTH = f"Bearer {RESEARCH_KEY}"
 
 
 def _error_of(exc: openai.APIStatusError) -> dict:
@@ -30,7 +31,7 @@ def test_unknown_model_is_404_model_not_found(client: openai.OpenAI) -> None:
 
 def test_malformed_json_is_400(gateway: Server) -> None:
     response = httpx.post(gateway.url + "/v1/chat/completions", content=b'{"model": "x", "messages": [',
-                          headers={"authorization": "Bearer k", "content-type": "application/json"})
+                          headers={"authorization": AUTH, "content-type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
     assert "could not parse the JSON body" in response.json()["error"]["message"]
@@ -65,7 +66,7 @@ def test_schema_violations_name_the_param(client: openai.OpenAI, extra: dict, pa
     ],
 )
 def test_bad_messages_name_the_param(gateway: Server, body: dict, param: str, code: str) -> None:
-    response = httpx.post(gateway.url + "/v1/chat/completions", json=body, headers={"authorization": "Bearer k"})
+    response = httpx.post(gateway.url + "/v1/chat/completions", json=body, headers={"authorization": AUTH})
     assert response.status_code == 400
     error = response.json()["error"]
     assert (error["param"], error["code"]) == (param, code)
@@ -73,7 +74,7 @@ def test_bad_messages_name_the_param(gateway: Server, body: dict, param: str, co
 
 def test_completions_missing_prompt(gateway: Server) -> None:
     response = httpx.post(gateway.url + "/v1/completions", json={"model": LOCAL_MODEL},
-                          headers={"authorization": "Bearer k"})
+                          headers={"authorization": AUTH})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "prompt"
 
@@ -82,6 +83,20 @@ def test_missing_api_key_is_401(gateway: Server) -> None:
     response = httpx.post(gateway.url + "/v1/chat/completions", json={"model": LOCAL_MODEL, "messages": HELLO})
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_unknown_api_key_is_401_without_echoing_it(gateway: Server) -> None:
+    response = httpx.get(gateway.url + "/v1/models", headers={"authorization": "Bearer sk-wrong-secret-123"})
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["code"] == "invalid_api_key" and "sk-wrong-secret-123" not in response.text
+
+
+def test_every_response_carries_a_request_id(gateway: Server) -> None:
+    mine = httpx.get(gateway.url + "/v1/models", headers={"authorization": AUTH, "x-request-id": "req-abc.123"})
+    assert mine.headers["x-request-id"] == "req-abc.123"
+    generated = httpx.get(gateway.url + "/v1/nowhere", headers={"authorization": AUTH})
+    assert len(generated.headers["x-request-id"]) == 32
 
 
 def test_unreachable_backend_is_503_with_retry_after(client: openai.OpenAI) -> None:
@@ -102,7 +117,7 @@ def test_chat_to_a_base_model_says_use_completions(client: openai.OpenAI) -> Non
 
 
 def test_unknown_route_is_an_openai_404(gateway: Server) -> None:
-    response = httpx.get(gateway.url + "/v1/embeddingz", headers={"authorization": "Bearer k"})
+    response = httpx.get(gateway.url + "/v1/embeddingz", headers={"authorization": AUTH})
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "invalid_request_error"
 

@@ -19,4 +19,5 @@ done
 echo "llama.cpp serving SmolLM2 on 127.0.0.1:$LLAMA_PORT (log: /tmp/gateway-llamacpp.log)"
 
 export GATEWAY_REGISTRY=${GATEWAY_REGISTRY:-model_registry.yaml,deploy/local/registry.yaml}
+export GATEWAY_TENANTS=${GATEWAY_TENANTS:-deploy/local/tenants.yaml}
 .venv/bin/gateway serve --host "${GATEWAY_HOST:-127.0.0.1}" --port "${GATEWAY_PORT:-8080}"

@@ -142,9 +142,7 @@ def refusal(limits: Limits, reserve_tokens: int, usage: Usage) -> RateLimited:
             f"requested {reserve_tokens}). Retry in {retry_s}s."
         )
     else:
-        message = (
-            f"Rate limit reached for concurrent requests (limit {limits.max_concurrent}). Retry in {retry_s}s."
-        )
+        message = f"Rate limit reached for concurrent requests (limit {limits.max_concurrent}). Retry in {retry_s}s."
     return RateLimited(limit, retry_s, headers, message)
 
 

@@ -18,7 +18,6 @@ admit up to N x the limit during an outage), or, with fail_closed, raise RateLim
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -147,6 +146,9 @@ end
 return 1
 """
 
+# What "Redis is unavailable" looks like (TimeoutError and ConnectionRefusedError are OSErrors too).
+_STORE_ERRORS = (RedisError, OSError)
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@-]")
 
 
@@ -208,10 +210,11 @@ class RedisRateLimiter:
         prefix = tenant_prefix(tenant)
         admission_id = uuid.uuid4().hex[:16]
         keys = [f"{prefix}:req", f"{prefix}:tok", f"{prefix}:toksum", f"{prefix}:inf"]
-        args = [_arg(limits.rpm), _arg(limits.tpm), _arg(limits.max_concurrent), reserve, admission_id]
+        args: list[int | str] = [_arg(limits.rpm), _arg(limits.tpm), _arg(limits.max_concurrent)]
+        args += [reserve, admission_id, _WINDOW_MS, _STALE_MS, RETRY_WALK_CAP]
         try:
-            reply = await self._admit_script(keys=keys, args=[*args, _WINDOW_MS, _STALE_MS, RETRY_WALK_CAP])
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            reply = await self._admit_script(keys=keys, args=args)
+        except _STORE_ERRORS as exc:
             # A timed-out script may still have run: queue its undo (zero tokens, free the slot) for the
             # recovery, so a phantom admission can't hold a concurrency slot for 15 minutes.
             self._pending_finishes.append((prefix, admission_id, reserve, 0))
@@ -264,8 +267,10 @@ class RedisRateLimiter:
             keys = [f"{prefix}:tok", f"{prefix}:toksum", f"{prefix}:inf"]
             try:
                 await self._finish_script(keys=keys, args=_finish_args(admission_id, reserved, actual))
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            except BaseException as exc:  # cancelled too (a client hung up): keep it queued, replay is safe
                 self._pending_finishes.appendleft(item)
+                if not isinstance(exc, _STORE_ERRORS):
+                    raise
                 self._mark_down(exc)
                 return False
         return True
