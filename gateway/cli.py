@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from gateway.cli_server import DrainingServer
 from gateway.cli_tables import format_formats, format_matrix, format_model_table
 from gateway.policy.decide import decide
 from gateway.registry import Registry, RegistryError, load_registry
@@ -100,15 +101,10 @@ def _serve(host: str | None, port: int | None) -> int:
         print(exc, file=sys.stderr)
         return 1
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        "gateway.api.app:create_app",
-        factory=True,
-        host=host or settings.host,
-        port=port or settings.port,
-        log_level=settings.log_level,
-        loop="uvloop",
-        http="httptools",
-    )
+    config = uvicorn.Config("gateway.api.app:create_app", factory=True, host=host or settings.host,
+                            port=port or settings.port, log_level=settings.log_level, loop="uvloop",
+                            http="httptools", timeout_graceful_shutdown=5)
+    DrainingServer(config, settings.drain_timeout_s).run()
     return 0
 
 

@@ -1,12 +1,13 @@
 """The request path, composed in one place:
 
-    request -> auth (tenant) -> policy -> prompt preparation -> routing -> rate limit -> backend -> response
+    request -> auth (tenant) -> policy -> prompt preparation -> rate limit -> routing -> backend -> response
 
 Each step lives in its own package; this module only wires them in that order.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,14 +17,20 @@ from starlette.responses import Response
 
 from gateway.api.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.api.validation import parse_body
-from gateway.backends.dispatch import Outcome, dispatch
-from gateway.errors import GatewayError, model_not_found
+from gateway.backends.dispatch import Attempts, Outcome, dispatch
+from gateway.backends.timeouts import timeouts_for
+from gateway.errors import GatewayError, model_not_found, no_backend_available
+from gateway.lifecycle import LIFECYCLE
 from gateway.observability.audit import AuditRecord, AuditTrail
+from gateway.observability.metrics import Metrics
+from gateway.observability.record import RequestRecord
 from gateway.policy.decide import Decision, Verdict, decide
 from gateway.prompts.context import ensure_prompt_fits
 from gateway.prompts.prepare import UpstreamCall, prepare_chat, prepare_completion
 from gateway.registry import Model
-from gateway.routing.picker import backends_in_try_order
+from gateway.routing.budget import RetryBudget
+from gateway.routing.fleet import Fleet
+from gateway.routing.picker import RoutingHints, RoutingPolicy, backends_in_try_order
 from gateway.settings import Settings
 from gateway.snapshot import Snapshot
 from gateway.tenancy.auth import authenticate
@@ -41,7 +48,10 @@ class GatewayState:
     snapshot: Snapshot
     limiter: RateLimiter
     audit: AuditTrail
-    extra: dict[str, Any] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
+    fleet: Fleet = field(default_factory=Fleet)
+    budget: RetryBudget = field(default_factory=RetryBudget)
+    routing: RoutingPolicy = field(default_factory=RoutingPolicy)
 
 
 @dataclass(frozen=True)
@@ -54,34 +64,58 @@ CHAT = Endpoint(ChatCompletionRequest, prepare_chat)
 COMPLETIONS = Endpoint(CompletionRequest, prepare_completion)
 
 
-async def serve(
-    state: GatewayState, endpoint: Endpoint, authorization: str | None, raw: bytes, request_id: str
-) -> Response:
+async def serve(state: GatewayState, endpoint: Endpoint, authorization: str | None, raw: bytes,
+                request_id: str) -> Response:
+    record = RequestRecord(state.metrics, state.settings.metrics_tenant_label, time.monotonic())
+    try:
+        response = await _serve(state, endpoint, authorization, raw, request_id, record)
+    except GatewayError as exc:
+        record.finished(exc.status)
+        raise
+    record.responded(response)
+    return response
+
+
+async def _serve(state: GatewayState, endpoint: Endpoint, authorization: str | None, raw: bytes,
+                 request_id: str, record: RequestRecord) -> Response:
+    if LIFECYCLE.draining:
+        raise GatewayError(503, "The gateway is shutting down; retry on another replica.",
+                           type="service_unavailable_error", code="shutting_down",
+                           headers={"Retry-After": "1"})
     snapshot = state.snapshot  # one consistent configuration for the whole request
     caller = authenticate(authorization, snapshot.tenants)
+    record.tenant = caller.tenant.name
     body = parse_body(raw, endpoint.schema)
     requested = snapshot.registry.model(body["model"])
     if requested is None:
         raise model_not_found(body["model"])
     decision = decide(caller.tenant, requested, snapshot.registry)
-    _audit(state, request_id, caller, requested, decision, snapshot)
+    _audit(state, request_id, caller, requested, decision)
     model = _served_model(snapshot, requested, decision)
+    record.model = model.id
     call = endpoint.prepare(model, body)
-    upstreams = [snapshot.upstreams[b.id] for b in backends_in_try_order(model.backends)]
-    if upstreams:
-        await ensure_prompt_fits(model, call, upstreams[0].count_tokens)
-    admission = await _admit(state, caller, call)
+    admission = await _admit(state, caller, call)  # every admitted request counts, answered or not
     headers = dict(admission.headers)
     if decision.verdict is Verdict.SUBSTITUTE:
         headers["x-gateway-substituted-from"] = requested.id
-    # Unlimited tenants need no reconciliation, so their answers are forwarded without being parsed.
     limited = caller.tenant.limits != Limits()
-    outcome = Outcome(on_done=[_reconcile(admission, call)] if limited else [])
+    outcome = Outcome(on_done=[record.outcome, *([_reconcile(admission, call)] if limited else [])])
+    LIFECYCLE.enter()
+    outcome.on_done.append(_leave)
     try:
-        return await dispatch(upstreams, call, model.id, headers, outcome, state.settings.retry_after_s)
+        upstreams = _route(state, snapshot, model, call)
+        await ensure_prompt_fits(model, call, upstreams[0].count_tokens)
+        state.budget.deposit()
+        return await dispatch(upstreams, call, model.id, headers, outcome, _attempts(state, model),
+                              state.settings.retry_after_s)
     except BaseException:
         await admission.finish(None)
+        await outcome.done()
         raise
+
+
+async def _leave(_: Outcome) -> None:
+    LIFECYCLE.leave()
 
 
 def _served_model(snapshot: Snapshot, requested: Model, decision: Decision) -> Model:
@@ -95,16 +129,50 @@ def _served_model(snapshot: Snapshot, requested: Model, decision: Decision) -> M
                        code="model_license_forbidden")
 
 
-def _audit(state: GatewayState, request_id: str, caller: Caller, model: Model, decision: Decision,
-           snapshot: Snapshot) -> None:
+def _route(state: GatewayState, snapshot: Snapshot, model: Model, call: UpstreamCall) -> list:
+    if LIFECYCLE.inflight >= state.settings.max_inflight:
+        raise _overloaded(state, "the gateway is at its limit of requests in flight")
+    prefix = (call.prompt_text or "")[: state.settings.affinity_prefix_chars] or None
+    hints = RoutingHints(prompt_prefix=prefix, session=call.payload.get("user"))
+    order = backends_in_try_order(model.backends, state.fleet, hints, state.routing)
+    if order:
+        return [snapshot.upstreams[b.id] for b in order]
+    if model.backends and any(b.max_concurrency is not None and state.fleet.state(b.id).healthy
+                              and state.fleet.state(b.id).outstanding >= b.max_concurrency
+                              for b in model.backends):
+        raise _overloaded(state, f"every backend of `{model.id}` is at its concurrency limit")
+    why = "no healthy backend" if model.backends else "the model has no backends configured"
+    raise no_backend_available(model.id, why, state.settings.retry_after_s)
+
+
+def _overloaded(state: GatewayState, why: str) -> GatewayError:
+    return GatewayError(429, f"The engines are overloaded ({why}). Retry shortly.", type="rate_limit_error",
+                        code="engine_overloaded", headers={"Retry-After": str(state.settings.retry_after_s)})
+
+
+def _attempts(state: GatewayState, model: Model) -> Attempts:
+    def started(backend_id: str) -> None:
+        state.fleet.started(backend_id)
+        state.metrics.inflight.labels(backend_id).inc()
+
+    def finished(backend_id: str, ok: bool) -> None:
+        state.fleet.finished(backend_id, ok)
+        state.metrics.inflight.labels(backend_id).dec()
+
+    return Attempts(
+        max_attempts=state.settings.max_attempts,
+        may_retry=state.budget.try_spend,
+        started=started,
+        finished=finished,
+        timeouts=lambda upstream: timeouts_for(state.settings, upstream.backend, model.timeouts),
+    )
+
+
+def _audit(state: GatewayState, request_id: str, caller: Caller, model: Model, decision: Decision) -> None:
+    state.metrics.policy.labels(decision.verdict.value, model.license).inc()
     state.audit.record(AuditRecord(
-        request_id=request_id,
-        tenant=caller.tenant.name,
-        key_id=caller.key_id,
-        model_requested=model.id,
-        model_served=decision.served_model,
-        license=model.license,
-        decision=decision.verdict.value,
+        request_id=request_id, tenant=caller.tenant.name, key_id=caller.key_id, model_requested=model.id,
+        model_served=decision.served_model, license=model.license, decision=decision.verdict.value,
         rule=decision.rule,
     ))
 
@@ -115,6 +183,7 @@ async def _admit(state: GatewayState, caller: Caller, call: UpstreamCall) -> Adm
     try:
         return await state.limiter.admit(caller.tenant.name, caller.tenant.limits, reserve)
     except RateLimited as exc:
+        state.metrics.rate_limited.labels(caller.tenant.name, exc.limit).inc()
         raise GatewayError(429, exc.message, type="rate_limit_error", code="rate_limit_exceeded",
                            headers=exc.headers) from None
     except RateLimitUnavailable:
@@ -123,13 +192,13 @@ async def _admit(state: GatewayState, caller: Caller, call: UpstreamCall) -> Adm
                            headers={"Retry-After": str(state.settings.retry_after_s)}) from None
 
 
-def _reconcile(admission: Admission, call: UpstreamCall):
+def _reconcile(admission: Admission, call: UpstreamCall) -> Callable:
     prompt_estimate = len(call.prompt_text or "") // 4
 
     async def finish(outcome: Outcome) -> None:
         actual = outcome.total_tokens
-        if actual is None and outcome.streamed_events:
-            actual = prompt_estimate + outcome.streamed_events
+        if actual is None and outcome.watch is not None and outcome.watch.events:
+            actual = prompt_estimate + outcome.watch.events
         await admission.finish(actual)
 
     return finish

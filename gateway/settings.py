@@ -18,9 +18,35 @@ class Settings(BaseSettings):
     port: int = 8080
     log_level: str = "info"
 
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    # Generous: a long generation may legitimately take minutes between bytes on a busy CPU engine.
-    read_timeout_s: float = Field(default=600.0, gt=0)
+    # Timeouts by backend role; a registry model may override them (`timeouts:`).
+    # GPU engines answer fast; a CPU fallback may take long before its first token and between tokens.
+    primary_connect_timeout_s: float = Field(default=2.0, gt=0)
+    primary_first_byte_timeout_s: float = Field(default=60.0, gt=0)
+    primary_idle_timeout_s: float = Field(default=30.0, gt=0)
+    primary_total_timeout_s: float = Field(default=600.0, gt=0)
+    fallback_connect_timeout_s: float = Field(default=2.0, gt=0)
+    fallback_first_byte_timeout_s: float = Field(default=180.0, gt=0)
+    fallback_idle_timeout_s: float = Field(default=60.0, gt=0)
+    fallback_total_timeout_s: float = Field(default=1800.0, gt=0)
+
+    # Retries happen only before the first byte reached the client, on another backend.
+    max_attempts: int = Field(default=3, ge=1)
+    # Retries may add at most this fraction of extra load (a token bucket), so a sick fleet isn't hammered.
+    retry_budget_ratio: float = Field(default=0.2, ge=0)
+    # Requests in flight through this gateway at most; beyond it: 429 engine_overloaded.
+    max_inflight: int = Field(default=4096, gt=0)
+
+    health_probe_interval_s: float = Field(default=5.0, gt=0)
+    outlier_consecutive_errors: int = Field(default=3, ge=1)
+    outlier_base_cooldown_s: float = Field(default=5.0, gt=0)
+    prefix_affinity: bool = False
+    session_affinity: bool = False
+    affinity_prefix_chars: int = Field(default=256, gt=0)
+    affinity_load_factor: float = Field(default=2.0, ge=1)
+    # On SIGTERM: stop taking requests, let in-flight ones finish for at most this long, then exit.
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    # Tenant names as a metrics label (bounded by the tenants file; turn off for very many tenants).
+    metrics_tenant_label: bool = True
     pool_max_connections: int = Field(default=1000, gt=0)
     pool_max_keepalive: int = Field(default=200, ge=0)
     retry_after_s: int = Field(default=5, ge=1)

@@ -156,7 +156,7 @@ def gateway(llama_cpp: Server, vllm_fleet_launched: dict[str, Server], seq2seq_w
     tenants.write_text(yaml.safe_dump(tenants_document()))
     port = free_port()
     env = {"GATEWAY_REGISTRY": f"{ROOT / 'model_registry.yaml'},{overlay}", "GATEWAY_TENANTS": str(tenants),
-           "GATEWAY_AUDIT_SINK": str(log_dir / "audit.jsonl")}
+           "GATEWAY_AUDIT_SINK": str(log_dir / "audit.jsonl"), "GATEWAY_HEALTH_PROBE_INTERVAL_S": "1"}
     argv = [sys.executable, "-m", "gateway", "serve", "--port", str(port)]
     server = start_server("gateway", argv, port, "/ready", log_dir, env)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,12 @@ from gateway.api.request_id import RequestIdMiddleware
 from gateway.api.routes import router
 from gateway.backends.upstream import make_http_client
 from gateway.observability.audit import AuditTrail
+from gateway.observability.metrics import Metrics
 from gateway.pipeline import GatewayState
+from gateway.routing.budget import RetryBudget
+from gateway.routing.fleet import Fleet, OutlierPolicy
+from gateway.routing.health import probe_forever
+from gateway.routing.picker import RoutingPolicy
 from gateway.settings import Settings, get_settings
 from gateway.snapshot import load_snapshot
 from gateway.tenancy.auth import warn_open_access
@@ -29,26 +35,44 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with make_http_client(settings) as client:
-            snapshot = load_snapshot(settings, client)  # an invalid file stops start-up, by design
-            if snapshot.tenants is None:
-                warn_open_access()
-            limiter = make_rate_limiter(settings.redis_url, fail_closed=settings.ratelimit_fail_closed)
-            audit = AuditTrail(settings.audit_sink)
-            state = GatewayState(settings, client, snapshot, limiter, audit)
+            state = _build_state(settings, client)
             app.state.created = int(time.time())
             app.state.gateway = state
             _reload_on_sighup(state)
+            prober = asyncio.create_task(probe_forever(lambda: state.snapshot, state.fleet, state.metrics,
+                                                       settings.health_probe_interval_s))
             try:
                 yield
             finally:
-                await limiter.close()
-                audit.close()
+                prober.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await prober
+                await state.limiter.close()
+                state.audit.close()
 
     app = FastAPI(title="LLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def _build_state(settings: Settings, client) -> GatewayState:
+    snapshot = load_snapshot(settings, client)  # an invalid file stops start-up, by design
+    if snapshot.tenants is None:
+        warn_open_access()
+    metrics = Metrics()
+    fleet = Fleet(OutlierPolicy(settings.outlier_consecutive_errors, settings.outlier_base_cooldown_s),
+                  on_eject=lambda backend_id: metrics.ejections.labels(backend_id).inc())
+    return GatewayState(
+        settings, client, snapshot,
+        limiter=make_rate_limiter(settings.redis_url, fail_closed=settings.ratelimit_fail_closed),
+        audit=AuditTrail(settings.audit_sink),
+        metrics=metrics,
+        fleet=fleet,
+        budget=RetryBudget(ratio=settings.retry_budget_ratio),
+        routing=RoutingPolicy(settings.prefix_affinity, settings.session_affinity, settings.affinity_load_factor),
+    )
 
 
 def _reload_on_sighup(state: GatewayState) -> None:

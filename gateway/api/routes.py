@@ -10,6 +10,8 @@ from gateway import pipeline
 from gateway.admin import reload_config
 from gateway.api.models import model_card, visible_models
 from gateway.errors import model_not_found
+from gateway.lifecycle import LIFECYCLE
+from gateway.routing.report import backend_report
 from gateway.tenancy.auth import authenticate, require_admin
 
 router = APIRouter()
@@ -62,6 +64,23 @@ async def admin_reload(request: Request, authorization: str | None = Header(None
     return ORJSONResponse(result.body(), status_code=200 if result.ok else 400)
 
 
+@router.get("/admin/backends")
+async def admin_backends(request: Request, authorization: str | None = Header(None)) -> ORJSONResponse:
+    state = _state(request)
+    require_admin(authenticate(authorization, state.snapshot.tenants))
+    return ORJSONResponse({"data": backend_report(state)})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    limiter_up = getattr(state.limiter, "redis_healthy", None)
+    if limiter_up is not None:
+        state.metrics.ratelimit_backend_up.set(1 if limiter_up else 0)
+    body, content_type = state.metrics.render()
+    return Response(body, media_type=content_type)
+
+
 @router.get("/health")
 async def health() -> dict[str, str]:
     return {"status": "ok"}
@@ -72,4 +91,6 @@ async def ready(request: Request) -> ORJSONResponse:
     state = getattr(request.app.state, "gateway", None)
     if state is None:
         return ORJSONResponse({"status": "starting"}, status_code=503)
+    if LIFECYCLE.draining:
+        return ORJSONResponse({"status": "draining", "inflight": LIFECYCLE.inflight}, status_code=503)
     return ORJSONResponse({"status": "ready", "models": len(state.snapshot.registry.models)})

@@ -1,12 +1,13 @@
 """Send one prepared call to the first backend that answers, and shape the answer for the client.
 
-Backends are tried in the order routing chose; a backend that cannot be reached, or answers 502/503/504
-before any byte went to the client, is skipped for the next one. Nothing is retried after the first
-byte reached the client.
+Backends are tried in the order routing chose. A backend that cannot be reached, times out before its
+headers, or answers 502/503/504 is given up for the next one, at most `max_attempts` in all and only
+while the retry budget allows. Nothing is retried once a byte went to the client.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -14,22 +15,27 @@ import httpx
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from gateway.backends.relay import UsageCounter, relay_stream, upstream_error
+from gateway.backends.relay import StreamWatch, UsageCounter, relay_stream, upstream_error
+from gateway.backends.timeouts import CallTimeouts
 from gateway.backends.translate import ChatFromCompletion, Passthrough, Translator
 from gateway.backends.upstream import OpenAIUpstream, UpstreamUnavailable
-from gateway.errors import no_backend_available
+from gateway.errors import GatewayError, no_backend_available
 from gateway.prompts.prepare import Reply, UpstreamCall
+from gateway.registry.schema import Role
 
 _RETRYABLE = (502, 503, 504)
 
 
 @dataclass
 class Outcome:
-    """What the caller learns when the answer is complete (for rate-limit reconciliation, metrics)."""
+    """What the caller learns when the answer is complete (rate limits, metrics, outlier detection)."""
 
     total_tokens: int | None = None  # from the engine's usage, when the answer carried one
-    streamed_events: int = 0  # SSE events relayed (about one per generated token)
+    usage: dict | None = None
+    watch: StreamWatch | None = None  # streams only
     backend_id: str | None = None
+    retries: int = 0
+    fell_back: bool = False
     on_done: list[Callable[["Outcome"], Awaitable[None]]] = field(default_factory=list)
 
     async def done(self) -> None:
@@ -38,35 +44,68 @@ class Outcome:
             await callback(self)
 
 
-async def dispatch(
-    upstreams: list[OpenAIUpstream],
-    call: UpstreamCall,
-    requested: str,
-    headers: dict[str, str],
-    outcome: Outcome,
-    retry_after_s: int,
-) -> Response:
+@dataclass
+class Attempts:
+    """The per-request side of retries; the shared budget decides whether one more try is allowed."""
+
+    max_attempts: int
+    may_retry: Callable[[], bool]
+    started: Callable[[str], None]
+    finished: Callable[[str, bool], None]
+    timeouts: Callable[[OpenAIUpstream], CallTimeouts]
+
+
+async def dispatch(upstreams: list[OpenAIUpstream], call: UpstreamCall, requested: str,
+                   headers: dict[str, str], outcome: Outcome, attempts: Attempts, retry_after_s: int) -> Response:
     stream = bool(call.payload.get("stream"))
     failures: list[str] = []
-    for upstream in upstreams:
+    timed_out = False
+    for tried, upstream in enumerate(upstreams):
+        if tried >= attempts.max_attempts or (tried and not attempts.may_retry()):
+            break
+        outcome.retries = tried
         call.payload["model"] = upstream.served_model_name
+        timeouts = attempts.timeouts(upstream)
+        attempts.started(upstream.id)
         try:
-            response = await upstream.post(call.path, call.payload, stream=stream)
+            response = await upstream.post(call.path, call.payload, stream=stream, timeouts=timeouts)
         except UpstreamUnavailable as exc:
+            attempts.finished(upstream.id, False)
             failures.append(str(exc))
+            timed_out = timed_out or exc.timed_out
             continue
+        except BaseException:
+            attempts.finished(upstream.id, False)
+            raise
         if response.status_code in _RETRYABLE:  # engine up but not serving: try the next one
             await response.aclose()
+            attempts.finished(upstream.id, False)
             failures.append(f"{upstream.id}: HTTP {response.status_code}")
             continue
         outcome.backend_id = upstream.id
+        outcome.fell_back = upstream.backend.role is Role.FALLBACK
         headers = {**headers, "x-gateway-backend": upstream.id}
+        if outcome.fell_back:
+            headers["x-gateway-fallback"] = "cpu"
+        outcome.on_done.insert(0, _report_health(attempts, upstream.id))
         translator = _translator(call, upstream, requested)
         if stream:
-            return await _stream_response(upstream, response, call, translator, requested, headers, outcome)
+            return await _stream_response(upstream, response, call, translator, requested, headers, outcome,
+                                          timeouts)
         return await _json_response(response, translator, headers, outcome)
-    detail = "; ".join(failures) if failures else "the model has no backends configured"
+    if timed_out:
+        raise GatewayError(504, f"No backend for `{requested}` answered in time ({'; '.join(failures)}).",
+                           type="upstream_error", code="upstream_timeout")
+    detail = "; ".join(failures) if failures else "no healthy backend"
     raise no_backend_available(requested, detail, retry_after_s)
+
+
+def _report_health(attempts: Attempts, backend_id: str) -> Callable[[Outcome], Awaitable[None]]:
+    async def report(outcome: Outcome) -> None:
+        failed = outcome.watch is not None and outcome.watch.failure is not None
+        attempts.finished(backend_id, not failed)
+
+    return report
 
 
 def _translator(call: UpstreamCall, upstream: OpenAIUpstream, requested: str) -> Translator:
@@ -75,51 +114,46 @@ def _translator(call: UpstreamCall, upstream: OpenAIUpstream, requested: str) ->
     return Passthrough(served=upstream.served_model_name, requested=requested)
 
 
-async def _json_response(
-    response: httpx.Response, translator: Translator, headers: dict[str, str], outcome: Outcome
-) -> Response:
-    if response.status_code != 200:
-        raise upstream_error(response.status_code, response.content)
-    if outcome.on_done:  # only parse what is only forwarded when someone needs the usage
-        usage = orjson.loads(response.content).get("usage") or {}
-        outcome.total_tokens = usage.get("total_tokens")
+async def _json_response(response: httpx.Response, translator: Translator, headers: dict[str, str],
+                         outcome: Outcome) -> Response:
+    try:
+        if response.status_code != 200:
+            raise upstream_error(response.status_code, response.content)
+        body = response.content
+        if not (body.startswith(b"{") and body.rstrip().endswith(b"}")):
+            raise GatewayError(502, "The model backend sent a malformed answer.", type="upstream_error",
+                               code="upstream_malformed")
+        outcome.usage = orjson.loads(body).get("usage")  # for token metrics and rate-limit reconciliation
+        outcome.total_tokens = (outcome.usage or {}).get("total_tokens")
+        return Response(translator.body(body), media_type="application/json", headers=headers)
+    finally:
         await outcome.done()
-    return Response(translator.body(response.content), media_type="application/json", headers=headers)
 
 
-async def _stream_response(
-    upstream: OpenAIUpstream,
-    response: httpx.Response,
-    call: UpstreamCall,
-    translator: Translator,
-    requested: str,
-    headers: dict[str, str],
-    outcome: Outcome,
-) -> Response:
+async def _stream_response(upstream: OpenAIUpstream, response: httpx.Response, call: UpstreamCall,
+                           translator: Translator, requested: str, headers: dict[str, str], outcome: Outcome,
+                           timeouts: CallTimeouts) -> Response:
     if response.status_code != 200:
         body = await response.aread()
         await response.aclose()
+        await outcome.done()
         raise upstream_error(response.status_code, body)
     usage = None
     if _wants_usage(call.payload) and not upstream.profile.sends_stream_usage:
         usage = UsageCounter(count_prompt_tokens=lambda: _count_prompt(upstream, call))
-    events = relay_stream(response, translator, requested, usage)
-    return StreamingResponse(
-        _finishing(events, outcome),
-        media_type="text/event-stream",
-        headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
-    )
+    outcome.watch = StreamWatch(deadline=time.monotonic() + timeouts.total_s)
+    events = relay_stream(response, translator, requested, usage, outcome.watch)
+    return StreamingResponse(_finishing(events, outcome), media_type="text/event-stream",
+                             headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
 async def _finishing(events: AsyncIterator[bytes], outcome: Outcome) -> AsyncIterator[bytes]:
     """Relay, then report the outcome, also when the client went away mid-stream."""
-    sent = 0
     try:
         async for event in events:
-            sent += 1
             yield event
     finally:
-        outcome.streamed_events = sent
+        await events.aclose()  # closes the engine's connection at once: vLLM aborts the generation
         await outcome.done()
 
 

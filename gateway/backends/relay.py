@@ -6,6 +6,7 @@ Streams are relayed event by event as they arrive (no buffering beyond one SSE e
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -72,13 +73,45 @@ def event_data(event: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
+@dataclass
+class StreamWatch:
+    """What happened while a stream was relayed: for metrics, rate limits and outlier detection."""
+
+    deadline: float  # monotonic time by which the whole answer must be relayed
+    events: int = 0
+    first_event_at: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    failure: str | None = None  # set when the engine broke off, stalled or sent garbage mid-stream
+    _last: float | None = None
+
+    def saw_event(self, now: float) -> None:
+        self.events += 1
+        if self._last is None:
+            self.first_event_at = now
+        else:
+            self.gaps.append(now - self._last)
+        self._last = now
+
+
+def error_event(message: str, code: str) -> bytes:
+    """One SSE event the official SDK raises on: never a silent end that looks like a full answer."""
+    body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
 async def relay_stream(
-    response: httpx.Response, translator: Translator, requested_model: str, usage: UsageCounter | None
+    response: httpx.Response, translator: Translator, requested_model: str, usage: UsageCounter | None,
+    watch: StreamWatch,
 ) -> AsyncIterator[bytes]:
     """Yield the client's SSE bytes from an engine's SSE response, event by event."""
     buffer = b""
     try:
         async for raw in response.aiter_bytes():
+            now = time.monotonic()
+            if now > watch.deadline:
+                watch.failure = "total timeout"
+                yield error_event("The model backend did not finish its answer in time.", "upstream_timeout")
+                return
             events, buffer = split_events(buffer + raw)
             for event in events:
                 data = event_data(event)
@@ -92,12 +125,25 @@ async def relay_stream(
                             yield b"data: " + out + b"\n\n"
                     yield b"data: [DONE]\n\n"
                     return
+                if not data.startswith(b"{"):
+                    watch.failure = "malformed event"
+                    yield error_event("The model backend sent a malformed stream.", "upstream_malformed")
+                    return
                 if usage is not None:
                     usage.observe(orjson.loads(data))
+                watch.saw_event(now)
                 for out in translator.event(data):
                     yield b"data: " + out + b"\n\n"
+        watch.failure = "ended without [DONE]"
+    except httpx.TimeoutException:
+        watch.failure = "stalled"
+        yield error_event("The model backend stopped sending in the middle of the answer.", "upstream_timeout")
+        return
+    except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
+        watch.failure = type(exc).__name__
     finally:
         await response.aclose()
+    yield error_event("The model backend disconnected in the middle of the answer.", "upstream_disconnected")
 
 
 def upstream_error(status: int, body: bytes) -> GatewayError:

@@ -107,6 +107,8 @@ class Backend(_Strict):
     served_model_name: str | None = Field(
         default=None, description="the name the engine knows the model by; defaults to the model id"
     )
+    # Requests in flight to this backend at most; beyond it the router skips it (None: no cap).
+    max_concurrency: int | None = Field(default=None, gt=0)
 
     @field_validator("engine_version")
     @classmethod
@@ -120,6 +122,15 @@ class Backend(_Strict):
     @property
     def base_url(self) -> str:
         return str(self.url).rstrip("/")
+
+
+class Timeouts(_Strict):
+    """Per-model overrides of the role defaults in settings (seconds)."""
+
+    connect_s: float | None = Field(default=None, gt=0)
+    first_byte_s: float | None = Field(default=None, gt=0)
+    idle_s: float | None = Field(default=None, gt=0)
+    total_s: float | None = Field(default=None, gt=0)
 
 
 class Model(_Strict):
@@ -146,6 +157,7 @@ class Model(_Strict):
     commercial_twin: str | None = None
     # Tenants that may see and call this model; empty = every tenant the license rules allow.
     private_to: tuple[str, ...] = ()
+    timeouts: Timeouts = Timeouts()
     engines: tuple[EngineSupport, ...] = Field(min_length=1)
     backends: tuple[Backend, ...] = ()
     notes: str = ""

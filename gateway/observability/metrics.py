@@ -1,0 +1,49 @@
+"""Prometheus metrics (`GET /metrics`), all prefixed `gateway_`.
+
+Label values are bounded: models come from the registry (a name a client made up counts as
+`unknown`), backends from the registry, tenants from the tenants file (label can be turned off),
+statuses are HTTP codes. No request ids or free text ever become labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("gateway_requests", "Requests answered", ["model", "backend", "status", "tenant"],
+                                registry=r)
+        self.duration = Histogram("gateway_request_duration_seconds", "Time from request to last byte",
+                                  ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("gateway_time_to_first_token_seconds", "Time from request to first streamed event",
+                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram("gateway_inter_token_latency_seconds", "Gap between streamed events",
+                                     ["model"], buckets=_TOKEN_GAP_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens (engine usage)", ["model"], registry=r)
+        self.completion_tokens = Counter("gateway_completion_tokens", "Completion tokens (engine usage)",
+                                         ["model"], registry=r)
+        self.inflight = Gauge("gateway_backend_inflight_requests", "Requests in flight per backend", ["backend"],
+                              registry=r)
+        self.backend_up = Gauge("gateway_backend_up", "1 if the backend's last health probe passed", ["backend"],
+                                registry=r)
+        self.retries = Counter("gateway_retries", "Requests retried on another backend", ["model"], registry=r)
+        self.fallbacks = Counter("gateway_fallbacks", "Requests served by a CPU fallback", ["model"], registry=r)
+        self.ejections = Counter("gateway_backend_ejections", "Backends ejected by outlier detection",
+                                 ["backend"], registry=r)
+        self.policy = Counter("gateway_policy_decisions", "License policy decisions", ["decision", "license"],
+                              registry=r)
+        self.rate_limited = Counter("gateway_rate_limit_rejections", "Requests refused by a rate limit",
+                                    ["tenant", "limit"], registry=r)
+        self.ratelimit_backend_up = Gauge("gateway_ratelimit_redis_up",
+                                          "1 if Redis-shared rate limiting works, 0 when on local fallback",
+                                          registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,84 @@
+"""What the gateway knows about each backend right now: health, ejection, in-flight requests.
+
+State is keyed by backend id and outlives config reloads, so a reload does not forget that a replica
+is down. Passive outlier detection: `consecutive_errors_to_eject` connect errors or 5xx in a row eject
+a backend for a cooldown that doubles with each ejection (capped); after the cooldown one trial request
+is let through (half-open), and a success brings the backend back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class BackendState:
+    backend_id: str
+    healthy: bool = True  # last active probe (optimistic until the first probe says otherwise)
+    outstanding: int = 0
+    consecutive_errors: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0
+    trial_in_flight: bool = False
+    last_probe: float | None = None
+
+
+@dataclass
+class OutlierPolicy:
+    consecutive_errors_to_eject: int = 3
+    base_cooldown_s: float = 5.0
+    max_cooldown_s: float = 120.0
+
+
+@dataclass
+class Fleet:
+    policy: OutlierPolicy = field(default_factory=OutlierPolicy)
+    clock: Callable[[], float] = time.monotonic
+    states: dict[str, BackendState] = field(default_factory=dict)
+    on_eject: Callable[[str], None] | None = None
+
+    def state(self, backend_id: str) -> BackendState:
+        state = self.states.get(backend_id)
+        if state is None:
+            state = self.states[backend_id] = BackendState(backend_id)
+        return state
+
+    def is_ejected(self, backend_id: str) -> bool:
+        """Ejected, unless the cooldown is over and no trial request is out yet (half-open)."""
+        state = self.state(backend_id)
+        if state.ejected_until == 0.0:
+            return False
+        return self.clock() < state.ejected_until or state.trial_in_flight
+
+    def started(self, backend_id: str) -> None:
+        state = self.state(backend_id)
+        state.outstanding += 1
+        if state.ejected_until and self.clock() >= state.ejected_until:
+            state.trial_in_flight = True
+
+    def finished(self, backend_id: str, ok: bool) -> None:
+        state = self.state(backend_id)
+        state.outstanding = max(0, state.outstanding - 1)
+        if ok:
+            self._recovered(state)
+        else:
+            self._failed(state)
+
+    def _recovered(self, state: BackendState) -> None:
+        state.consecutive_errors = 0
+        state.ejected_until = 0.0
+        state.trial_in_flight = False
+        state.ejections = 0
+
+    def _failed(self, state: BackendState) -> None:
+        state.consecutive_errors += 1
+        was_trial = state.trial_in_flight
+        state.trial_in_flight = False
+        if was_trial or state.consecutive_errors >= self.policy.consecutive_errors_to_eject:
+            cooldown = min(self.policy.base_cooldown_s * 2**state.ejections, self.policy.max_cooldown_s)
+            state.ejections += 1
+            state.ejected_until = self.clock() + cooldown
+            if self.on_eject:
+                self.on_eject(state.backend_id)
