@@ -34,5 +34,11 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain_then_exit(self, sig: int, frame: FrameType | None) -> None:
         finished = await LIFECYCLE.drain(self._drain_timeout_s)
-        log.info("drained" if finished else "drain timeout: %d requests cut off", LIFECYCLE.inflight)
+        if finished:
+            log.info("drained: every request in flight finished")
+        else:
+            log.warning("drain timeout: %d requests cut off", LIFECYCLE.inflight)
         super().handle_exit(sig, frame)
+        # uvicorn re-raises a captured SIGTERM after shutdown, so the process would die "by signal";
+        # a completed drain is a clean exit (status 0), which is what a rolling update expects.
+        self._captured_signals.clear()

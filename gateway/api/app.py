@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 yield
             finally:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
                 prober.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await prober

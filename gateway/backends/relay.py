@@ -125,7 +125,7 @@ async def relay_stream(
                             yield b"data: " + out + b"\n\n"
                     yield b"data: [DONE]\n\n"
                     return
-                if not data.startswith(b"{"):
+                if not (data.startswith(b"{") and data.endswith(b"}")):  # cheap: no parse of what is forwarded
                     watch.failure = "malformed event"
                     yield error_event("The model backend sent a malformed stream.", "upstream_malformed")
                     return

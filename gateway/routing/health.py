@@ -19,9 +19,20 @@ from gateway.snapshot import Snapshot
 log = logging.getLogger("gateway.health")
 
 
+# Probes at once, at most: each may need a DNS lookup in the shared thread pool, and a burst of slow
+# lookups there would delay the requests' own connects (and a clean exit).
+_PARALLEL_PROBES = 4
+
+
 async def probe_once(snapshot: Snapshot, fleet: Fleet, metrics: Metrics) -> None:
     upstreams = list(snapshot.upstreams.values())
-    results = await asyncio.gather(*(upstream.is_healthy() for upstream in upstreams))
+    slots = asyncio.Semaphore(_PARALLEL_PROBES)
+
+    async def probe(upstream) -> bool:
+        async with slots:
+            return await upstream.is_healthy()
+
+    results = await asyncio.gather(*(probe(upstream) for upstream in upstreams))
     for upstream, healthy in zip(upstreams, results):
         state = fleet.state(upstream.id)
         if state.healthy != healthy and state.last_probe is not None:
