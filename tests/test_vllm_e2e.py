@@ -7,9 +7,13 @@ the words meaningless; token counts, finish reasons and shapes are what a client
 
 from __future__ import annotations
 
+import time
+
+import httpx
 import openai
 import pytest
 
+from tests.conftest import RESEARCH_KEY
 from tests.support.processes import Server
 
 ARCHITECTURES = {
@@ -89,3 +93,33 @@ def test_engine_4xx_comes_back_in_openai_shape(client: openai.OpenAI) -> None:
     error = caught.value.response.json()["error"]
     assert error["type"] == "invalid_request_error"
     assert "100000" in error["message"] or "maximum" in error["message"].lower()
+
+
+def _metric(engine: Server, name: str) -> float:
+    text = httpx.get(engine.url + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def _running(engine: Server) -> float:
+    return _metric(engine, "vllm:num_requests_running")
+
+
+def test_client_disconnect_aborts_the_generation_in_vllm(gateway: Server, vllm_fleet: dict[str, Server]) -> None:
+    """vLLM's own test_request_cancellation, through the gateway: the engine must stop generating."""
+    engine = vllm_fleet["tiny-llama"]
+    generated_before = _metric(engine, "vllm:generation_tokens_total")
+    with httpx.stream("POST", gateway.url + "/v1/completions", headers={"authorization": f"Bearer {RESEARCH_KEY}"},
+                      json={"model": "llama-2-7b", "prompt": "count", "max_tokens": 480, "stream": True,
+                            "ignore_eos": True}, timeout=30) as response:
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data:") and _running(engine) >= 1:
+                break
+        closed_at = time.monotonic()
+    while time.monotonic() - closed_at < 5 and _running(engine) > 0:
+        time.sleep(0.05)
+    stopped_after = time.monotonic() - closed_at
+    assert _running(engine) == 0
+    assert stopped_after < 1.0, f"vLLM kept generating {stopped_after:.2f}s after the client left"
+    time.sleep(1.5)  # had it kept going, 480 tokens at this engine's speed would be well under way
+    assert _metric(engine, "vllm:generation_tokens_total") - generated_before < 400
