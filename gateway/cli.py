@@ -103,7 +103,8 @@ def _serve(host: str | None, port: int | None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config("gateway.api.app:create_app", factory=True, host=host or settings.host,
                             port=port or settings.port, log_level=settings.log_level, loop="uvloop",
-                            http="httptools", timeout_graceful_shutdown=5)
+                            http="httptools", timeout_graceful_shutdown=5,
+                            access_log=False)  # ours is JSON, with the request id (gateway.access)
     DrainingServer(config, settings.drain_timeout_s).run()
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -97,6 +99,13 @@ def test_every_response_carries_a_request_id(gateway: Server) -> None:
     assert mine.headers["x-request-id"] == "req-abc.123"
     generated = httpx.get(gateway.url + "/v1/nowhere", headers={"authorization": AUTH})
     assert len(generated.headers["x-request-id"]) == 32
+
+
+def test_json_access_log_carries_the_request_id(gateway: Server) -> None:
+    httpx.get(gateway.url + "/v1/models", headers={"authorization": AUTH, "x-request-id": "req-access-log-1"})
+    lines = [line for line in gateway.log_text().splitlines() if "req-access-log-1" in line]
+    record = json.loads(lines[-1].split("gateway.access: ", 1)[1])
+    assert record["path"] == "/v1/models" and record["status"] == 200 and record["method"] == "GET"
 
 
 def test_unreachable_backend_is_503_with_retry_after(client: openai.OpenAI) -> None:

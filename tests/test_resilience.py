@@ -26,6 +26,7 @@ from tests.support.processes import Server, free_port, start_server
 
 WITH_FALLBACK = "redpajama-incite-base-3b"
 SINGLE = "redpajama-incite-instruct-3b"
+CAPPED = "redpajama-incite-chat-3b"  # one backend with max_concurrency 1
 ADMIN_KEY = "sk-test-resilience-admin"
 
 
@@ -63,6 +64,7 @@ def gateway(faults: dict[str, Server], log_dir: Path, tmp_path: Path) -> Iterato
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump({"models": [
         {"id": WITH_FALLBACK, "backends": [backend("a", "primary"), backend("b", "fallback")]},
         {"id": SINGLE, "backends": [backend("a", "primary", "-single")]},
+        {"id": CAPPED, "backends": [{**backend("b", "primary", "-capped"), "max_concurrency": 1}]},
     ]}))
     (tmp_path / "tenants.yaml").write_text(yaml.safe_dump({"tenants": [
         {"name": "ops", "environment": "research", "admin": True, "api_key_hashes": [hash_key(ADMIN_KEY)]}]}))
@@ -156,6 +158,21 @@ def test_client_disconnect_closes_the_upstream_at_once(gateway: Server, faults: 
         time.sleep(0.05)
     assert record["disconnected"] and record["ended"] - closed_at < 1.0
     assert record["chunks_sent"] < 50  # generation stopped long before its 100 tokens
+
+
+def test_a_full_backend_means_429_engine_overloaded(gateway: Server, faults: dict[str, Server]) -> None:
+    mode(faults["b"], mode="normal", inter_chunk_s=0.1)
+    with httpx.stream("POST", gateway.url + "/v1/completions", headers={"authorization": f"Bearer {ADMIN_KEY}"},
+                      json={"model": CAPPED, "prompt": "hi", "max_tokens": 20, "stream": True}) as first:
+        assert first.status_code == 200
+        second = httpx.post(gateway.url + "/v1/completions", headers={"authorization": f"Bearer {ADMIN_KEY}"},
+                            json={"model": CAPPED, "prompt": "hi", "max_tokens": 1})
+        assert second.status_code == 429 and second.json()["error"]["code"] == "engine_overloaded"
+        assert int(second.headers["retry-after"]) >= 1
+        first.read()
+    after = httpx.post(gateway.url + "/v1/completions", headers={"authorization": f"Bearer {ADMIN_KEY}"},
+                       json={"model": CAPPED, "prompt": "hi", "max_tokens": 1})
+    assert after.status_code == 200  # the slot came back when the stream ended
 
 
 def test_sigterm_lets_20_open_streams_finish_then_exits_0(gateway: Server, faults: dict[str, Server]) -> None:
