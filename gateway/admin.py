@@ -11,9 +11,8 @@ import logging
 from dataclasses import dataclass
 
 from gateway.pipeline import GatewayState
-from gateway.registry import RegistryError
+from gateway.errors import ConfigError
 from gateway.snapshot import load_snapshot
-from gateway.tenancy.tenants import TenantsError
 
 log = logging.getLogger("gateway.admin")
 
@@ -37,7 +36,7 @@ async def reload_config(state: GatewayState) -> ReloadResult:
     try:
         # File reads and validation run off the event loop: requests keep flowing meanwhile.
         snapshot = await asyncio.to_thread(load_snapshot, state.settings, state.client)
-    except (RegistryError, TenantsError) as exc:
+    except ConfigError as exc:
         log.error("reload refused, keeping the running configuration: %s", exc)
         return ReloadResult(ok=False, problems=tuple(exc.problems))
     state.snapshot = snapshot  # one assignment: a request sees the old or the new snapshot, whole

@@ -10,10 +10,11 @@ from pathlib import Path
 from gateway.cli_server import DrainingServer
 from gateway.cli_tables import format_formats, format_matrix, format_model_table
 from gateway.policy.decide import decide
-from gateway.registry import Registry, RegistryError, load_registry
+from gateway.errors import ConfigError
+from gateway.registry import Registry, load_registry
 from gateway.settings import get_settings
 from gateway.snapshot import load_config
-from gateway.tenancy.tenants import TenantDirectory, TenantsError, load_tenants, new_key
+from gateway.tenancy.tenants import TenantDirectory, load_tenants, new_key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         registry = load_registry(args.registry or get_settings().registry_paths)
         tenants = _tenants(args, registry)
-    except (RegistryError, TenantsError) as exc:
+    except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
     return _report(args, registry, tenants)
@@ -97,7 +98,7 @@ def _serve(host: str | None, port: int | None) -> int:
     settings = get_settings()
     try:
         load_config(settings)  # fail here with a clean message, not inside uvicorn
-    except (RegistryError, TenantsError) as exc:
+    except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -6,6 +6,17 @@ It carries OpenAI's error fields; `gateway.api.errors` turns it into the `{"erro
 from __future__ import annotations
 
 
+class ConfigError(Exception):
+    """A configuration file is invalid; `problems` holds one line per problem, each naming the file,
+    the entry and the field."""
+
+    what = "configuration"
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"invalid {self.what}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
 class GatewayError(Exception):
     def __init__(
         self,

@@ -15,18 +15,15 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from gateway.errors import ConfigError
 from gateway.registry.schema import License, Model
 from gateway.registry.validate import cross_check
 
 _TOP_LEVEL_KEYS = {"licenses", "models"}
 
 
-class RegistryError(Exception):
-    """The registry files are invalid; `problems` holds one line per problem."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("invalid model registry:\n" + "\n".join(f"  - {p}" for p in problems))
+class RegistryError(ConfigError):
+    what = "model registry"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.errors import ConfigError
 from gateway.registry import Registry
 from gateway.tenancy.ratelimit import Limits
 
@@ -78,10 +79,8 @@ class Caller:
     key_id: str
 
 
-class TenantsError(Exception):
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("invalid tenants file:\n" + "\n".join(f"  - {p}" for p in problems))
+class TenantsError(ConfigError):
+    what = "tenants file"
 
 
 @dataclass(frozen=True)
