@@ -77,7 +77,7 @@ def llama_cpp(log_dir: Path) -> Iterator[Server]:
     port = free_port()
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()),
             "--model_alias", "smollm2-local", "--host", "127.0.0.1", "--port", str(port),
-            "--n_threads", "2", "--n_ctx", "2048"]
+            "--n_threads", "2", "--n_ctx", "2048", "--interrupt_requests", "false"]
     server = start_server("llama-cpp", argv, port, "/v1/models", log_dir)
     try:
         server.wait_ready(120)

@@ -24,7 +24,8 @@ AUTH = {"authorization": "Bearer sk-anything"}  # open access: this gateway has 
 
 def _llama(name: str, port: int, log_dir: Path) -> Server:
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--model_alias",
-            "smollm2-local", "--host", "127.0.0.1", "--port", str(port), "--n_threads", "1", "--n_ctx", "512"]
+            "smollm2-local", "--host", "127.0.0.1", "--port", str(port), "--n_threads", "1", "--n_ctx", "512",
+            "--interrupt_requests", "false"]
     return start_server(name, argv, port, "/v1/models", log_dir)
 
 

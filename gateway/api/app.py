@@ -21,7 +21,7 @@ from gateway.observability.metrics import Metrics
 from gateway.pipeline import GatewayState
 from gateway.routing.budget import RetryBudget
 from gateway.routing.fleet import Fleet, OutlierPolicy
-from gateway.routing.health import probe_forever
+from gateway.routing.health import Prober
 from gateway.routing.picker import RoutingPolicy
 from gateway.settings import Settings, get_settings
 from gateway.snapshot import load_snapshot
@@ -39,8 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.created = int(time.time())
             app.state.gateway = state
             _reload_on_sighup(state)
-            prober = asyncio.create_task(probe_forever(lambda: state.snapshot, state.fleet, state.metrics,
-                                                       settings.health_probe_interval_s))
+            prober = asyncio.create_task(Prober(lambda: state.snapshot, state.fleet, state.metrics,
+                                                settings.health_probe_interval_s).run())
             try:
                 yield
             finally:

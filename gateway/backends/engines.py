@@ -23,9 +23,12 @@ class EngineProfile:
 
 ENGINE_PROFILES: dict[Engine, EngineProfile] = {
     Engine.VLLM: EngineProfile(health_path="/health", sends_stream_usage=True, tokenize_path="/tokenize"),
-    # llama-cpp-python's server has no /health (404) and ignores include_usage (measured, 0.3.36).
+    # llama-cpp-python's server (0.3.36, measured) has no /health (404), ignores include_usage, and
+    # every API route (/v1/models included) takes the model lock: a probe there waits behind a whole
+    # generation, or, with its default interrupt_requests=true, cuts another client's stream short.
+    # /docs is answered by the same server process without the lock: a liveness probe that disturbs nothing.
     Engine.LLAMA_CPP: EngineProfile(
-        health_path="/v1/models", sends_stream_usage=False, tokenize_path="/extras/tokenize/count",
+        health_path="/docs", sends_stream_usage=False, tokenize_path="/extras/tokenize/count",
         tokenize_field="input",
     ),
     Engine.SEQ2SEQ: EngineProfile(health_path="/health", sends_stream_usage=True, tokenize_path="/tokenize"),

@@ -1,51 +1,92 @@
-"""Active health probes: every backend, on an interval with jitter, at its engine's health path.
+"""Active health probes: each backend on its own interval with jitter, at its engine's health path.
 
 vLLM and our seq2seq worker answer `GET /health`; llama.cpp's server has none, so it is probed at
 `GET /v1/models` (see `gateway.backends.engines`). A failed probe takes the backend out of routing
-until a probe passes again.
+until a probe passes again. Each backend has its own probe loop, so one slow backend (or a slow DNS
+name) never delays the verdict on the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import random
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
+from gateway.backends.upstream import OpenAIUpstream
 from gateway.observability.metrics import Metrics
 from gateway.routing.fleet import Fleet
 from gateway.snapshot import Snapshot
 
 log = logging.getLogger("gateway.health")
 
+# Lookups of host names run in the shared thread pool; cap how many probes may wait on DNS at once,
+# so a burst of slow lookups cannot starve the pool (or hold up a clean exit).
+_PARALLEL_DNS_PROBES = 4
 
-# Probes at once, at most: each may need a DNS lookup in the shared thread pool, and a burst of slow
-# lookups there would delay the requests' own connects (and a clean exit).
-_PARALLEL_PROBES = 4
 
+class Prober:
+    def __init__(self, current: Callable[[], Snapshot], fleet: Fleet, metrics: Metrics, interval_s: float) -> None:
+        self._current = current
+        self._fleet = fleet
+        self._metrics = metrics
+        self._interval_s = interval_s
+        self._dns_slots = asyncio.Semaphore(_PARALLEL_DNS_PROBES)
+        self._loops: dict[str, asyncio.Task] = {}
 
-async def probe_once(snapshot: Snapshot, fleet: Fleet, metrics: Metrics) -> None:
-    upstreams = list(snapshot.upstreams.values())
-    slots = asyncio.Semaphore(_PARALLEL_PROBES)
+    async def run(self) -> None:
+        """Keep one probe loop per backend of the current snapshot (reloads add and remove backends)."""
+        try:
+            while True:
+                upstreams = self._current().upstreams
+                for backend_id in self._loops.keys() - upstreams.keys():
+                    self._loops.pop(backend_id).cancel()
+                for backend_id, upstream in upstreams.items():
+                    if backend_id not in self._loops:
+                        self._loops[backend_id] = asyncio.create_task(self._probe_forever(backend_id))
+                await asyncio.sleep(self._interval_s)
+        finally:
+            for task in self._loops.values():
+                task.cancel()
+            for task in self._loops.values():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
-    async def probe(upstream) -> bool:
-        async with slots:
-            return await upstream.is_healthy()
+    async def _probe_forever(self, backend_id: str) -> None:
+        while True:
+            upstream = self._current().upstreams.get(backend_id)
+            if upstream is None:
+                return
+            try:
+                self._record(upstream, await self._probe(upstream))
+            except Exception:  # a probe must never kill its loop
+                log.exception("health probe of %s failed", backend_id)
+            await asyncio.sleep(self._interval_s * random.uniform(0.8, 1.2))
 
-    results = await asyncio.gather(*(probe(upstream) for upstream in upstreams))
-    for upstream, healthy in zip(upstreams, results):
-        state = fleet.state(upstream.id)
+    async def _probe(self, upstream: OpenAIUpstream) -> bool:
+        if _needs_dns(upstream.backend.base_url):
+            async with self._dns_slots:
+                return await upstream.is_healthy()
+        return await upstream.is_healthy()
+
+    def _record(self, upstream: OpenAIUpstream, healthy: bool) -> None:
+        state = self._fleet.state(upstream.id)
         if state.healthy != healthy and state.last_probe is not None:
             log.warning("backend %s is %s", upstream.id, "healthy again" if healthy else "failing its health probe")
         state.healthy = healthy
         state.last_probe = asyncio.get_running_loop().time()
-        metrics.backend_up.labels(upstream.id).set(1 if healthy else 0)
+        self._metrics.backend_up.labels(upstream.id).set(1 if healthy else 0)
 
 
-async def probe_forever(current: Callable[[], Snapshot], fleet: Fleet, metrics: Metrics, interval_s: float) -> None:
-    while True:
-        try:
-            await probe_once(current(), fleet, metrics)
-        except Exception:  # a probe round must never kill the prober
-            log.exception("health probe round failed")
-        await asyncio.sleep(interval_s * random.uniform(0.8, 1.2))
+def _needs_dns(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
