@@ -10,6 +10,7 @@ from gateway import pipeline
 from gateway.admin import reload_config
 from gateway.api.models import model_card, visible_models
 from gateway.errors import model_not_found
+from gateway.policy.decide import decide
 from gateway.lifecycle import LIFECYCLE
 from gateway.routing.report import backend_report
 from gateway.tenancy.auth import authenticate, require_admin
@@ -51,7 +52,7 @@ async def get_model(model_id: str, request: Request, authorization: str | None =
     snapshot = _state(request).snapshot
     caller = authenticate(authorization, snapshot.tenants)
     model = snapshot.registry.model(model_id)
-    if model is None or model not in visible_models(snapshot.registry, caller.tenant):
+    if model is None or not decide(caller.tenant, model, snapshot.registry).allowed:
         raise model_not_found(model_id)  # a forbidden model looks exactly like a missing one
     return ORJSONResponse(model_card(snapshot.registry, model, request.app.state.created).model_dump())
 
