@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import ORJSONResponse
+from gateway.api.json import JSONResponse
 from starlette.exceptions import HTTPException
 
 from gateway.errors import GatewayError
@@ -13,16 +13,16 @@ from gateway.errors import GatewayError
 log = logging.getLogger("gateway.api")
 
 
-def error_response(error: GatewayError) -> ORJSONResponse:
-    return ORJSONResponse(error.body(), status_code=error.status, headers=error.headers)
+def error_response(error: GatewayError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-async def _gateway_error(_: Request, exc: Exception) -> ORJSONResponse:
+async def _gateway_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, GatewayError)
     return error_response(exc)
 
 
-async def _http_error(request: Request, exc: Exception) -> ORJSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         message = f"Invalid URL ({request.method} {request.url.path})"
@@ -32,7 +32,7 @@ async def _http_error(request: Request, exc: Exception) -> ORJSONResponse:
     return error_response(GatewayError(exc.status_code, message, type=err_type))
 
 
-async def _unexpected(request: Request, exc: Exception) -> ORJSONResponse:
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return error_response(
         GatewayError(500, "The gateway had an internal error handling your request.", type="server_error")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import ORJSONResponse
+from gateway.api.json import JSONResponse
 from starlette.responses import Response
 
 from gateway import pipeline
@@ -39,37 +39,37 @@ async def completions(request: Request, authorization: str | None = Header(None)
 
 
 @router.get("/v1/models")
-async def list_models(request: Request, authorization: str | None = Header(None)) -> ORJSONResponse:
+async def list_models(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     snapshot = _state(request).snapshot
     caller = authenticate(authorization, snapshot.tenants)
     cards = [model_card(snapshot.registry, m, request.app.state.created)
              for m in visible_models(snapshot.registry, caller.tenant)]
-    return ORJSONResponse({"object": "list", "data": [card.model_dump() for card in cards]})
+    return JSONResponse({"object": "list", "data": [card.model_dump() for card in cards]})
 
 
 @router.get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, request: Request, authorization: str | None = Header(None)) -> ORJSONResponse:
+async def get_model(model_id: str, request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     snapshot = _state(request).snapshot
     caller = authenticate(authorization, snapshot.tenants)
     model = snapshot.registry.model(model_id)
     if model is None or not decide(caller.tenant, model, snapshot.registry).allowed:
         raise model_not_found(model_id)  # a forbidden model looks exactly like a missing one
-    return ORJSONResponse(model_card(snapshot.registry, model, request.app.state.created).model_dump())
+    return JSONResponse(model_card(snapshot.registry, model, request.app.state.created).model_dump())
 
 
 @router.post("/admin/reload")
-async def admin_reload(request: Request, authorization: str | None = Header(None)) -> ORJSONResponse:
+async def admin_reload(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
     require_admin(authenticate(authorization, state.snapshot.tenants))
     result = await reload_config(state)
-    return ORJSONResponse(result.body(), status_code=200 if result.ok else 400)
+    return JSONResponse(result.body(), status_code=200 if result.ok else 400)
 
 
 @router.get("/admin/backends")
-async def admin_backends(request: Request, authorization: str | None = Header(None)) -> ORJSONResponse:
+async def admin_backends(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
     require_admin(authenticate(authorization, state.snapshot.tenants))
-    return ORJSONResponse({"data": backend_report(state)})
+    return JSONResponse({"data": backend_report(state)})
 
 
 @router.get("/metrics")
@@ -88,10 +88,10 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready")
-async def ready(request: Request) -> ORJSONResponse:
+async def ready(request: Request) -> JSONResponse:
     state = getattr(request.app.state, "gateway", None)
     if state is None:
-        return ORJSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "starting"}, status_code=503)
     if LIFECYCLE.draining:
-        return ORJSONResponse({"status": "draining", "inflight": LIFECYCLE.inflight}, status_code=503)
-    return ORJSONResponse({"status": "ready", "models": len(state.snapshot.registry.models)})
+        return JSONResponse({"status": "draining", "inflight": LIFECYCLE.inflight}, status_code=503)
+    return JSONResponse({"status": "ready", "models": len(state.snapshot.registry.models)})
