@@ -17,6 +17,11 @@ class ConfigError(Exception):
         super().__init__(f"invalid {self.what}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+def field_path(loc: tuple) -> str:
+    """A pydantic error location as the dotted field name config messages use ("backends.0.url")."""
+    return ".".join(str(part) for part in loc) or "(entry)"
+
+
 class GatewayError(Exception):
     def __init__(
         self,

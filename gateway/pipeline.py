@@ -178,8 +178,7 @@ def _audit(state: GatewayState, request_id: str, caller: Caller, model: Model, d
 
 
 async def _admit(state: GatewayState, caller: Caller, call: UpstreamCall) -> Admission:
-    prompt_estimate = len(call.prompt_text or "") // 4
-    reserve = prompt_estimate + (call.max_tokens or DEFAULT_COMPLETION_RESERVATION)
+    reserve = call.prompt_estimate + (call.max_tokens or DEFAULT_COMPLETION_RESERVATION)
     try:
         return await state.limiter.admit(caller.tenant.name, caller.tenant.limits, reserve)
     except RateLimited as exc:
@@ -193,12 +192,10 @@ async def _admit(state: GatewayState, caller: Caller, call: UpstreamCall) -> Adm
 
 
 def _reconcile(admission: Admission, call: UpstreamCall) -> Callable:
-    prompt_estimate = len(call.prompt_text or "") // 4
-
     async def finish(outcome: Outcome) -> None:
         actual = outcome.total_tokens
         if actual is None and outcome.watch is not None and outcome.watch.events:
-            actual = prompt_estimate + outcome.watch.events
+            actual = call.prompt_estimate + outcome.watch.events
         await admission.finish(actual)
 
     return finish

@@ -165,5 +165,4 @@ def _wants_usage(payload: dict) -> bool:
 async def _count_prompt(upstream: OpenAIUpstream, call: UpstreamCall) -> int:
     text = call.prompt_text or ""
     counted = await upstream.count_tokens(text) if text else None
-    # Conservative estimate when the engine cannot tokenize: ~4 characters per token.
-    return counted if counted is not None else max(1, len(text) // 4)
+    return counted if counted is not None else max(1, call.prompt_estimate)

@@ -37,6 +37,11 @@ class UpstreamCall:
     reply: Reply = Reply.AS_IS
 
     @property
+    def prompt_estimate(self) -> int:
+        """Prompt tokens before the engine counts them (~4 characters per token), for reservations."""
+        return len(self.prompt_text or "") // 4
+
+    @property
     def max_tokens(self) -> int | None:
         return self.payload.get("max_tokens") or self.payload.get("max_completion_tokens")
 

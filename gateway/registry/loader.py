@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, field_path
 from gateway.registry.schema import License, Model
 from gateway.registry.validate import cross_check
 
@@ -124,7 +124,7 @@ def _validate_licenses(merged: _Merged, problems: list[str]) -> dict[str, Licens
             licenses[key] = License.model_validate(terms)
         except ValidationError as exc:
             for error in exc.errors():
-                where = ".".join(str(part) for part in error["loc"]) or "(entry)"
+                where = field_path(error["loc"])
                 problems.append(
                     f"{merged.license_origin[key]}: license '{key}': field '{where}': {error['msg']}"
                 )
@@ -138,7 +138,7 @@ def _validate_models(merged: _Merged, problems: list[str]) -> dict[str, Model]:
             models[model_id] = Model.model_validate(raw)
         except ValidationError as exc:
             for error in exc.errors():
-                where = ".".join(str(part) for part in error["loc"]) or "(entry)"
+                where = field_path(error["loc"])
                 path = _origin(merged, model_id, str(error["loc"][0]) if error["loc"] else "id")
                 problems.append(f"{path}: model '{model_id}': field '{where}': {_message(error)}")
     return models

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, field_path
 from gateway.registry import Registry
 from gateway.tenancy.ratelimit import Limits
 
@@ -130,7 +130,7 @@ def _parse(path: Path, index: int, entry: Any, problems: list[str]) -> TenantSpe
         return TenantSpec.model_validate(entry)
     except ValidationError as exc:
         for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"]) or "(entry)"
+            where = field_path(error["loc"])
             problems.append(f"{path}: {label}: field '{where}': {error['msg']}")
         return None
 
