@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import httpx
+import aiohttp
 from pydantic import BaseModel
 from starlette.responses import Response
 
@@ -44,7 +44,7 @@ DEFAULT_COMPLETION_RESERVATION = 256
 @dataclass
 class GatewayState:
     settings: Settings
-    client: httpx.AsyncClient
+    client: aiohttp.ClientSession
     snapshot: Snapshot
     limiter: RateLimiter
     audit: AuditTrail

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 
 from gateway.backends.pool import build_upstreams
 from gateway.backends.upstream import OpenAIUpstream
@@ -31,6 +31,6 @@ def load_config(settings: Settings) -> tuple[Registry, TenantDirectory | None]:
     return registry, tenants
 
 
-def load_snapshot(settings: Settings, client: httpx.AsyncClient) -> Snapshot:
+def load_snapshot(settings: Settings, client: aiohttp.ClientSession) -> Snapshot:
     registry, tenants = load_config(settings)
     return Snapshot(registry, tenants, build_upstreams(registry, client))

@@ -11,14 +11,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-import httpx
 import orjson
 from starlette.responses import Response, StreamingResponse
 
 from gateway.backends.relay import StreamWatch, UsageCounter, relay_stream, upstream_error
 from gateway.backends.timeouts import CallTimeouts
 from gateway.backends.translate import ChatFromCompletion, Passthrough, Translator
-from gateway.backends.upstream import OpenAIUpstream, UpstreamUnavailable
+from gateway.backends.upstream import OpenAIUpstream, UpstreamResponse, UpstreamUnavailable
 from gateway.errors import GatewayError, no_backend_available
 from gateway.prompts.prepare import Reply, UpstreamCall
 from gateway.registry.schema import Role
@@ -77,10 +76,10 @@ async def dispatch(upstreams: list[OpenAIUpstream], call: UpstreamCall, requeste
         except BaseException:
             attempts.finished(upstream.id, False)
             raise
-        if response.status_code in _RETRYABLE:  # engine up but not serving: try the next one
-            await response.aclose()
+        if response.status in _RETRYABLE:  # engine up but not serving: try the next one
+            response.close()
             attempts.finished(upstream.id, False)
-            failures.append(f"{upstream.id}: HTTP {response.status_code}")
+            failures.append(f"{upstream.id}: HTTP {response.status}")
             continue
         outcome.backend_id = upstream.id
         outcome.fell_back = upstream.backend.role is Role.FALLBACK
@@ -114,12 +113,12 @@ def _translator(call: UpstreamCall, upstream: OpenAIUpstream, requested: str) ->
     return Passthrough(served=upstream.served_model_name, requested=requested)
 
 
-async def _json_response(response: httpx.Response, translator: Translator, headers: dict[str, str],
+async def _json_response(response: UpstreamResponse, translator: Translator, headers: dict[str, str],
                          outcome: Outcome) -> Response:
     try:
-        if response.status_code != 200:
-            raise upstream_error(response.status_code, response.content)
-        body = response.content
+        body = await response.read()
+        if response.status != 200:
+            raise upstream_error(response.status, body)
         if not (body.startswith(b"{") and body.rstrip().endswith(b"}")):
             raise GatewayError(502, "The model backend sent a malformed answer.", type="upstream_error",
                                code="upstream_malformed")
@@ -130,14 +129,13 @@ async def _json_response(response: httpx.Response, translator: Translator, heade
         await outcome.done()
 
 
-async def _stream_response(upstream: OpenAIUpstream, response: httpx.Response, call: UpstreamCall,
+async def _stream_response(upstream: OpenAIUpstream, response: UpstreamResponse, call: UpstreamCall,
                            translator: Translator, requested: str, headers: dict[str, str], outcome: Outcome,
                            timeouts: CallTimeouts) -> Response:
-    if response.status_code != 200:
-        body = await response.aread()
-        await response.aclose()
+    if response.status != 200:
+        body = await response.read()
         await outcome.done()
-        raise upstream_error(response.status_code, body)
+        raise upstream_error(response.status, body)
     usage = None
     if _wants_usage(call.payload) and not upstream.profile.sends_stream_usage:
         usage = UsageCounter(count_prompt_tokens=lambda: _count_prompt(upstream, call))

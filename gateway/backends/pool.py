@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import httpx
+import aiohttp
 
 from gateway.backends.upstream import OpenAIUpstream
 from gateway.registry import Registry
 
 
-def build_upstreams(registry: Registry, client: httpx.AsyncClient) -> dict[str, OpenAIUpstream]:
+def build_upstreams(registry: Registry, client: aiohttp.ClientSession) -> dict[str, OpenAIUpstream]:
     """Backend id -> its upstream (backend ids are unique across the registry)."""
     return {
         backend.id: OpenAIUpstream(backend, model.id, client)

@@ -1,6 +1,6 @@
 """Relay an engine's answer to the client: translate its shape, absorb engine quirks, keep errors in shape.
 
-Streams are relayed event by event as they arrive (no buffering beyond one SSE event).
+Streams are relayed as they arrive (no buffering beyond one incomplete SSE event).
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-import httpx
 import orjson
 
 from gateway.backends.translate import Translator
+from gateway.backends.upstream import UpstreamBroken, UpstreamResponse, UpstreamStalled
 from gateway.errors import GatewayError
 
 _EVENT_BOUNDARY = re.compile(rb"\r?\n\r?\n")
@@ -63,12 +63,15 @@ class UsageCounter:
 
 def split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
     """Complete SSE events in `buffer`, and the incomplete rest."""
-    parts = _EVENT_BOUNDARY.split(buffer)
+    # vLLM ends events with "\n\n"; llama.cpp's server (sse-starlette) with "\r\n\r\n".
+    parts = _EVENT_BOUNDARY.split(buffer) if b"\r" in buffer else buffer.split(b"\n\n")
     return parts[:-1], parts[-1]
 
 
 def event_data(event: bytes) -> bytes | None:
     """The `data:` payload of one SSE event (joined per the SSE spec), None for comments/keep-alives."""
+    if event.startswith(b"data: ") and b"\n" not in event:  # the one-line event every engine sends
+        return event[6:]
     lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
     return b"\n".join(lines) if lines else None
 
@@ -100,49 +103,57 @@ def error_event(message: str, code: str) -> bytes:
 
 
 async def relay_stream(
-    response: httpx.Response, translator: Translator, requested_model: str, usage: UsageCounter | None,
+    response: UpstreamResponse, translator: Translator, requested_model: str, usage: UsageCounter | None,
     watch: StreamWatch,
 ) -> AsyncIterator[bytes]:
-    """Yield the client's SSE bytes from an engine's SSE response, event by event."""
+    """Yield the client's SSE bytes from an engine's SSE response: all complete events of each read at once.
+
+    Each read is forwarded as soon as it arrives (no buffering beyond an incomplete event), as one write.
+    """
     buffer = b""
     try:
-        async for raw in response.aiter_bytes():
+        async for raw in response.chunks():
             now = time.monotonic()
             if now > watch.deadline:
                 watch.failure = "total timeout"
                 yield error_event("The model backend did not finish its answer in time.", "upstream_timeout")
                 return
-            events, buffer = split_events(buffer + raw)
+            events, buffer = split_events(buffer + raw if buffer else raw)
+            out: list[bytes] = []
             for event in events:
                 data = event_data(event)
                 if data is None:
                     continue
                 if data == _DONE:
-                    # Let go of the engine first: llama.cpp's tokenizer waits for its model lock.
-                    await response.aclose()
-                    if usage is not None and (extra := await usage.usage_event(requested_model)):
-                        for out in translator.event(extra):
-                            yield b"data: " + out + b"\n\n"
-                    yield b"data: [DONE]\n\n"
+                    if usage is not None:
+                        # Let go of the engine first: llama.cpp's tokenizer waits for its model lock.
+                        response.close()
+                        if extra := await usage.usage_event(requested_model):
+                            out.extend(b"data: " + piece + b"\n\n" for piece in translator.event(extra))
+                    out.append(b"data: [DONE]\n\n")
+                    yield b"".join(out)
+                    await response.finish()  # the client has its answer; keep the connection pooled
                     return
                 if not (data.startswith(b"{") and data.endswith(b"}")):  # cheap: no parse of what is forwarded
                     watch.failure = "malformed event"
-                    yield error_event("The model backend sent a malformed stream.", "upstream_malformed")
+                    out.append(error_event("The model backend sent a malformed stream.", "upstream_malformed"))
+                    yield b"".join(out)
                     return
                 if usage is not None:
                     usage.observe(orjson.loads(data))
                 watch.saw_event(now)
-                for out in translator.event(data):
-                    yield b"data: " + out + b"\n\n"
+                out.extend(b"data: " + piece + b"\n\n" for piece in translator.event(data))
+            if out:
+                yield b"".join(out)
         watch.failure = "ended without [DONE]"
-    except httpx.TimeoutException:
+    except UpstreamStalled:
         watch.failure = "stalled"
         yield error_event("The model backend stopped sending in the middle of the answer.", "upstream_timeout")
         return
-    except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
+    except (UpstreamBroken, orjson.JSONDecodeError) as exc:
         watch.failure = type(exc).__name__
     finally:
-        await response.aclose()
+        response.close()
     yield error_event("The model backend disconnected in the middle of the answer.", "upstream_disconnected")
 
 
