@@ -24,6 +24,7 @@ from gateway.lifecycle import LIFECYCLE
 from gateway.observability.audit import AuditRecord, AuditTrail
 from gateway.observability.metrics import Metrics
 from gateway.observability.record import RequestRecord
+from gateway.observability.request_context import RequestContext
 from gateway.policy.decide import Decision, Verdict, decide
 from gateway.prompts.context import ensure_prompt_fits
 from gateway.prompts.prepare import UpstreamCall, prepare_chat, prepare_completion
@@ -65,10 +66,10 @@ COMPLETIONS = Endpoint(CompletionRequest, prepare_completion)
 
 
 async def serve(state: GatewayState, endpoint: Endpoint, authorization: str | None, raw: bytes,
-                request_id: str) -> Response:
+                context: RequestContext) -> Response:
     record = RequestRecord(state.metrics, state.settings.metrics_tenant_label, time.monotonic())
     try:
-        response = await _serve(state, endpoint, authorization, raw, request_id, record)
+        response = await _serve(state, endpoint, authorization, raw, context, record)
     except GatewayError as exc:
         record.finished(exc.status)
         raise
@@ -77,7 +78,7 @@ async def serve(state: GatewayState, endpoint: Endpoint, authorization: str | No
 
 
 async def _serve(state: GatewayState, endpoint: Endpoint, authorization: str | None, raw: bytes,
-                 request_id: str, record: RequestRecord) -> Response:
+                 context: RequestContext, record: RequestRecord) -> Response:
     if LIFECYCLE.draining:
         raise GatewayError(503, "The gateway is shutting down; retry on another replica.",
                            type="service_unavailable_error", code="shutting_down",
@@ -90,7 +91,7 @@ async def _serve(state: GatewayState, endpoint: Endpoint, authorization: str | N
     if requested is None:
         raise model_not_found(body["model"])
     decision = decide(caller.tenant, requested, snapshot.registry)
-    _audit(state, request_id, caller, requested, decision)
+    _audit(state, context.request_id, caller, requested, decision)
     model = _served_model(snapshot, requested, decision)
     record.model = model.id
     call = endpoint.prepare(model, body)
@@ -106,7 +107,7 @@ async def _serve(state: GatewayState, endpoint: Endpoint, authorization: str | N
         upstreams = _route(state, snapshot, model, call)
         await ensure_prompt_fits(model, call, upstreams[0].count_tokens)
         state.budget.deposit()
-        return await dispatch(upstreams, call, model.id, headers, outcome, _attempts(state, model),
+        return await dispatch(upstreams, call, model.id, headers, outcome, _attempts(state, model, context),
                               state.settings.retry_after_s)
     except BaseException:
         await admission.finish(None)
@@ -150,7 +151,7 @@ def _overloaded(state: GatewayState, why: str) -> GatewayError:
                         code="engine_overloaded", headers={"Retry-After": str(state.settings.retry_after_s)})
 
 
-def _attempts(state: GatewayState, model: Model) -> Attempts:
+def _attempts(state: GatewayState, model: Model, context: RequestContext) -> Attempts:
     def started(backend_id: str) -> None:
         state.fleet.started(backend_id)
         state.metrics.inflight.labels(backend_id).inc()
@@ -159,11 +160,15 @@ def _attempts(state: GatewayState, model: Model) -> Attempts:
         state.fleet.finished(backend_id, ok)
         state.metrics.inflight.labels(backend_id).dec()
 
+    def waited(seconds: float) -> None:
+        context.upstream_s += seconds
+
     return Attempts(
         max_attempts=state.settings.max_attempts,
         may_retry=state.budget.try_spend,
         started=started,
         finished=finished,
+        waited=waited,
         timeouts=lambda upstream: timeouts_for(state.settings, upstream.backend, model.timeouts),
     )
 

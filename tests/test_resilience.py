@@ -231,3 +231,24 @@ def test_metrics_count_what_was_sent(gateway: Server, faults: dict[str, Server])
             break
         time.sleep(0.2)
     assert up["fault-a-single"] == 1
+
+
+def test_overhead_header_counts_the_gateway_not_the_engine(gateway: Server, faults: dict[str, Server]) -> None:
+    """`x-gateway-overhead-ms` on every response: the engine's 0.5 s before its answer is not in it."""
+    headers = {"authorization": f"Bearer {ADMIN_KEY}"}
+    mode(faults["a"], mode="normal", ttft_s=0.5)
+    started = time.monotonic()
+    answer = httpx.post(gateway.url + "/v1/completions", headers=headers,
+                        json={"model": SINGLE, "prompt": "hi", "max_tokens": 2}, timeout=10)
+    took_ms = (time.monotonic() - started) * 1000
+    assert answer.status_code == 200 and took_ms >= 500
+    assert 0 < float(answer.headers["x-gateway-overhead-ms"]) < 100
+    with httpx.stream("POST", gateway.url + "/v1/completions", headers=headers, timeout=10,
+                      json={"model": SINGLE, "prompt": "hi", "max_tokens": 2, "stream": True}) as streamed:
+        assert 0 < float(streamed.headers["x-gateway-overhead-ms"]) < 100
+        assert "data: [DONE]" in streamed.read().decode()
+    denied = httpx.post(gateway.url + "/v1/completions", headers={"authorization": "Bearer sk-wrong"},
+                        json={"model": SINGLE, "prompt": "hi"})
+    listed = httpx.get(gateway.url + "/v1/models", headers=headers)
+    for response in (denied, listed):
+        assert float(response.headers["x-gateway-overhead-ms"]) >= 0

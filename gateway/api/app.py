@@ -1,4 +1,6 @@
-"""The FastAPI application: load the configuration at start-up, share one upstream pool, mount routes."""
+"""The ASGI application: load the configuration at start-up, share one upstream pool, mount routes.
+
+The generation routes are plain ASGI (`gateway.api.generation`); everything else is FastAPI."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from gateway.admin import reload_config
 from gateway.api.errors import install_error_handlers
-from gateway.api.request_id import RequestIdMiddleware
+from gateway.api.generation import GenerationRoutes
+from gateway.api.request_context import RequestContextMiddleware
 from gateway.api.routes import router
 from gateway.backends.upstream import make_http_client
 from gateway.observability.audit import AuditTrail
@@ -29,7 +33,7 @@ from gateway.tenancy.auth import warn_open_access
 from gateway.tenancy.ratelimit import make_rate_limiter
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> ASGIApp:
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -54,8 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="LLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(RequestIdMiddleware)
-    return app
+    # Outermost: request id + overhead headers and the access log, for every route alike.
+    return RequestContextMiddleware(GenerationRoutes(app))
 
 
 def _build_state(settings: Settings, client) -> GatewayState:

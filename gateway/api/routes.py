@@ -1,4 +1,4 @@
-"""HTTP routes. Thin on purpose: each hands the request to `gateway.pipeline` or reads app state."""
+"""HTTP routes besides generation (`gateway.api.generation`). Thin on purpose: each reads app state."""
 
 from __future__ import annotations
 
@@ -20,22 +20,6 @@ router = APIRouter()
 
 def _state(request: Request) -> pipeline.GatewayState:
     return request.app.state.gateway
-
-
-def _request_id(request: Request) -> str:
-    return request.scope.get("state", {}).get("request_id", "")
-
-
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request, authorization: str | None = Header(None)) -> Response:
-    return await pipeline.serve(_state(request), pipeline.CHAT, authorization, await request.body(),
-                                _request_id(request))
-
-
-@router.post("/v1/completions")
-async def completions(request: Request, authorization: str | None = Header(None)) -> Response:
-    return await pipeline.serve(_state(request), pipeline.COMPLETIONS, authorization, await request.body(),
-                                _request_id(request))
 
 
 @router.get("/v1/models")

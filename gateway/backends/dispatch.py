@@ -51,6 +51,7 @@ class Attempts:
     may_retry: Callable[[], bool]
     started: Callable[[str], None]
     finished: Callable[[str, bool], None]
+    waited: Callable[[float], None]  # time spent waiting on an engine (excluded from the gateway's overhead)
     timeouts: Callable[[OpenAIUpstream], CallTimeouts]
 
 
@@ -66,9 +67,11 @@ async def dispatch(upstreams: list[OpenAIUpstream], call: UpstreamCall, requeste
         call.payload["model"] = upstream.served_model_name
         timeouts = attempts.timeouts(upstream)
         attempts.started(upstream.id)
+        sent = time.perf_counter()
         try:
             response = await upstream.post(call.path, call.payload, stream=stream, timeouts=timeouts)
         except UpstreamUnavailable as exc:
+            attempts.waited(time.perf_counter() - sent)
             attempts.finished(upstream.id, False)
             failures.append(str(exc))
             timed_out = timed_out or exc.timed_out
@@ -76,6 +79,7 @@ async def dispatch(upstreams: list[OpenAIUpstream], call: UpstreamCall, requeste
         except BaseException:
             attempts.finished(upstream.id, False)
             raise
+        attempts.waited(time.perf_counter() - sent)
         if response.status in _RETRYABLE:  # engine up but not serving: try the next one
             response.close()
             attempts.finished(upstream.id, False)
