@@ -11,6 +11,7 @@ from gateway.cli_server import DrainingServer
 from gateway.cli_tables import format_formats, format_matrix, format_model_table
 from gateway.policy.decide import decide
 from gateway.errors import ConfigError
+from gateway.observability.lines import LineSink, LineSinkHandler
 from gateway.registry import Registry, load_registry
 from gateway.settings import get_settings
 from gateway.snapshot import load_config
@@ -101,7 +102,9 @@ def _serve(host: str | None, port: int | None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Log lines leave in batches from a writer thread: the event loop never waits on stderr.
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[LineSinkHandler(LineSink(sys.stderr))])
     config = uvicorn.Config("gateway.api.app:create_app", factory=True, host=host or settings.host,
                             port=port or settings.port, log_level=settings.log_level, loop="uvloop",
                             http="httptools", timeout_graceful_shutdown=5,

@@ -18,14 +18,13 @@ from starlette.responses import Response
 from gateway.api.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.api.validation import parse_body
 from gateway.backends.dispatch import Attempts, Outcome, dispatch
-from gateway.backends.timeouts import timeouts_for
 from gateway.errors import GatewayError, model_not_found, no_backend_available
 from gateway.lifecycle import LIFECYCLE
 from gateway.observability.audit import AuditRecord, AuditTrail
 from gateway.observability.metrics import Metrics
 from gateway.observability.record import RequestRecord
 from gateway.observability.request_context import RequestContext
-from gateway.policy.decide import Decision, Verdict, decide
+from gateway.policy.decide import Decision, Verdict
 from gateway.prompts.context import ensure_prompt_fits
 from gateway.prompts.prepare import UpstreamCall, prepare_chat, prepare_completion
 from gateway.registry import Model
@@ -90,7 +89,7 @@ async def _serve(state: GatewayState, endpoint: Endpoint, authorization: str | N
     requested = snapshot.registry.model(body["model"])
     if requested is None:
         raise model_not_found(body["model"])
-    decision = decide(caller.tenant, requested, snapshot.registry)
+    decision = snapshot.decide(caller.tenant, requested)
     _audit(state, context.request_id, caller, requested, decision)
     model = _served_model(snapshot, requested, decision)
     record.model = model.id
@@ -107,7 +106,7 @@ async def _serve(state: GatewayState, endpoint: Endpoint, authorization: str | N
         upstreams = _route(state, snapshot, model, call)
         await ensure_prompt_fits(model, call, upstreams[0].count_tokens)
         state.budget.deposit()
-        return await dispatch(upstreams, call, model.id, headers, outcome, _attempts(state, model, context),
+        return await dispatch(upstreams, call, model.id, headers, outcome, _attempts(state, context),
                               state.settings.retry_after_s)
     except BaseException:
         await admission.finish(None)
@@ -151,7 +150,7 @@ def _overloaded(state: GatewayState, why: str) -> GatewayError:
                         code="engine_overloaded", headers={"Retry-After": str(state.settings.retry_after_s)})
 
 
-def _attempts(state: GatewayState, model: Model, context: RequestContext) -> Attempts:
+def _attempts(state: GatewayState, context: RequestContext) -> Attempts:
     def started(backend_id: str) -> None:
         state.fleet.started(backend_id)
         state.metrics.inflight.labels(backend_id).inc()
@@ -169,7 +168,6 @@ def _attempts(state: GatewayState, model: Model, context: RequestContext) -> Att
         started=started,
         finished=finished,
         waited=waited,
-        timeouts=lambda upstream: timeouts_for(state.settings, upstream.backend, model.timeouts),
     )
 
 

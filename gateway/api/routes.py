@@ -10,7 +10,6 @@ from gateway import pipeline
 from gateway.admin import reload_config
 from gateway.api.models import model_card, visible_models
 from gateway.errors import model_not_found
-from gateway.policy.decide import decide
 from gateway.lifecycle import LIFECYCLE
 from gateway.routing.report import backend_report
 from gateway.tenancy.auth import authenticate, require_admin
@@ -36,7 +35,7 @@ async def get_model(model_id: str, request: Request, authorization: str | None =
     snapshot = _state(request).snapshot
     caller = authenticate(authorization, snapshot.tenants)
     model = snapshot.registry.model(model_id)
-    if model is None or not decide(caller.tenant, model, snapshot.registry).allowed:
+    if model is None or not snapshot.decide(caller.tenant, model).allowed:
         raise model_not_found(model_id)  # a forbidden model looks exactly like a missing one
     return JSONResponse(model_card(snapshot.registry, model, request.app.state.created).model_dump())
 

@@ -52,7 +52,6 @@ class Attempts:
     started: Callable[[str], None]
     finished: Callable[[str, bool], None]
     waited: Callable[[float], None]  # time spent waiting on an engine (excluded from the gateway's overhead)
-    timeouts: Callable[[OpenAIUpstream], CallTimeouts]
 
 
 async def dispatch(upstreams: list[OpenAIUpstream], call: UpstreamCall, requested: str,
@@ -65,7 +64,7 @@ async def dispatch(upstreams: list[OpenAIUpstream], call: UpstreamCall, requeste
             break
         outcome.retries = tried
         call.payload["model"] = upstream.served_model_name
-        timeouts = attempts.timeouts(upstream)
+        timeouts = upstream.timeouts
         attempts.started(upstream.id)
         sent = time.perf_counter()
         try:

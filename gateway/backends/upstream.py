@@ -128,8 +128,10 @@ class UpstreamResponse:
 
 
 class OpenAIUpstream:
-    def __init__(self, backend: Backend, model_id: str, client: aiohttp.ClientSession) -> None:
+    def __init__(self, backend: Backend, model_id: str, client: aiohttp.ClientSession,
+                 timeouts: CallTimeouts) -> None:
         self.backend = backend
+        self.timeouts = timeouts  # by role, with the model's overrides
         self.profile: EngineProfile = profile_of(backend.engine)
         self.served_model_name = backend.served_model_name or model_id
         self._client = client
@@ -145,25 +147,27 @@ class OpenAIUpstream:
         Raises `UpstreamUnavailable` when nothing came back before the headers (safe to retry
         elsewhere), with `timed_out` set when the reason was the first-byte timeout.
         """
+        response: aiohttp.ClientResponse | None = None
+        sent = asyncio.get_running_loop().time()
         try:
-            async with asyncio.timeout(timeouts.first_byte_s):
+            # One timer for the whole call: first byte, then (not streamed) the rest of the total budget.
+            async with asyncio.timeout(timeouts.first_byte_s) as deadline:
                 response = await self._client.post(self._base_url + path, data=orjson.dumps(payload),
                                                    headers=_JSON_HEADERS,
                                                    timeout=_client_timeout(timeouts.connect_s))
-        except TimeoutError as exc:
-            raise UpstreamUnavailable(self.id, "no response headers in time", timed_out=True) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(self.id, type(exc).__name__) from exc
-        if stream:
-            return UpstreamResponse(response, None, timeouts.idle_s)
-        try:
-            async with asyncio.timeout(timeouts.total_s):
+                if stream:
+                    return UpstreamResponse(response, None, timeouts.idle_s)
+                deadline.reschedule(sent + timeouts.total_s)
                 body = await response.read()
         except TimeoutError as exc:
+            if response is None:
+                raise UpstreamUnavailable(self.id, "no response headers in time", timed_out=True) from exc
             response.close()
             raise GatewayError(504, "The model backend did not finish its answer in time.",
                                type="upstream_error", code="upstream_timeout") from exc
         except aiohttp.ClientError as exc:
+            if response is None:
+                raise UpstreamUnavailable(self.id, type(exc).__name__) from exc
             response.close()
             raise GatewayError(502, f"The model backend broke off its answer ({type(exc).__name__}).",
                                type="upstream_error", code="upstream_disconnected") from exc
