@@ -87,8 +87,10 @@ class StreamWatch:
     failure: str | None = None  # set when the engine broke off, stalled or sent garbage mid-stream
     _last: float | None = None
 
-    def saw_event(self, now: float) -> None:
-        self.events += 1
+    def saw_events(self, count: int, now: float) -> None:
+        """`count` events arrived in one read: one gap per read (events that arrive together are one write
+        of the engine, and a histogram observation per event cost ~8% of the relay's CPU)."""
+        self.events += count
         if self._last is None:
             self.first_event_at = now
         else:
@@ -120,11 +122,14 @@ async def relay_stream(
                 return
             events, buffer = split_events(buffer + raw if buffer else raw)
             out: list[bytes] = []
+            seen = 0
             for event in events:
                 data = event_data(event)
                 if data is None:
                     continue
                 if data == _DONE:
+                    if seen:
+                        watch.saw_events(seen, now)
                     if usage is not None:
                         # Let go of the engine first: llama.cpp's tokenizer waits for its model lock.
                         response.close()
@@ -141,8 +146,10 @@ async def relay_stream(
                     return
                 if usage is not None:
                     usage.observe(orjson.loads(data))
-                watch.saw_event(now)
+                seen += 1
                 out.extend(b"data: " + piece + b"\n\n" for piece in translator.event(data))
+            if seen:
+                watch.saw_events(seen, now)
             if out:
                 yield b"".join(out)
         watch.failure = "ended without [DONE]"

@@ -51,8 +51,9 @@ class RequestRecord:
         if watch is not None:
             if watch.first_event_at is not None:
                 m.ttft.labels(model).observe(watch.first_event_at - self.started)
+            gaps = m.inter_token.labels(model)
             for gap in watch.gaps:
-                m.inter_token.labels(model).observe(gap)
+                gaps.observe(gap)
             if watch.events and not usage:
                 m.completion_tokens.labels(model).inc(watch.events)
             self.finished(200)
