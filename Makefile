@@ -6,13 +6,15 @@ LLMGW_CACHE ?= $(HOME)/.cache/llm-gateway
 LLMGW_VLLM_VENV := $(LLMGW_CACHE)/venv-vllm-0.32.0
 LLMGW_VLLM_MPT_VENV := $(LLMGW_CACHE)/venv-vllm-0.27.1
 LLMGW_TEST_MODELS := $(LLMGW_CACHE)/test-models
+LITELLM_VERSION := 1.108.7
+LLMGW_LITELLM_VENV := $(LLMGW_CACHE)/venv-litellm-$(LITELLM_VERSION)
 # Portable llama.cpp build (no -march=native): the wheel must run on any AVX2/AVX-512 x86-64 host.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 # Not plain CACHE & co.: llama-cpp-python's server reads every environment variable as a setting.
-export LLMGW_CACHE LLMGW_VLLM_VENV LLMGW_VLLM_MPT_VENV LLMGW_TEST_MODELS
+export LLMGW_CACHE LLMGW_VLLM_VENV LLMGW_VLLM_MPT_VENV LLMGW_TEST_MODELS LLMGW_LITELLM_VENV
 
-.PHONY: run test install engines test-models check clean redis-server
+.PHONY: run test install engines test-models check clean redis-server bench nginx
 
 run: $(VENV)/.installed
 	deploy/local/run.sh
@@ -53,6 +55,22 @@ test-models: $(LLMGW_VLLM_VENV)/.ready
 # The tests start their own redis-server processes (shared rate limits across gateway replicas).
 redis-server:
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+
+# Side by side on the fast mock: direct, nginx, this gateway, LiteLLM; then real-engine added TTFT.
+# BENCH_ARGS e.g. --quick, --repeats 5, --skip-real-engines (see load_tests/README.md).
+bench: $(VENV)/.installed nginx $(LLMGW_LITELLM_VENV)/.ready
+	$(VENV)/bin/python load_tests/bench.py $(BENCH_ARGS)
+
+nginx:
+	command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx)
+
+# LiteLLM in its own venv (pinned), so its many dependencies never touch ours.
+$(LLMGW_LITELLM_VENV)/.ready:
+	mkdir -p $(LLMGW_CACHE)
+	rm -rf $(LLMGW_LITELLM_VENV)
+	$(PYTHON) -m venv $(LLMGW_LITELLM_VENV)
+	$(LLMGW_LITELLM_VENV)/bin/pip install -q 'litellm[proxy]==$(LITELLM_VERSION)'
+	touch $@
 
 clean:
 	rm -rf $(VENV) *.egg-info

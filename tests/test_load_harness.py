@@ -100,3 +100,71 @@ def test_loadgen_through_the_gateway(gateway: Server, mock: Server) -> None:
     assert stream["events_total"] == 10 * 18
     assert stream["ttft_ms"]["p50"] <= result["latency_ms"]["p50"]
     assert stream["inter_chunk_ms"]["p50"] <= stream["inter_chunk_ms"]["p99"]
+
+
+def _bench_report():  # load_tests/ is not a package: load the module from its file
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "load_tests" / "bench_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(rps: float, p50: float, p99: float, saturated: bool = False, errors: int = 0, chunks: float | None = None,
+         ) -> dict:
+    result = {"throughput_rps": rps, "latency_ms": {"p50": p50, "p90": p99, "p99": p99}, "ok": 100, "errors": errors,
+              "generator_saturated": saturated}
+    if chunks is not None:
+        result["stream"] = {"chunks_per_s": chunks, "ttft_ms": {"p50": p50 / 2}, "first_event_ms": {"p50": 0.1}}
+    return result
+
+
+def test_bench_report_medians_table_checks_and_markdown(tmp_path: Path) -> None:
+    """bench.py's pure half on canned loadgen JSON: no nginx or LiteLLM needed."""
+    rep = _bench_report()
+    s = rep.summarise([_run(100, 1, 3), _run(300, 2, 9, saturated=True), _run(200, 5, 4)])
+    assert s["median"]["rps"] == 200 and s["median"]["p50"] == 2 and s["median"]["p99"] == 4  # per metric
+    assert s["saturated"] is True and s["errors"] == 0
+
+    def target(c1: tuple, best: float, stream: float, rss_peak_kb: int, **flags: bool) -> dict:
+        return {"c1": rep.summarise([_run(*c1)]), "c64": rep.summarise([_run(best, 9, 20, **flags)]),
+                "open_500": rep.summarise([_run(500, c1[1], c1[2] + 1)]),
+                "stream_c16": rep.summarise([_run(10, 5, 9, chunks=stream)]),
+                "streams": rep.summarise_rss([{"idle_kb": 50 * 1024, "peak_kb": rss_peak_kb, "peak_fds": 4000,
+                                               "loadgen": _run(1, 1, 1)}], 2000)}
+
+    results = {"direct": target((9000, 0.1, 0.2), 40000, 400000, 60 * 1024, saturated=True),
+               "nginx": target((5000, 0.2, 0.4), 30000, 600000, 70 * 1024),
+               "gateway": target((2000, 0.6, 2.0), 4000, 60000, 250 * 1024),
+               "litellm": target((70, 12, 30), 300, 800, 450 * 1024, errors=2)}
+    steps = [{"rate": 100.0, "ok": True}, {"rate": 150.0, "ok": False}]
+    assert rep.sweep_verdict(steps) == (100.0, "=") and rep.sweep_verdict(steps[1:]) == (150.0, "<")
+    results["gateway"]["sweep"] = {"steps": steps, "saturation_rps": 100.0, "bound": "=", "p99_bound_ms": 100}
+
+    rows = rep.table_rows(results)
+    assert rows[0] == ["metric", "direct", "nginx", "gateway", "litellm", "gateway/litellm", "gateway/nginx"]
+    by_label = {r[0]: r for r in rows}
+    assert by_label["c64: rps"][1:5] == ["40,000*", "30,000", "4,000", "300!"]  # saturated / errors marked
+    assert by_label["c64: rps"][5:] == ["13.33x", "0.13x"]
+    assert by_label["c1: added p50 ms vs direct"][3] == "0.50" and by_label["c1: added p50 ms vs direct"][1] == "-"
+    assert by_label["slow streams: KB per stream"][3] == f"{200 * 1024 / 2000:.1f}"
+    assert by_label["open-loop sweep: highest rate held"][3] == "100"
+    text = rep.render_text(rows)
+    assert "gateway/litellm" in text and "40,000*" in text
+
+    verdicts = {c["check"]: c["pass"] for c in rep.checks(results)}
+    assert verdicts["gateway saturation throughput / LiteLLM's (non-streamed)"] is True  # 4000 / 300
+    assert verdicts["added latency, sequential p50"] is True and verdicts["added latency, sequential p99"] is True
+    assert verdicts["streamed relay, SSE chunks/s (c16 x128)"] is True
+    assert verdicts["gateway peak RSS with 2000 open streams"] is True
+
+    md = tmp_path / "BENCHMARKS.md"
+    section = rep.markdown_section("now", "make bench", {"cores": 2}, rows, rep.checks(results), {}, "r.json", [])
+    rep.update_benchmarks_md(md, section)
+    first = md.read_text()
+    assert first.startswith("# Benchmarks") and "## What mattered" in first and "| c64: rps |" in first
+    md.write_text(first.replace("(to be written)", "hand-written analysis"))
+    rep.update_benchmarks_md(md, "second run")
+    second = md.read_text()
+    assert "hand-written analysis" in second and "second run" in second and "| c64: rps |" not in second
