@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from gateway.pipeline import GatewayState
 from gateway.errors import ConfigError
+from gateway.lifecycle import settle_garbage_collector
 from gateway.snapshot import load_snapshot
 
 log = logging.getLogger("gateway.admin")
@@ -40,6 +41,7 @@ async def reload_config(state: GatewayState) -> ReloadResult:
         log.error("reload refused, keeping the running configuration: %s", exc)
         return ReloadResult(ok=False, problems=tuple(exc.problems))
     state.snapshot = snapshot  # one assignment: a request sees the old or the new snapshot, whole
+    settle_garbage_collector()
     tenants = len(snapshot.tenants.tenants) if snapshot.tenants else 0
     log.info("reloaded: %d models, %d tenants", len(snapshot.registry.models), tenants)
     return ReloadResult(ok=True, models=len(snapshot.registry.models), tenants=tenants)

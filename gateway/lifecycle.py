@@ -1,4 +1,5 @@
-"""Draining for graceful shutdown (Kubernetes rolling updates).
+"""Process lifecycle: draining for graceful shutdown (Kubernetes rolling updates), and keeping the garbage
+collector off the long-lived configuration.
 
 On SIGTERM the gateway turns `/ready` to 503 and refuses new requests (503, `Retry-After`), lets the
 requests and streams in flight finish for at most the drain timeout, then lets uvicorn exit (code 0).
@@ -7,6 +8,7 @@ requests and streams in flight finish for at most the drain timeout, then lets u
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from dataclasses import dataclass, field
 
@@ -41,3 +43,17 @@ class Lifecycle:
 
 
 LIFECYCLE = Lifecycle()
+
+
+GC_GEN0_THRESHOLD = 20_000  # allocations between young collections (CPython's default: 700)
+
+
+def settle_garbage_collector() -> None:
+    """Keep the collector off the long-lived configuration: every full collection walked the whole
+    registry, pydantic schemas and imports, ~30 ms each, several per second under load (~10% of the
+    CPU and the p99). Frozen objects are never scanned; a larger first generation collects less often.
+    """
+    gc.unfreeze()  # after a reload: let the previous configuration be collected
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)

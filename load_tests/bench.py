@@ -264,15 +264,24 @@ def real_engines(a: argparse.Namespace, procs: bt.Procs, runner: Runner, tmp: Pa
         res: dict[str, Any] = {"requests": a.real_requests, "rounds": a.repeats, "runs": {"direct": [], "gateway": []}}
         args = ["--concurrency", "1", "--requests", str(a.real_requests), "--stream", "--max-tokens", "8",
                 "--extra-body", json.dumps(body)]
-        sides = (("direct", bt.Target(name, url, served, None, proc)),
-                 ("gateway", bt.Target("gateway", gw.url, model, bt.BENCH_KEY, gw.proc)))
-        for _, t in sides:  # warm-up (first requests compile/allocate), not recorded
-            runner.loadgen(t, [*args[:2], "--requests", "2", *args[4:]], timeout_s=300)
-        for _ in range(a.repeats):  # alternate so that drift hits both sides alike
-            for side, t in sides:
-                r, _ = runner.loadgen(t, args, timeout_s=300)
+        # The gateway adds the prompt format's stop strings upstream; an engine holds back text that could
+        # start a stop string (vLLM: up to len(stop) - 1 chars), which alone delays the first token. The
+        # gateway's own cost is measured against the engine given that same request ("direct, same body").
+        added = upstream_additions(model, gw.info["env"]["GATEWAY_REGISTRY"])
+        same_args = [*args[:-1], json.dumps({**body, **added})]
+        sides = [("direct", bt.Target(name, url, served, None, proc), args),
+                 ("gateway", bt.Target("gateway", gw.url, model, bt.BENCH_KEY, gw.proc), args)]
+        if added:
+            sides.insert(1, ("direct_same_body", bt.Target(name, url, served, None, proc), same_args))
+            res["runs"]["direct_same_body"] = []
+            res["upstream_additions"] = added
+        for _, t, side_args in sides:  # warm-up (first requests compile/allocate), not recorded
+            runner.loadgen(t, [*side_args[:2], "--requests", "2", *side_args[4:]], timeout_s=300)
+        for _ in range(a.repeats):  # alternate so that drift hits every side alike
+            for side, t, side_args in sides:
+                r, _ = runner.loadgen(t, side_args, timeout_s=300)
                 res["runs"][side].append(r)
-        for side in ("direct", "gateway"):
+        for side in res["runs"]:
             s = rep.summarise(res["runs"][side])
             res[f"{side}_ttft_p50_ms"] = s["median"]["ttft_p50"]
             res["errors"] = res.get("errors", 0) + s["errors"]
@@ -280,6 +289,16 @@ def real_engines(a: argparse.Namespace, procs: bt.Procs, runner: Runner, tmp: Pa
         out[name] = res
         procs.stop(proc)
     return out
+
+
+def upstream_additions(model_id: str, registry: str) -> dict[str, Any]:
+    """What the gateway adds to a chat request for `model_id` on its way to the engine (stop strings)."""
+    from gateway.prompts.prepare import prepare_chat
+    from gateway.registry import load_registry
+
+    model = load_registry([Path(p) for p in registry.split(",")]).models[model_id]
+    call = prepare_chat(model, {"model": model_id, "messages": [{"role": "user", "content": "x"}], "stream": True})
+    return {k: call.payload[k] for k in ("stop", "stop_token_ids") if k in call.payload}
 
 
 def notes_for(results: dict[str, Any]) -> list[str]:

@@ -251,10 +251,16 @@ def render_real_engines(real: dict[str, Any]) -> str:
             lines.append(f"{engine}: skipped ({r['skipped']})")
             continue
         d, g = r.get("direct_ttft_p50_ms"), r.get("gateway_ttft_p50_ms")
-        added = None if d is None or g is None else g - d
-        lines.append(f"{engine}: TTFT p50 direct {fmt(d, 2)} ms, through the gateway {fmt(g, 2)} ms, "
-                     f"added {fmt(added, 2)} ms ({r.get('requests', '?')} sequential streamed requests x "
-                     f"{r.get('rounds', '?')} rounds, medians){' [errors]' if r.get('errors') else ''}")
+        same = r.get("direct_same_body_ttft_p50_ms")
+        base = same if same is not None else d
+        added = None if base is None or g is None else g - base
+        line = (f"{engine}: TTFT p50 direct {fmt(d, 2)} ms, through the gateway {fmt(g, 2)} ms, "
+                f"added {fmt(added, 2)} ms")
+        if same is not None:
+            line += (f" (vs direct with the gateway's upstream body {r.get('upstream_additions')}: {fmt(same, 2)} ms;"
+                     f" vs the plain direct request: {fmt(None if d is None or g is None else g - d, 2)} ms)")
+        lines.append(line + f" ({r.get('requests', '?')} sequential streamed requests x {r.get('rounds', '?')} "
+                     f"rounds, medians){' [errors]' if r.get('errors') else ''}")
     return "\n".join(lines)
 
 

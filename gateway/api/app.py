@@ -22,6 +22,7 @@ from gateway.api.routes import router
 from gateway.backends.upstream import make_http_client
 from gateway.observability.audit import AuditTrail
 from gateway.observability.metrics import Metrics
+from gateway.lifecycle import settle_garbage_collector
 from gateway.pipeline import GatewayState
 from gateway.routing.budget import RetryBudget
 from gateway.routing.fleet import Fleet, OutlierPolicy
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
             app.state.created = int(time.time())
             app.state.gateway = state
             _reload_on_sighup(state)
+            settle_garbage_collector()
             prober = asyncio.create_task(Prober(lambda: state.snapshot, state.fleet, state.metrics,
                                                 settings.health_probe_interval_s).run())
             try:
