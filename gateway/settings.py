@@ -48,7 +48,6 @@ class Settings(BaseSettings):
     # Tenant names as a metrics label (bounded by the tenants file; turn off for very many tenants).
     metrics_tenant_label: bool = True
     pool_max_connections: int = Field(default=1000, gt=0)
-    pool_max_keepalive: int = Field(default=200, ge=0)
     retry_after_s: int = Field(default=5, ge=1)
 
     # Tenants file; unset = open access (any bearer token is one anonymous development tenant).

@@ -246,8 +246,7 @@ def gateway_files(tmp: Path, backends: dict[str, dict[str, Any]]) -> dict[str, s
     return {"GATEWAY_REGISTRY": f"{ROOT / 'model_registry.yaml'},{tmp / 'overlay.yaml'}",
             "GATEWAY_TENANTS": str(tmp / "tenants.yaml"), "GATEWAY_AUDIT_SINK": str(tmp / "audit.jsonl"),
             # 2,000 open streams must be admitted and each needs its own upstream connection
-            "GATEWAY_MAX_INFLIGHT": "100000", "GATEWAY_POOL_MAX_CONNECTIONS": "8192",
-            "GATEWAY_POOL_MAX_KEEPALIVE": "1024"}
+            "GATEWAY_MAX_INFLIGHT": "100000", "GATEWAY_POOL_MAX_CONNECTIONS": "8192"}
 
 
 def start_gateway(procs: Procs, python: str, tmp: Path, backends: dict[str, dict[str, Any]], core: int | None,

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import math
 import multiprocessing
-import os
 import random
 import socket
 import sys
