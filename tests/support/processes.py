@@ -49,6 +49,16 @@ class Server:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def log_lines_with(self, needle: str, timeout_s: float = 3.0) -> list[str]:
+        """Log lines containing `needle` (case-insensitive), waiting for them: the gateway writes its
+        log lines in batches (every 50 ms) from a writer thread."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = [line for line in self.log_text().splitlines() if needle.lower() in line.lower()]
+            if lines or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
+
     def stop(self, timeout_s: float = 15) -> None:
         if self.process.poll() is not None:
             return
