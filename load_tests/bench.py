@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rss-repeats", type=int, default=1, help="runs of the slow-streams RSS scenario")
     p.add_argument("--skip-real-engines", action="store_true")
     p.add_argument("--real-engines-only", action="store_true", help="only the real-engine TTFT section")
-    p.add_argument("--real-requests", type=int, default=None, help="sequential requests per round (default 20)")
+    p.add_argument("--real-requests", type=int, default=None, help="sequential requests per round (default 8)")
+    p.add_argument("--real-rounds", type=int, default=None,
+                   help="rounds per side, alternating direct / gateway (default 9): engine drift hits both alike")
     p.add_argument("--no-write", action="store_true", help="print only: no results/*.json, no BENCHMARKS.md")
     a = p.parse_args(argv)
     q = a.quick
@@ -73,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.sweep_duration = a.sweep_duration or (1.0 if q else 2.0)
     a.streams = a.streams or (200 if q else 2000)
     a.stream_chunks = a.stream_chunks or (5 if q else 20)
-    a.real_requests = a.real_requests or (5 if q else 20)
+    a.real_requests = a.real_requests or (5 if q else 8)
+    a.real_rounds = a.real_rounds or (1 if q else 9)
     a.scenarios = tuple(a.scenarios.split(",")) if a.scenarios else (QUICK_SCENARIOS if q else SCENARIOS)
     a.targets = tuple(t for t in a.targets.split(",") if t)
     unknown = [s for s in a.scenarios if s not in SCENARIOS] + [t for t in a.targets if t not in rep.TARGETS]
@@ -261,7 +264,8 @@ def real_engines(a: argparse.Namespace, procs: bt.Procs, runner: Runner, tmp: Pa
     for name, (proc, url, served, model, body) in engines.items():
         if name in out:
             continue
-        res: dict[str, Any] = {"requests": a.real_requests, "rounds": a.repeats, "runs": {"direct": [], "gateway": []}}
+        res: dict[str, Any] = {"requests": a.real_requests, "rounds": a.real_rounds,
+                               "runs": {"direct": [], "gateway": []}}
         args = ["--concurrency", "1", "--requests", str(a.real_requests), "--stream", "--max-tokens", "8",
                 "--extra-body", json.dumps(body)]
         # The gateway adds the prompt format's stop strings upstream; an engine holds back text that could
@@ -277,7 +281,7 @@ def real_engines(a: argparse.Namespace, procs: bt.Procs, runner: Runner, tmp: Pa
             res["upstream_additions"] = added
         for _, t, side_args in sides:  # warm-up (first requests compile/allocate), not recorded
             runner.loadgen(t, [*side_args[:2], "--requests", "2", *side_args[4:]], timeout_s=300)
-        for _ in range(a.repeats):  # alternate so that drift hits every side alike
+        for _ in range(a.real_rounds):  # alternate often, so that engine drift hits every side alike
             for side, t, side_args in sides:
                 r, _ = runner.loadgen(t, side_args, timeout_s=300)
                 res["runs"][side].append(r)
