@@ -40,9 +40,7 @@ class RequestContextMiddleware:
             return
         request_id = _from_client(scope) or new_request_id()
         context = RequestContext(request_id)
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        state["context"] = context
+        scope.setdefault("state", {})["context"] = context
         status = 500
 
         async def send_with_headers(message: Message) -> None:

@@ -15,7 +15,6 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from gateway.backends.relay import StreamWatch, UsageCounter, relay_stream, upstream_error
-from gateway.backends.timeouts import CallTimeouts
 from gateway.backends.translate import ChatFromCompletion, Passthrough, Translator
 from gateway.backends.upstream import OpenAIUpstream, UpstreamResponse, UpstreamUnavailable
 from gateway.errors import GatewayError, no_backend_available
@@ -64,11 +63,10 @@ async def dispatch(upstreams: list[OpenAIUpstream], call: UpstreamCall, requeste
             break
         outcome.retries = tried
         call.payload["model"] = upstream.served_model_name
-        timeouts = upstream.timeouts
         attempts.started(upstream.id)
         sent = time.perf_counter()
         try:
-            response = await upstream.post(call.path, call.payload, stream=stream, timeouts=timeouts)
+            response = await upstream.post(call.path, call.payload, stream=stream)
         except UpstreamUnavailable as exc:
             attempts.waited(time.perf_counter() - sent)
             attempts.finished(upstream.id, False)
@@ -92,8 +90,7 @@ async def dispatch(upstreams: list[OpenAIUpstream], call: UpstreamCall, requeste
         outcome.on_done.insert(0, _report_health(attempts, upstream.id))
         translator = _translator(call, upstream, requested)
         if stream:
-            return await _stream_response(upstream, response, call, translator, requested, headers, outcome,
-                                          timeouts)
+            return await _stream_response(upstream, response, call, translator, requested, headers, outcome)
         return await _json_response(response, translator, headers, outcome)
     if timed_out:
         raise GatewayError(504, f"No backend for `{requested}` answered in time ({'; '.join(failures)}).",
@@ -133,8 +130,8 @@ async def _json_response(response: UpstreamResponse, translator: Translator, hea
 
 
 async def _stream_response(upstream: OpenAIUpstream, response: UpstreamResponse, call: UpstreamCall,
-                           translator: Translator, requested: str, headers: dict[str, str], outcome: Outcome,
-                           timeouts: CallTimeouts) -> Response:
+                           translator: Translator, requested: str, headers: dict[str, str],
+                           outcome: Outcome) -> Response:
     if response.status != 200:
         body = await response.read()
         await outcome.done()
@@ -142,7 +139,7 @@ async def _stream_response(upstream: OpenAIUpstream, response: UpstreamResponse,
     usage = None
     if _wants_usage(call.payload) and not upstream.profile.sends_stream_usage:
         usage = UsageCounter(count_prompt_tokens=lambda: _count_prompt(upstream, call))
-    outcome.watch = StreamWatch(deadline=time.monotonic() + timeouts.total_s)
+    outcome.watch = StreamWatch(deadline=time.monotonic() + upstream.timeouts.total_s)
     events = relay_stream(response, translator, requested, usage, outcome.watch)
     return StreamingResponse(_finishing(events, outcome), media_type="text/event-stream",
                              headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})

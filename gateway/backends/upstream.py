@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from functools import lru_cache
 
 import aiohttp
 import orjson
@@ -60,12 +59,6 @@ def make_http_client(settings: Settings) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, trust_env=False, auto_decompress=False,
                                  skip_auto_headers=("User-Agent", "Accept-Encoding"),
                                  timeout=aiohttp.ClientTimeout(total=None))
-
-
-@lru_cache(maxsize=64)
-def _client_timeout(connect_s: float) -> aiohttp.ClientTimeout:
-    # Reading is bounded by the caller (first byte, idle between chunks, total), not by aiohttp.
-    return aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s)
 
 
 class UpstreamResponse:
@@ -132,6 +125,9 @@ class OpenAIUpstream:
                  timeouts: CallTimeouts) -> None:
         self.backend = backend
         self.timeouts = timeouts  # by role, with the model's overrides
+        # aiohttp bounds only the connect; reading is bounded here (first byte, idle, total).
+        self._connect_timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect_s,
+                                                      sock_connect=timeouts.connect_s)
         self.profile: EngineProfile = profile_of(backend.engine)
         self.served_model_name = backend.served_model_name or model_id
         self._client = client
@@ -141,12 +137,13 @@ class OpenAIUpstream:
     def id(self) -> str:
         return self.backend.id
 
-    async def post(self, path: str, payload: dict, *, stream: bool, timeouts: CallTimeouts) -> UpstreamResponse:
+    async def post(self, path: str, payload: dict, *, stream: bool) -> UpstreamResponse:
         """POST `payload`; with `stream` the body is left unread for the caller to relay.
 
         Raises `UpstreamUnavailable` when nothing came back before the headers (safe to retry
         elsewhere), with `timed_out` set when the reason was the first-byte timeout.
         """
+        timeouts = self.timeouts
         response: aiohttp.ClientResponse | None = None
         sent = asyncio.get_running_loop().time()
         try:
@@ -154,7 +151,7 @@ class OpenAIUpstream:
             async with asyncio.timeout(timeouts.first_byte_s) as deadline:
                 response = await self._client.post(self._base_url + path, data=orjson.dumps(payload),
                                                    headers=_JSON_HEADERS,
-                                                   timeout=_client_timeout(timeouts.connect_s))
+                                                   timeout=self._connect_timeout)
                 if stream:
                     return UpstreamResponse(response, None, timeouts.idle_s)
                 deadline.reschedule(sent + timeouts.total_s)

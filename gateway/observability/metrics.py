@@ -24,7 +24,8 @@ class Metrics:
                                   ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("gateway_time_to_first_token_seconds", "Time from request to first streamed event",
                               ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.inter_token = Histogram("gateway_inter_token_latency_seconds", "Gap between the engine's stream writes (events arriving together count once)",
+        self.inter_token = Histogram("gateway_inter_token_latency_seconds",
+                                     "Gap between the engine's stream writes (events arriving together count once)",
                                      ["model"], buckets=_TOKEN_GAP_BUCKETS, registry=r)
         self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens (engine usage)", ["model"], registry=r)
         self.completion_tokens = Counter("gateway_completion_tokens", "Completion tokens (engine usage)",
