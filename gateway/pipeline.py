@@ -15,9 +15,8 @@ import aiohttp
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from gateway.api.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.api.validation import parse_body
 from gateway.backends.dispatch import Attempts, Outcome, dispatch
+from gateway.backends.requests import EnginePayloads
 from gateway.errors import GatewayError, model_not_found, no_backend_available
 from gateway.lifecycle import LIFECYCLE
 from gateway.observability.audit import AuditRecord, AuditTrail
@@ -34,8 +33,11 @@ from gateway.routing.picker import RoutingHints, RoutingPolicy, backends_in_try_
 from gateway.settings import Settings
 from gateway.snapshot import Snapshot
 from gateway.tenancy.auth import authenticate
+from gateway.tenancy.extras import require_allowed_extras
 from gateway.tenancy.ratelimit import Admission, Limits, RateLimited, RateLimiter, RateLimitUnavailable
 from gateway.tenancy.tenants import Caller
+from gateway.wire.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.wire.validation import parse_request
 
 # Tokens reserved for a request that sets no max_tokens, until the real usage is known.
 DEFAULT_COMPLETION_RESERVATION = 256
@@ -57,7 +59,7 @@ class GatewayState:
 @dataclass(frozen=True)
 class Endpoint:
     schema: type[BaseModel]
-    prepare: Callable[[Model, dict[str, Any]], UpstreamCall]
+    prepare: Callable[[Model, Any], UpstreamCall]
 
 
 CHAT = Endpoint(ChatCompletionRequest, prepare_chat)
@@ -85,15 +87,18 @@ async def _serve(state: GatewayState, endpoint: Endpoint, authorization: str | N
     snapshot = state.snapshot  # one consistent configuration for the whole request
     caller = authenticate(authorization, snapshot.tenants)
     record.tenant = caller.tenant.name
-    body = parse_body(raw, endpoint.schema)
-    requested = snapshot.registry.model(body["model"])
+    body = parse_request(raw, endpoint.schema)
+    require_allowed_extras(body, caller.tenant)
+    requested = snapshot.registry.model(body.model)
     if requested is None:
-        raise model_not_found(body["model"])
+        raise model_not_found(body.model)
     decision = snapshot.decide(caller.tenant, requested)
     _audit(state, context.request_id, caller, requested, decision)
     model = _served_model(snapshot, requested, decision)
     record.model = model.id
     call = endpoint.prepare(model, body)
+    payloads = EnginePayloads(call, model.id)
+    payloads.require_some(backend.engine for backend in model.backends)  # a 400 before it costs a slot
     admission = await _admit(state, caller, call)  # every admitted request counts, answered or not
     headers = dict(admission.headers)
     if decision.verdict is Verdict.SUBSTITUTE:
@@ -106,7 +111,7 @@ async def _serve(state: GatewayState, endpoint: Endpoint, authorization: str | N
         upstreams = _route(state, snapshot, model, call)
         await ensure_prompt_fits(model, call, upstreams[0].count_tokens)
         state.budget.deposit()
-        return await dispatch(upstreams, call, model.id, headers, outcome, _attempts(state, context),
+        return await dispatch(upstreams, payloads, model.id, headers, outcome, _attempts(state, context),
                               state.settings.retry_after_s)
     except BaseException:
         await admission.finish(None)
@@ -133,7 +138,7 @@ def _route(state: GatewayState, snapshot: Snapshot, model: Model, call: Upstream
     if LIFECYCLE.inflight >= state.settings.max_inflight:
         raise _overloaded(state, "the gateway is at its limit of requests in flight")
     prefix = (call.prompt_text or "")[: state.settings.affinity_prefix_chars] or None
-    hints = RoutingHints(prompt_prefix=prefix, session=call.payload.get("user"))
+    hints = RoutingHints(prompt_prefix=prefix, session=call.session)
     order = backends_in_try_order(model.backends, state.fleet, hints, state.routing)
     if order:
         return [snapshot.upstreams[b.id] for b in order]

@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -163,7 +164,7 @@ class Runner:
     def slow_streams(self, t: bt.Target) -> dict:
         """N streams open at once (mock: 200 ms between chunks); peak RSS of the target's process tree."""
         a, runs = self.a, []
-        extra = json.dumps({"mock_inter_chunk_ms": a.stream_interval_ms})
+        extra = json.dumps({"vllm_xargs": {"mock_inter_chunk_ms": a.stream_interval_ms}})
         args = ["--mode", "closed", "--concurrency", str(a.streams), "--requests", str(a.streams), "--stream",
                 "--max-tokens", str(a.stream_chunks), "--extra-body", extra]
         expected_s = a.stream_chunks * a.stream_interval_ms / 1000
@@ -305,6 +306,30 @@ def upstream_additions(model_id: str, registry: str) -> dict[str, Any]:
     return {k: call.payload[k] for k in ("stop", "stop_token_ids") if k in call.payload}
 
 
+def scrub_paths(obj: Any, tmp: Path) -> Any:
+    """The results are committed, so no path of the machine that ran the bench may stay in them: this run's
+    temporary folder becomes `<bench-tmp>`, a path inside the repository becomes relative to it (the repository
+    itself `.`), the home folder `~`. Applied to every string, dict key and list item, recursively."""
+    home = str(Path.home())
+    subs = [(str(tmp), "<bench-tmp>"), (str(bt.ROOT) + os.sep, ""), (str(bt.ROOT), "."),
+            *([(home, "~")] if home not in ("", os.sep) else [])]
+    subs.sort(key=lambda s: -len(s[0]))  # the longest first: the repository or tmp may sit under home
+    whole = r"(?![\w.-])"  # a whole path component: /root, /root/x, not /rootfs
+    pattern = re.compile("|".join(re.escape(old) + ("" if old.endswith(os.sep) else whole) for old, _ in subs))
+    table = dict(subs)
+
+    def scrub(x: Any) -> Any:
+        if isinstance(x, str):
+            return pattern.sub(lambda m: table[m.group(0)], x)
+        if isinstance(x, dict):
+            return {scrub(k): scrub(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [scrub(v) for v in x]
+        return x
+
+    return scrub(obj)
+
+
 def notes_for(results: dict[str, Any]) -> list[str]:
     """Is the mock ever the bottleneck? The direct column is its ceiling with the generator beside it."""
     def best(t: str) -> float:
@@ -376,12 +401,14 @@ def main(argv: list[str] | None = None) -> int:
             real = real_engines(a, procs, runner, tmp, target_core)
     finally:
         procs.stop_all()
+    real = scrub_paths(real, tmp)  # skip reasons name venvs and caches; they go into BENCHMARKS.md too
     finished = dt.datetime.now(dt.timezone.utc)
     machine = machine_info(pinned)
     table = {t: {k: v for k, v in r.items() if k != "_info"} for t, r in results.items()}
     rows = rep.table_rows(table)
     check_items = rep.checks(table)
-    notes = [n for n in notes_for(table) if n] + [f"{k}: skipped, {v}" for k, v in skipped.items()]
+    notes = scrub_paths([n for n in notes_for(table) if n] + [f"{k}: skipped, {v}" for k, v in skipped.items()],
+                        tmp)
     if results:
         print("\n" + rep.render_text(rows) + "\n\n" + rep.LEGEND + "\n\n" + rep.render_checks(check_items))
     if real:
@@ -396,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"started": started.isoformat(), "finished": finished.isoformat(), "argv": argv, "args": vars(a),
            "machine": machine, "results": results, "real_engines": real, "table": rows, "checks": check_items,
            "notes": notes}
-    data = json.dumps(doc, indent=1, default=str)
+    data = json.dumps(scrub_paths(json.loads(json.dumps(doc, default=str)), tmp), indent=1)
     (RESULTS / f"{stamp}.json").write_text(data)
     (RESULTS / "latest.json").write_text(data)
     command = ("make bench" + (f" BENCH_ARGS='{' '.join(argv)}'" if argv else "")) if "MAKELEVEL" in os.environ \

@@ -242,7 +242,8 @@ def gateway_files(tmp: Path, backends: dict[str, dict[str, Any]]) -> dict[str, s
     limits = {"rpm": 1_000_000_000, "tpm": 1_000_000_000_000, "max_concurrent": 1_000_000}  # never binding
     (tmp / "tenants.yaml").write_text(yaml.safe_dump({"tenants": [{
         "name": "bench", "environment": "production", "api_key_hashes": [hash_key(BENCH_KEY)],
-        "attestations": LLAMA2_CONDITIONS, "limits": limits}]}))
+        "attestations": LLAMA2_CONDITIONS, "limits": limits,
+        "engine_extras": ["vllm_xargs"]}]}))  # the slow-streams scenario sets the mock's timing there
     return {"GATEWAY_REGISTRY": f"{ROOT / 'model_registry.yaml'},{tmp / 'overlay.yaml'}",
             "GATEWAY_TENANTS": str(tmp / "tenants.yaml"), "GATEWAY_AUDIT_SINK": str(tmp / "audit.jsonl"),
             # 2,000 open streams must be admitted and each needs its own upstream connection

@@ -20,7 +20,8 @@ Endpoints: ``GET /health`` (200, empty body), ``GET /version``, ``GET /v1/models
 Generated tokens: token ``i`` is the text ``" tok{i}"``. Their number is ``chunks`` (default: the request's
 ``max_tokens``/``max_completion_tokens``, else 16), capped at ``max_tokens`` like a real engine.
 Per-request overrides in the body (extra fields pass through the gateway to the engine):
-``mock_chunks``, ``mock_ttft_ms``, ``mock_inter_chunk_ms``. A streamed answer's headers go out at once
+``mock_chunks``, ``mock_ttft_ms``, ``mock_inter_chunk_ms`` (top level, or inside ``vllm_xargs``, which
+the gateway forwards for tenants allowed it). A streamed answer's headers go out at once
 and the first token waits ``ttft``; a non-streamed answer waits ``ttft + inter * (n - 1)``.
 With zero delays a whole stream is written in one ``transport.write`` (one syscall).
 """
@@ -357,6 +358,11 @@ class MockProtocol(asyncio.Protocol):
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
         try:
+            # Timing overrides, top level or (through the gateway, which forwards only known fields) in
+            # vLLM's own per-request extension dict `vllm_xargs`.
+            xargs = body.get("vllm_xargs")
+            if isinstance(xargs, dict):
+                body = {**body, **xargs}
             chunks = body.get("mock_chunks", cfg.chunks)
             n = int(chunks if chunks is not None else (max_tokens if max_tokens is not None else 16))
             if max_tokens is not None:

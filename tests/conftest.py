@@ -46,6 +46,7 @@ RESEARCH_KEY = "sk-test-any-key"
 PROD_KEY = "sk-test-prod-key"
 SUBST_KEY = "sk-test-subst-key"
 LIMITED_KEY = "sk-test-limited-key"
+EXTRAS_KEY = "sk-test-extras-key"  # a tenant allowed one privileged engine knob
 LLAMA2_CONDITIONS = ["llama2-under-700m-mau", "llama2-no-improving-other-llms", "llama2-acceptable-use-policy"]
 
 
@@ -58,6 +59,7 @@ def tenants_document() -> dict:
         tenant("prod-app", "production", PROD_KEY),
         tenant("prod-subst", "production", SUBST_KEY, substitutions=True, attestations=LLAMA2_CONDITIONS),
         tenant("limited-dev", "development", LIMITED_KEY, limits={"rpm": 3, "max_concurrent": 2}),
+        tenant("extras-lab", "research", EXTRAS_KEY, engine_extras=["prompt_logprobs"]),
     ]}
 
 

@@ -75,6 +75,19 @@ def test_streamed_chat_looks_like_a_native_chat_stream(client: openai.OpenAI, mo
     assert isinstance(text, str) and plain.usage.prompt_tokens == chunks[-1].usage.prompt_tokens
 
 
+@pytest.mark.parametrize(("model_id", "engine_name", "kept"), [
+    ("vicuna-7b-v1.3", "tiny-llama", "'USER:'"), ("llama-2-7b-chat", "tiny-llama", None),
+    ("mpt-7b-chat", "tiny-mpt", "'<|im_end|>'")])
+def test_stop_strings_that_repeat_the_eos_are_not_sent(client: openai.OpenAI, vllm_fleet: dict[str, Server],
+                                                        model_id: str, engine_name: str, kept: str | None) -> None:
+    """The engine stops at EOS anyway; a stop string equal to it only delays the stream in vLLM."""
+    marker = f"zz-{model_id}-eos"
+    client.chat.completions.create(model=model_id, messages=CONVERSATION, max_tokens=2, stop=[marker])
+    received = _received(vllm_fleet[engine_name], marker)
+    assert "'</s>'" not in received and "'<|endoftext|>'" not in received, received
+    assert kept is None or kept in received
+
+
 def test_mpt_chat_sends_its_turn_end_token_ids(client: openai.OpenAI, vllm_fleet: dict[str, Server]) -> None:
     client.chat.completions.create(model="mpt-7b-chat", messages=CONVERSATION, max_tokens=2, stop=["zz-mpt-ids"])
     received = _received(vllm_fleet["tiny-mpt"], "zz-mpt-ids")

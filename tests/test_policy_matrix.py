@@ -1,7 +1,7 @@
 """Every registry variant x every environment, with and without attestations: allow, deny or substitute.
 
 The truth is the commercial-use column of the hand-written reference table (tests/test_registry_reference.py,
-from shared/reference/models.md) and the license conditions named there, not the engine's code.
+from docs/reference/models.md) and the license conditions named there, not the engine's code.
 """
 
 from __future__ import annotations

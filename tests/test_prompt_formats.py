@@ -9,8 +9,8 @@ No expected string here is computed by the code under test. They come from one o
   at test time with `get_conv_template(...)`; two known deviations are asserted explicitly.
 * Hand-written literals, for the models where FastChat falls back to generic templates or differs
   from the authors' code (Alpaca, Stable Beluga, Guanaco, MPT-instruct, FLAN-T5, RedPajama-instruct),
-  each with its source next to it. Most come from the shared reference
-  /work/shared/reference/models.md, which cites the primary files.
+  each with its source next to it. Most come from the project's research notes
+  (docs/reference/models.md), which cite the primary files.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fastchat.conversation import get_conv_template
 from gateway.errors import GatewayError
 from gateway.prompts.formats import FORMATS
 from gateway.prompts.messages import Turn, to_turns
+from gateway.wire.protocol import ChatMessage
 from gateway.registry import load_registry
 from gateway.registry.schema import PromptFormatId
 
@@ -66,6 +67,10 @@ MPT_7B_CHAT_SYSTEM = (
 # FastChat conversation.py `mpt-30b-chat` / models.md section 10.
 MPT_30B_CHAT_SYSTEM = ("A conversation between a user and an LLM-based AI assistant. The assistant gives "
                        "helpful and honest answers.")
+
+
+def _messages(messages: list[dict]) -> list[ChatMessage]:
+    return [ChatMessage.model_validate(message) for message in messages]
 
 
 def turns(texts: list[str], system: str | None = None) -> list[Turn]:
@@ -476,7 +481,7 @@ TO_TURNS_ERRORS = [
 
 @pytest.mark.parametrize("messages, index", TO_TURNS_ERRORS)
 def test_to_turns_rejects_inexpressible_messages(messages: list[dict], index: int) -> None:
-    err = _error(lambda: to_turns(messages))
+    err = _error(lambda: to_turns(_messages(messages)))
     assert err.param.startswith(f"messages[{index}]"), err.param
 
 
@@ -520,7 +525,7 @@ def test_single_turn_formats_reject_multi_turn(format_id: str, system: str | Non
 def test_errors_name_the_index_in_the_original_messages() -> None:
     # Through to_turns: developer (-> system) at 0, then a non-alternating user at 2.
     messages = [{"role": "developer", "content": SYSTEM}, USER, {"role": "user", "content": "again"}]
-    err = _error(lambda: FORMATS["vicuna-v1.1"].render(to_turns(messages)))
+    err = _error(lambda: FORMATS["vicuna-v1.1"].render(to_turns(_messages(messages))))
     assert err.param.startswith("messages[2]"), err.param
 
 
@@ -530,14 +535,14 @@ def test_errors_name_the_index_in_the_original_messages() -> None:
 
 def test_developer_role_is_system() -> None:
     messages = [{"role": "developer", "content": SYSTEM}, {"role": "user", "content": Q1}]
-    assert to_turns(messages) == [Turn("system", SYSTEM), Turn("user", Q1)]
+    assert to_turns(_messages(messages)) == [Turn("system", SYSTEM), Turn("user", Q1)]
     # Rendered exactly like a system message (Vicuna: "{system} USER: {u} ASSISTANT:").
-    assert FORMATS["vicuna-v1.1"].render(to_turns(messages)) == f"{SYSTEM} USER: {Q1} ASSISTANT:"
+    assert FORMATS["vicuna-v1.1"].render(to_turns(_messages(messages))) == f"{SYSTEM} USER: {Q1} ASSISTANT:"
 
 
 def test_developer_role_mid_conversation_is_rejected_like_system() -> None:
     messages = [USER, ASSISTANT, {"role": "developer", "content": SYSTEM}, USER]
-    err = _error(lambda: FORMATS["llama-2-chat"].render(to_turns(messages)))
+    err = _error(lambda: FORMATS["llama-2-chat"].render(to_turns(_messages(messages))))
     assert err.param.startswith("messages[2]"), err.param
 
 
@@ -547,12 +552,12 @@ def test_text_parts_are_joined() -> None:
         {"role": "user", "content": [{"type": "text", "text": "What is the capital "},
                                      {"type": "text", "text": "of France?"}]},
     ]
-    assert to_turns(messages) == [Turn("system", "You are terse."), Turn("user", Q1)]
-    assert FORMATS["llama-2-chat"].render(to_turns(messages)) == (
+    assert to_turns(_messages(messages)) == [Turn("system", "You are terse."), Turn("user", Q1)]
+    assert FORMATS["llama-2-chat"].render(to_turns(_messages(messages))) == (
         f"[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\n{Q1} [/INST]")
 
 
 def test_plain_string_content_passes_through() -> None:
     messages = [{"role": "user", "content": Q1}, {"role": "assistant", "content": A1},
                 {"role": "user", "content": Q2}]
-    assert to_turns(messages) == [Turn("user", Q1), Turn("assistant", A1), Turn("user", Q2)]
+    assert to_turns(_messages(messages)) == [Turn("user", Q1), Turn("assistant", A1), Turn("user", Q2)]

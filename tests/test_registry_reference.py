@@ -1,7 +1,7 @@
 """The shipped `model_registry.yaml` against an independent truth table.
 
-The table below was written by hand from the shared research reference
-(`/work/shared/reference/models.md`, 2026-11-27), NOT read from the YAML, so a typo in the registry
+The table below was written by hand from the project's research notes
+(`docs/reference/models.md`, 2026-11-27), NOT read from the YAML, so a typo in the registry
 (a wrong license key, a wrong context length, a stray or missing model) fails here.
 
 Columns: model id (the name clients send) -> (license key, commercial use, context length, HF architecture).

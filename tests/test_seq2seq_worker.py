@@ -17,6 +17,7 @@ import pytest
 
 from gateway.prompts.formats import FORMATS
 from gateway.prompts.messages import to_turns
+from gateway.wire.protocol import ChatMessage
 from gateway.workers.seq2seq_decode import Delta, TextTracker
 from tests.conftest import TEST_MODELS
 from tests.support.processes import Server, free_port, start_server
@@ -26,6 +27,10 @@ MAX_NEW_TOKENS = 4096  # above the default 512, so a generation can be made long
 PROMPT = "the quick brown fox"
 GREEDY = {"temperature": 0}
 TO_LENGTH = {"ignore_eos": True}  # vLLM extension: run to max_tokens whatever the random model says
+
+
+def _messages(messages: list[dict]) -> list[ChatMessage]:
+    return [ChatMessage.model_validate(message) for message in messages]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +125,7 @@ def test_chat(worker: Server, client: openai.OpenAI) -> None:
     [choice] = completion.choices
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
     assert choice.finish_reason == "length" and choice.logprobs is None
-    prompt = FORMATS["flan-t5"].render(to_turns(messages))
+    prompt = FORMATS["flan-t5"].render(to_turns(_messages(messages)))
     assert completion.usage.prompt_tokens == count_tokens(worker, prompt)
     assert completion.usage.completion_tokens == 6
 

@@ -29,7 +29,8 @@ def test_the_test_tenants_and_the_shipped_examples_load(tmp_path: Path) -> None:
     path = tmp_path / "tenants.yaml"
     path.write_text(yaml.safe_dump(tenants_document()))
     directory = load_tenants(path, REGISTRY)
-    assert set(directory.tenants) == {"research-lab", "prod-app", "prod-subst", "limited-dev"}
+    assert set(directory.tenants) == {"research-lab", "prod-app", "prod-subst", "limited-dev", "extras-lab"}
+    assert directory.tenants["extras-lab"].engine_extras == {"prompt_logprobs"}
     assert len(load_tenants(ROOT / "tenants.example.yaml", REGISTRY).tenants) == 3
     assert len(load_tenants(ROOT / "deploy/local/tenants.yaml", REGISTRY).tenants) == 2
 
@@ -95,3 +96,10 @@ def test_policy_explain_uses_the_same_decision(tmp_path: Path) -> None:
                              "alpaca-7b"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0
     assert result.stdout.startswith("deny (non-commercial-license-in-production): `alpaca-7b`")
+
+
+def test_unknown_engine_extra_names_the_field(tmp_path: Path) -> None:
+    document = tenants_document()
+    document["tenants"][1]["engine_extras"] = ["priority", "top_secret_knob"]
+    problems = _problems(tmp_path, document)
+    assert any("tenant 'prod-app': field 'engine_extras'" in p and "top_secret_knob" in p for p in problems)

@@ -26,10 +26,14 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         message = f"Invalid URL ({request.method} {request.url.path})"
+    elif exc.status_code == 405:
+        message = f"Invalid method for URL ({request.method} {request.url.path})."
     else:
         message = str(exc.detail)
     err_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return error_response(GatewayError(exc.status_code, message, type=err_type))
+    code = "method_not_allowed" if exc.status_code == 405 else None
+    return error_response(GatewayError(exc.status_code, message, type=err_type, code=code,
+                                       headers=dict(exc.headers or {})))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -5,7 +5,7 @@ A tenant sees only the models it may call (allowed, or substituted by a twin it 
 
 from __future__ import annotations
 
-from gateway.api.protocol import ModelCard, ModelHardware
+from gateway.wire.protocol import ModelCard, ModelHardware
 from gateway.policy.decide import decide
 from gateway.registry import Model, Registry
 from gateway.tenancy.tenants import Tenant

@@ -15,10 +15,11 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from gateway.backends.relay import StreamWatch, UsageCounter, relay_stream, upstream_error
-from gateway.backends.translate import ChatFromCompletion, Passthrough, Translator
+from gateway.backends.requests import EnginePayloads, Unsupported
+from gateway.backends.translate import ChatFromCompletion, ChatWithRefusal, Passthrough, Translator
 from gateway.backends.upstream import OpenAIUpstream, UpstreamResponse, UpstreamUnavailable
 from gateway.errors import GatewayError, no_backend_available
-from gateway.prompts.prepare import Reply, UpstreamCall
+from gateway.prompts.prepare import CHAT_PATH, Reply, UpstreamCall
 from gateway.registry.schema import Role
 
 _RETRYABLE = (502, 503, 504)
@@ -53,20 +54,27 @@ class Attempts:
     waited: Callable[[float], None]  # time spent waiting on an engine (excluded from the gateway's overhead)
 
 
-async def dispatch(upstreams: list[OpenAIUpstream], call: UpstreamCall, requested: str,
+async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, requested: str,
                    headers: dict[str, str], outcome: Outcome, attempts: Attempts, retry_after_s: int) -> Response:
-    stream = bool(call.payload.get("stream"))
+    call = payloads.call
+    stream = call.stream
     failures: list[str] = []
+    refusal: Unsupported | None = None
     timed_out = False
-    for tried, upstream in enumerate(upstreams):
+    tried = 0
+    for upstream in upstreams:
+        body = payloads.body_for(upstream.backend.engine)
+        if isinstance(body, Unsupported):  # this engine cannot take the request; another may
+            refusal = refusal or body
+            continue
         if tried >= attempts.max_attempts or (tried and not attempts.may_retry()):
             break
         outcome.retries = tried
-        call.payload["model"] = upstream.served_model_name
+        tried += 1
         attempts.started(upstream.id)
         sent = time.perf_counter()
         try:
-            response = await upstream.post(call.path, call.payload, stream=stream)
+            response = await upstream.post(call.path, {**body, "model": upstream.served_model_name}, stream=stream)
         except UpstreamUnavailable as exc:
             attempts.waited(time.perf_counter() - sent)
             attempts.finished(upstream.id, False)
@@ -91,7 +99,9 @@ async def dispatch(upstreams: list[OpenAIUpstream], call: UpstreamCall, requeste
         translator = _translator(call, upstream, requested)
         if stream:
             return await _stream_response(upstream, response, call, translator, requested, headers, outcome)
-        return await _json_response(response, translator, headers, outcome)
+        return await _json_response(upstream, response, translator, headers, outcome)
+    if not tried and refusal is not None:
+        raise refusal.to_client_error(requested)
     if timed_out:
         raise GatewayError(504, f"No backend for `{requested}` answered in time ({'; '.join(failures)}).",
                            type="upstream_error", code="upstream_timeout")
@@ -110,15 +120,18 @@ def _report_health(attempts: Attempts, backend_id: str) -> Callable[[Outcome], A
 def _translator(call: UpstreamCall, upstream: OpenAIUpstream, requested: str) -> Translator:
     if call.reply is Reply.CHAT_FROM_COMPLETION:
         return ChatFromCompletion(requested)
-    return Passthrough(served=upstream.served_model_name, requested=requested)
+    passthrough = Passthrough(served=upstream.served_model_name, requested=requested)
+    if call.path == CHAT_PATH and not upstream.profile.chat_has_refusal:
+        return ChatWithRefusal(passthrough)
+    return passthrough
 
 
-async def _json_response(response: UpstreamResponse, translator: Translator, headers: dict[str, str],
-                         outcome: Outcome) -> Response:
+async def _json_response(upstream: OpenAIUpstream, response: UpstreamResponse, translator: Translator,
+                         headers: dict[str, str], outcome: Outcome) -> Response:
     try:
         body = await response.read()
         if response.status != 200:
-            raise upstream_error(response.status, body)
+            raise upstream_error(response.status, body, upstream.profile.rejects_with_500)
         if not (body.startswith(b"{") and body.rstrip().endswith(b"}")):
             raise GatewayError(502, "The model backend sent a malformed answer.", type="upstream_error",
                                code="upstream_malformed")
@@ -135,9 +148,9 @@ async def _stream_response(upstream: OpenAIUpstream, response: UpstreamResponse,
     if response.status != 200:
         body = await response.read()
         await outcome.done()
-        raise upstream_error(response.status, body)
+        raise upstream_error(response.status, body, upstream.profile.rejects_with_500)
     usage = None
-    if _wants_usage(call.payload) and not upstream.profile.sends_stream_usage:
+    if call.include_usage and not upstream.profile.sends_stream_usage:
         usage = UsageCounter(count_prompt_tokens=lambda: _count_prompt(upstream, call))
     outcome.watch = StreamWatch(deadline=time.monotonic() + upstream.timeouts.total_s)
     events = relay_stream(response, translator, requested, usage, outcome.watch)
@@ -153,11 +166,6 @@ async def _finishing(events: AsyncIterator[bytes], outcome: Outcome) -> AsyncIte
     finally:
         await events.aclose()  # closes the engine's connection at once: vLLM aborts the generation
         await outcome.done()
-
-
-def _wants_usage(payload: dict) -> bool:
-    options = payload.get("stream_options")
-    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 async def _count_prompt(upstream: OpenAIUpstream, call: UpstreamCall) -> int:

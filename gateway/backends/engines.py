@@ -6,6 +6,7 @@ server ignores `stream_options.include_usage`, so the gateway adds the usage chu
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from gateway.registry.schema import Engine
@@ -19,7 +20,16 @@ class EngineProfile:
     # Tokenizer endpoint answering {"count": n}, and the body field that carries the text.
     tokenize_path: str | None
     tokenize_field: str = "prompt"
+    # Does a non-streamed chat message carry OpenAI's `refusal: null`? (The gateway adds it if not.)
+    chat_has_refusal: bool = True
+    # An engine 500 whose message matches is its answer to an invalid request (a client 400).
+    rejects_with_500: re.Pattern[str] | None = None
 
+
+# llama-cpp-python 0.3.36 answers an exception raised while it reads a request's sampling settings
+# with a 500 carrying the exception's text; these are the texts of its input checks (measured).
+_LLAMA_CPP_INPUT_ERRORS = (r"invalid literal for int|could not convert|must be|exceed context window|"
+                           r"out of range|not supported|Invalid|expected")
 
 ENGINE_PROFILES: dict[Engine, EngineProfile] = {
     Engine.VLLM: EngineProfile(health_path="/health", sends_stream_usage=True, tokenize_path="/tokenize"),
@@ -29,7 +39,7 @@ ENGINE_PROFILES: dict[Engine, EngineProfile] = {
     # /docs is answered by the same server process without the lock: a liveness probe that disturbs nothing.
     Engine.LLAMA_CPP: EngineProfile(
         health_path="/docs", sends_stream_usage=False, tokenize_path="/extras/tokenize/count",
-        tokenize_field="input",
+        tokenize_field="input", chat_has_refusal=False, rejects_with_500=re.compile(_LLAMA_CPP_INPUT_ERRORS),
     ),
     Engine.SEQ2SEQ: EngineProfile(health_path="/health", sends_stream_usage=True, tokenize_path="/tokenize"),
 }

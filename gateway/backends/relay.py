@@ -164,9 +164,29 @@ async def relay_stream(
     yield error_event("The model backend disconnected in the middle of the answer.", "upstream_disconnected")
 
 
-def upstream_error(status: int, body: bytes) -> GatewayError:
-    """The engine's error, in OpenAI's envelope, with the engine's status for client errors."""
+# Engine messages may carry a traceback or the engine's file paths: neither is the client's business.
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*", re.S)
+_PATH = re.compile(r"(?:/[\w.@+-]+)+\.py\b(?:, line \d+)?|(?:/[\w.@+-]+){3,}/?")
+_MAX_MESSAGE = 400
+
+
+def clean_engine_message(message: str) -> str:
+    message = _PATH.sub("<path>", _TRACEBACK.sub("", message))
+    message = " ".join(message.split())
+    return message[:_MAX_MESSAGE] + ("..." if len(message) > _MAX_MESSAGE else "") or "no detail"
+
+
+def upstream_error(status: int, body: bytes, rejects_with_500: re.Pattern[str] | None = None) -> GatewayError:
+    """The engine's error, in OpenAI's envelope, with the engine's status for client errors.
+
+    `rejects_with_500`: the engine's way of saying "invalid request" with a 500 (llama-cpp-python turns
+    the exceptions its sampling code raises on bad input into 500s); those are the client's 400.
+    """
     message, err_type, param, code = _parse_engine_error(body)
+    message = clean_engine_message(message)
+    if status >= 500 and rejects_with_500 is not None and rejects_with_500.search(message):
+        return GatewayError(400, f"The model backend rejected the request: {message}",
+                            param=param, code=code or "invalid_value")
     if status >= 500:
         return GatewayError(502, f"The model backend failed: {message}", type="upstream_error",
                             code="upstream_error")

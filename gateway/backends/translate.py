@@ -47,6 +47,26 @@ class Passthrough:
         yield self.body(data)
 
 
+@dataclass(frozen=True)
+class ChatWithRefusal:
+    """Chat from an engine whose non-streamed message leaves out `refusal` (llama.cpp): that body is
+    parsed once to add OpenAI's `refusal: null`, which typed clients expect; stream events pass through."""
+
+    passthrough: Passthrough
+
+    def body(self, data: bytes) -> bytes:
+        answer = orjson.loads(data)
+        for choice in answer.get("choices") or ():
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(message, dict):
+                message.setdefault("refusal", None)
+        answer["model"] = self.passthrough.requested
+        return orjson.dumps(answer)
+
+    def event(self, data: bytes) -> Iterator[bytes]:
+        return self.passthrough.event(data)
+
+
 @dataclass
 class ChatFromCompletion:
     requested: str
@@ -58,7 +78,7 @@ class ChatFromCompletion:
         choices = [
             {
                 "index": choice.get("index", 0),
-                "message": {"role": "assistant", "content": (choice.get("text") or "").lstrip()},
+                "message": {"role": "assistant", "content": (choice.get("text") or "").lstrip(), "refusal": None},
                 "logprobs": _chat_logprobs(choice.get("logprobs")),
                 "finish_reason": choice.get("finish_reason"),
             }

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from gateway.errors import GatewayError
+from gateway.wire.protocol import ChatMessage, ContentPart
 
 Role = Literal["system", "user", "assistant"]
 
@@ -16,29 +18,55 @@ class Turn:
     content: str
 
 
-def to_turns(messages: list[dict[str, Any]]) -> list[Turn]:
-    """Map messages to turns, or raise a 400 naming the first message no 2023 format can express."""
+def to_turns(messages: Sequence[ChatMessage]) -> list[Turn]:
+    """Map messages to turns (text parts joined), or raise a 400 naming the first message no model here
+    can take: tool and function roles or calls, images, audio and files."""
     turns = []
     for index, message in enumerate(messages):
-        role = message.get("role")
+        role = message.role
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
         if role not in ("system", "user", "assistant"):
             raise _inexpressible(index, f"role '{role}' (tool and function calls)", "role")
-        if message.get("tool_calls") or message.get("function_call"):
+        if message.tool_calls or message.function_call:
             raise _inexpressible(index, "tool calls", "tool_calls")
-        turns.append(Turn(role, _text_of(index, message.get("content"))))
+        turns.append(Turn(role, _text_of(index, message.content)))
     return turns
 
 
-def _text_of(index: int, content: Any) -> str:
+def refuse_control_strings(turns: Sequence[Turn], controls: Sequence[str]) -> None:
+    """A 400 naming the first message whose text contains one of the format's control strings.
+
+    Turn markers and special tokens in user text would let a client forge turns (a system turn inside
+    a user message) once the prompt is rendered or the engine's template applied. The formats have no
+    escape syntax, and silently changing a client's text is worse than saying no. A control written
+    with a leading newline ("\\nUser:") only counts at the start of a line.
+    """
+    for index, turn in enumerate(turns):
+        text = "\n" + turn.content
+        for control in controls:
+            if control in text:
+                shown = control.lstrip("\n")
+                raise GatewayError(
+                    400,
+                    f"messages[{index}]: the content contains '{shown}', a control sequence of this model's "
+                    "prompt format; remove it (turn markers and special tokens cannot appear in message text).",
+                    param=f"messages[{index}].content",
+                    code="invalid_value",
+                )
+
+
+def _text_of(index: int, content: str | list[ContentPart] | None) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     parts = []
     for part in content:
-        if part.get("type") != "text":
-            raise _inexpressible(index, f"content of type '{part.get('type')}'", "content")
-        parts.append(part.get("text") or "")
+        if part.type == "text":
+            parts.append(part.text or "")
+        elif part.type == "refusal":  # an assistant turn that refused: its words are the turn's text
+            parts.append(part.refusal or "")
+        else:
+            raise _inexpressible(index, f"content of type '{part.type}'", "content")
     return "".join(parts)
 
 

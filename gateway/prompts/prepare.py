@@ -1,9 +1,16 @@
-"""Turn a client request into the call the engine needs: which endpoint, what payload, what comes back.
+"""Turn a validated client request into the engine-neutral call: which endpoint, which fields, which prompt.
 
-Chat to a model whose engine template is right (`native_chat_template`) is forwarded as chat. Every
-other chat is rendered here with the model's own prompt format and sent to the engine's
-`/v1/completions`; the answer is translated back into chat shape (`Reply.CHAT_FROM_COMPLETION`).
-Either way the format's stop strings are added to the request.
+The payload is built from the *validated* request (never the client's raw JSON): spec fields with the
+spec's types, nulls dropped, text parts flattened, fields that mean nothing to a self-hosted engine
+left out, and fields no model here can honour refused with a 400. Each engine's translator
+(`gateway.backends.requests`) then renames and checks what its engine takes.
+
+Chat to a model whose engine template is right (`native_chat_template`) is forwarded as chat; the
+engine applies its template. Every other chat is rendered here with the model's prompt format and
+sent to the engine's `/v1/completions`; the answer is translated back (`Reply.CHAT_FROM_COMPLETION`).
+Either way the format's stop strings are added, except those that only repeat the tokenizer's EOS
+(the engine stops there anyway, and vLLM holds back `len(stop) - 1` characters of every stream while a
+stop string could still match).
 """
 
 from __future__ import annotations
@@ -13,15 +20,28 @@ from enum import Enum
 from typing import Any
 
 from gateway.errors import GatewayError
-from gateway.prompts.formats import FORMATS
-from gateway.prompts.messages import to_turns
+from gateway.prompts.formats import FORMATS, PromptFormat
+from gateway.prompts.messages import Turn, refuse_control_strings, to_turns
 from gateway.registry.schema import Model
+from gateway.wire.protocol import ChatCompletionRequest, CompletionRequest
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
-# Chat-only fields a completions endpoint does not take (after their completions equivalents are set).
-_CHAT_ONLY = ("messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
-              "tool_choice", "parallel_tool_calls", "functions", "function_call")
+
+# Spec fields an engine has no use for: accepted from the client, never forwarded.
+_NOT_FORWARDED = frozenset({
+    "model", "user", "store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key",
+    "prompt_cache_retention", "prompt_cache_options", "prediction", "parallel_tool_calls", "messages",
+    "max_completion_tokens", "stream_options", "tools", "tool_choice", "functions", "function_call",
+    "modalities",
+})
+# Spec fields no model of the ten families can honour: a 400 when set rather than a silent no-op.
+_UNSUPPORTED = {
+    "audio": "audio output", "reasoning_effort": "reasoning effort", "verbosity": "verbosity",
+    "web_search_options": "web search", "moderation": "moderation",
+}
+# Chat fields a completions endpoint takes under another shape (set by _as_completion).
+_CHAT_ONLY = ("logprobs", "top_logprobs", "response_format", "chat_template", "chat_template_kwargs")
 
 
 class Reply(Enum):
@@ -32,9 +52,15 @@ class Reply(Enum):
 @dataclass
 class UpstreamCall:
     path: str
-    payload: dict[str, Any]
+    payload: dict[str, Any]  # engine-neutral: validated spec fields and allowed extras, no nulls
     prompt_text: str | None  # the prompt as text when known (token counting, context check)
     reply: Reply = Reply.AS_IS
+    session: str | None = None  # the client's `user`, for session affinity only
+    include_usage: bool = False  # the client asked for the usage chunk of a stream
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.payload.get("stream"))
 
     @property
     def prompt_estimate(self) -> int:
@@ -43,10 +69,10 @@ class UpstreamCall:
 
     @property
     def max_tokens(self) -> int | None:
-        return self.payload.get("max_tokens") or self.payload.get("max_completion_tokens")
+        return self.payload.get("max_tokens")
 
 
-def prepare_chat(model: Model, body: dict[str, Any]) -> UpstreamCall:
+def prepare_chat(model: Model, request: ChatCompletionRequest) -> UpstreamCall:
     if model.prompt_format == "none" and not model.allow_chat_without_format:
         raise GatewayError(
             400,
@@ -55,40 +81,90 @@ def prepare_chat(model: Model, body: dict[str, Any]) -> UpstreamCall:
             code="chat_not_supported",
         )
     prompt_format = FORMATS[model.prompt_format]
-    prompt = prompt_format.render(to_turns(body["messages"]), model.default_system_prompt)
-    payload = _with_stops(model, body, prompt_format.stop)
+    turns = to_turns(request.messages)
+    refuse_control_strings(turns, prompt_format.controls)
+    payload = _forwarded(request)
+    _refuse_tools(request)
+    limit = request.max_completion_tokens or request.max_tokens
+    if limit is not None:
+        payload["max_tokens"] = limit
+    _add_stops(payload, model, prompt_format)
     if model.native_chat_template:
-        return UpstreamCall(CHAT_PATH, payload, prompt_text=prompt)
-    return UpstreamCall(COMPLETIONS_PATH, _as_completion(payload, prompt), prompt_text=prompt,
-                        reply=Reply.CHAT_FROM_COMPLETION)
+        # The engine's template decides which conversations it takes; the 2023 rules are not ours to add.
+        prompt = prompt_format.render(turns, model.default_system_prompt, strict=False)
+        payload["messages"] = [{"role": turn.role, "content": turn.content} for turn in turns]
+        return _call(CHAT_PATH, payload, prompt, Reply.AS_IS, request)
+    prompt = prompt_format.render(turns, model.default_system_prompt)
+    return _call(COMPLETIONS_PATH, _as_completion(payload, prompt, limit), prompt,
+                 Reply.CHAT_FROM_COMPLETION, request)
 
 
-def prepare_completion(model: Model, body: dict[str, Any]) -> UpstreamCall:
-    prompt = body.get("prompt")
-    return UpstreamCall(COMPLETIONS_PATH, body, prompt_text=prompt if isinstance(prompt, str) else None)
+def prepare_completion(model: Model, request: CompletionRequest) -> UpstreamCall:
+    payload = _forwarded(request)
+    prompt = request.prompt
+    return _call(COMPLETIONS_PATH, payload, prompt if isinstance(prompt, str) else None, Reply.AS_IS, request)
 
 
-def _with_stops(model: Model, body: dict[str, Any], format_stops: tuple[str, ...]) -> dict[str, Any]:
-    stop = body.get("stop")
-    client_stops = [stop] if isinstance(stop, str) else list(stop or ())
-    payload = dict(body)
-    payload["stop"] = client_stops + [s for s in format_stops if s not in client_stops]
-    if model.stop_token_ids:
-        payload["stop_token_ids"] = list(dict.fromkeys([*body.get("stop_token_ids", ()), *model.stop_token_ids]))
+def _call(path: str, payload: dict[str, Any], prompt: str | None, reply: Reply,
+          request: ChatCompletionRequest | CompletionRequest) -> UpstreamCall:
+    options = request.stream_options
+    include_usage = bool(request.stream and options is not None and options.include_usage)
+    if include_usage:
+        payload["stream_options"] = {"include_usage": True}
+    return UpstreamCall(path, payload, prompt, reply, session=request.user, include_usage=include_usage)
+
+
+def _forwarded(request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    payload = {}
+    for name in request.model_fields_set:
+        value = getattr(request, name)
+        if value is None or name in _NOT_FORWARDED:
+            continue
+        if name in _UNSUPPORTED:
+            raise _unsupported(name, f"{_UNSUPPORTED[name]} is not supported by the models this gateway serves")
+        payload[name] = value
+    modalities = getattr(request, "modalities", None)
+    if modalities and set(modalities) != {"text"}:
+        raise _unsupported("modalities", "only text output is supported by the models this gateway serves")
+    if isinstance(payload.get("response_format"), dict) and payload["response_format"].get("type") == "text":
+        del payload["response_format"]  # the default
     return payload
 
 
-def _as_completion(payload: dict[str, Any], prompt: str) -> dict[str, Any]:
-    if payload.get("tools") or payload.get("functions"):
-        raise GatewayError(400, "This model's prompt format cannot express tools.", param="tools",
-                           code="unsupported_parameter")
+def _refuse_tools(request: ChatCompletionRequest) -> None:
+    """None of the ten families was tuned for tool calling; `tool_choice: "none"` just drops the tools."""
+    if request.tools and request.tool_choice != "none":
+        raise _unsupported("tools", "tool calling is not supported by this model")
+    if request.functions and request.function_call != "none":
+        raise _unsupported("functions", "function calling is not supported by this model")
+
+
+def _add_stops(payload: dict[str, Any], model: Model, prompt_format: PromptFormat) -> None:
+    stop = payload.get("stop")
+    client_stops = [stop] if isinstance(stop, str) else list(stop or ())
+    added = [s for s in prompt_format.stop if s not in client_stops and s != prompt_format.eos]
+    if client_stops or added:
+        payload["stop"] = client_stops + added
+    if model.stop_token_ids:
+        payload["stop_token_ids"] = list(dict.fromkeys([*payload.get("stop_token_ids", ()),
+                                                         *model.stop_token_ids]))
+
+
+def _as_completion(payload: dict[str, Any], prompt: str, limit: int | None) -> dict[str, Any]:
     completion = {key: value for key, value in payload.items() if key not in _CHAT_ONLY}
     completion["prompt"] = prompt
     # Chat without a limit means "until the context is full"; completions endpoints default to 16
     # tokens instead, so say explicitly that there is no limit (vLLM and llama.cpp read null so).
-    completion["max_tokens"] = payload.get("max_tokens") or payload.get("max_completion_tokens")
+    completion["max_tokens"] = limit
     if payload.get("logprobs"):  # chat's bool + top_logprobs -> completions' int
         completion["logprobs"] = payload.get("top_logprobs") or 1
-    else:
-        completion.pop("logprobs", None)
+    if "response_format" in payload:
+        raise _unsupported("response_format", "response_format is not supported by this model's prompt format")
+    if payload.get("chat_template") or payload.get("chat_template_kwargs"):
+        raise _unsupported("chat_template", "this model's chat is rendered by the gateway, not by a template")
     return completion
+
+
+def _unsupported(param: str, why: str) -> GatewayError:
+    return GatewayError(400, f"Unsupported parameter '{param}': {why}.", param=param,
+                        code="unsupported_parameter")

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.errors import ConfigError, field_path
 from gateway.registry import Registry
 from gateway.tenancy.ratelimit import Limits
+from gateway.wire.protocol import PRIVILEGED_EXTRAS
 
 KEY_PREFIX = "sk-gw-"
 _HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
@@ -52,6 +53,17 @@ class TenantSpec(BaseModel):
     substitutions: bool = False  # opt in to a commercially usable twin instead of a 403
     admin: bool = False  # may call /admin/* (reload, backends)
     limits: LimitsSpec = LimitsSpec()
+    # Engine knobs that cost the shared engines more than tokens (gateway.wire.protocol.PRIVILEGED_EXTRAS).
+    engine_extras: list[str] = []
+
+    @field_validator("engine_extras")
+    @classmethod
+    def _known_extras(cls, names: list[str]) -> list[str]:
+        unknown = [name for name in names if name not in PRIVILEGED_EXTRAS]
+        if unknown:
+            raise ValueError(f"unknown engine extra(s) {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(sorted(PRIVILEGED_EXTRAS))}")
+        return names
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,7 @@ class Tenant:
     substitutions: bool
     admin: bool
     limits: Limits
+    engine_extras: frozenset[str] = frozenset()
 
     def denies(self, model_id: str) -> bool:
         return any(fnmatch.fnmatchcase(model_id, pattern) for pattern in self.deny_models)
@@ -179,6 +192,7 @@ def _directory(specs: list[TenantSpec]) -> TenantDirectory:
             substitutions=spec.substitutions,
             admin=spec.admin,
             limits=Limits(spec.limits.rpm, spec.limits.tpm, spec.limits.max_concurrent),
+            engine_extras=frozenset(spec.engine_extras),
         )
         tenants[spec.name] = tenant
         for key_hash in spec.api_key_hashes:

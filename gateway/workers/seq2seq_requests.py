@@ -1,8 +1,8 @@
 """OpenAI request bodies -> what the engine runs (`Job`), or OpenAI's 400/404 envelope naming the param.
 
-The gateway's own schemas (`gateway.api.protocol`) validate the OpenAI fields; the vLLM sampling
-extensions the gateway passes through (`top_k`, `ignore_eos`, `min_tokens`, `repetition_penalty`,
-`stop_token_ids`) are validated here too, since this worker honours them.
+The gateway's wire schema (`gateway.wire.protocol`) validates the OpenAI fields and the vLLM sampling
+extensions; this worker honours `top_k`, `ignore_eos`, `min_tokens`, `repetition_penalty` and
+`stop_token_ids` and refuses the other extensions with a 400 naming them.
 """
 
 from __future__ import annotations
@@ -10,13 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from gateway.api.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.api.validation import parse_body
 from gateway.errors import GatewayError, model_not_found
 from gateway.prompts.formats import FORMATS
 from gateway.prompts.messages import to_turns
+from gateway.wire.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.wire.validation import parse_request
 from gateway.workers.seq2seq_engine import SamplingParams
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
@@ -24,24 +22,7 @@ CHAT_DEFAULT_MAX_TOKENS = 256  # chat without a limit: the remaining budget, but
 MAX_ROWS = 128  # prompts x n decoded in one batch
 
 
-class _Extensions(BaseModel):
-    """vLLM sampling extensions (mixed into both request schemas)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    top_k: int | None = Field(default=None, ge=-1)
-    min_tokens: int | None = Field(default=None, ge=0)
-    ignore_eos: bool | None = None
-    repetition_penalty: float | None = Field(default=None, gt=0, le=2)
-    stop_token_ids: list[int] | None = None
-
-
-class CompletionBody(CompletionRequest, _Extensions):
-    pass
-
-
-class ChatBody(ChatCompletionRequest, _Extensions):
-    pass
+HONOURED_EXTRAS = frozenset({"top_k", "min_tokens", "ignore_eos", "repetition_penalty", "stop_token_ids"})
 
 
 class Tokenizer(Protocol):
@@ -65,8 +46,7 @@ class Job:
 
 
 def parse_completion(raw: bytes, served: str, tok: Tokenizer, max_new_tokens: int) -> Job:
-    body = parse_body(raw, CompletionBody)
-    req = CompletionBody.model_validate(body)
+    req = parse_request(raw, CompletionRequest)
     _check_model(req.model, served)
     if req.suffix:
         raise _unsupported("suffix", "suffix is not supported by this model.")
@@ -77,14 +57,13 @@ def parse_completion(raw: bytes, served: str, tok: Tokenizer, max_new_tokens: in
     prompts, texts = _completion_prompts(req.prompt, tok)
     # OpenAI: an absent max_tokens means 16; an explicit null means "no limit" (the gateway sends
     # that when it turns a chat into a completion), i.e. the chat default.
-    default = COMPLETION_DEFAULT_MAX_TOKENS if "max_tokens" not in body else None
-    return _job(req, body, False, prompts, texts, tok, max_new_tokens, req.max_tokens or default,
+    default = COMPLETION_DEFAULT_MAX_TOKENS if "max_tokens" not in req.model_fields_set else None
+    return _job(req, False, prompts, texts, tok, max_new_tokens, req.max_tokens or default,
                 echo=bool(req.echo), param="prompt")
 
 
 def parse_chat(raw: bytes, served: str, tok: Tokenizer, max_new_tokens: int, prompt_format: str) -> Job:
-    body = parse_body(raw, ChatBody)
-    req = ChatBody.model_validate(body)
+    req = parse_request(raw, ChatCompletionRequest)
     _check_model(req.model, served)
     if req.logprobs or req.top_logprobs:
         raise _unsupported("logprobs", "logprobs are not supported by this model's server.")
@@ -93,14 +72,17 @@ def parse_chat(raw: bytes, served: str, tok: Tokenizer, max_new_tokens: int, pro
     kind = (req.response_format or {}).get("type", "text")
     if kind != "text":
         raise _unsupported("response_format", f"response_format '{kind}' is not supported by this model.")
-    text = FORMATS[prompt_format].render(to_turns(body["messages"]))
-    return _job(req, body, True, [tok.encode(text)], [text], tok, max_new_tokens,
+    text = FORMATS[prompt_format].render(to_turns(req.messages))
+    return _job(req, True, [tok.encode(text)], [text], tok, max_new_tokens,
                 req.max_completion_tokens or req.max_tokens, echo=False, param="messages")
 
 
-def _job(req: CompletionBody | ChatBody, body: dict[str, Any], chat: bool, prompts: list[list[int]],
+def _job(req: CompletionRequest | ChatCompletionRequest, chat: bool, prompts: list[list[int]],
          texts: list[str], tok: Tokenizer, max_new_tokens: int, max_tokens: int | None, *, echo: bool,
          param: str) -> Job:
+    refused = sorted(req.extras - HONOURED_EXTRAS)
+    if refused:
+        raise _unsupported(refused[0], f"'{refused[0]}' is not supported by this model's server.")
     longest = max(len(p) for p in prompts)
     if longest > tok.max_model_len:
         where = "in the messages" if chat else "in your prompt"
@@ -121,7 +103,7 @@ def _job(req: CompletionBody | ChatBody, body: dict[str, Any], chat: bool, promp
         # model's context length, so the default stays within what is left of it.
         max_tokens = min(CHAT_DEFAULT_MAX_TOKENS, max_new_tokens, max(1, tok.max_model_len - longest))
     if max_tokens > max_new_tokens:
-        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        name = "max_completion_tokens" if "max_completion_tokens" in req.model_fields_set else "max_tokens"
         raise GatewayError(400, f"Invalid '{name}': this server generates at most {max_new_tokens} tokens, "
                            f"but {max_tokens} were requested.", param=name, code="invalid_value")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])

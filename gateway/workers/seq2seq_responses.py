@@ -65,7 +65,8 @@ class Reply:
         for row in range(self.rows):
             choice: dict[str, Any] = {"index": row}
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": self.texts[row], "tool_calls": []}
+                choice["message"] = {"role": "assistant", "content": self.texts[row], "refusal": None,
+                                     "tool_calls": []}
             else:
                 choice["text"] = self.texts[row]
             choice.update(logprobs=None, finish_reason=self.finish[row] or "length",

@@ -1,21 +1,23 @@
-"""Parse and validate a request body into a plain dict, or raise OpenAI's 400 naming the `param`."""
+"""Parse and validate a request body into its typed model, or raise OpenAI's 400 naming the `param`."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
 
 from gateway.errors import GatewayError
 
+Request = TypeVar("Request", bound=BaseModel)
+
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "a boolean", "string": "a string",
                "list": "an array", "dict": "an object", "model": "an object"}
 
 
-def parse_body(raw: bytes, schema: type[BaseModel]) -> dict[str, Any]:
+def parse_request(raw: bytes, schema: type[Request]) -> Request:
     try:
-        body = orjson.loads(raw)
+        body = orjson.loads(raw)  # orjson refuses nesting deeper than 1,024 levels: a 400 too
     except orjson.JSONDecodeError:
         raise GatewayError(
             400,
@@ -24,10 +26,9 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise GatewayError(400, "The request body must be a JSON object.")
     try:
-        schema.model_validate(body)
+        return schema.model_validate(body)
     except ValidationError as exc:
         raise _to_openai_error(exc) from None
-    return body
 
 
 def _to_openai_error(exc: ValidationError) -> GatewayError:
@@ -35,6 +36,11 @@ def _to_openai_error(exc: ValidationError) -> GatewayError:
     loc = [part for part in error["loc"] if not _is_union_branch(part)]
     param = _param_path(loc)
     kind = error["type"]
+    if kind == "extra_forbidden":
+        return GatewayError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                            code="unknown_parameter")
+    if kind == "json_depth":
+        return GatewayError(400, f"Invalid '{param}': {error['msg']}.", param=param, code="invalid_value")
     if kind == "missing":
         return GatewayError(400, f"Missing required parameter: '{param}'.", param=param,
                             code="missing_required_parameter")

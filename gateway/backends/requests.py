@@ -1,0 +1,144 @@
+"""One request translator per engine: the engine-neutral call -> the body this engine takes.
+
+As Envoy AI Gateway keeps one translator per format/backend pair: each engine's translator renames
+what its engine calls differently, refuses what its engine cannot do (with the param and why) before
+any engine is called, and forwards only the extras its engine honours. A backend whose engine cannot
+take a request is skipped by the dispatcher; when no backend of the model can, the client gets the 400.
+
+What each engine takes, measured on the versions the registry pins (vLLM 0.32 / 0.27 on CPU,
+llama-cpp-python 0.3.36's server, our seq2seq worker):
+- vLLM: every spec field below, batched and token-id prompts, `n`; not `suffix`, not `best_of` > `n`
+  (its V1 engine dropped best_of); all sampling extras and the privileged vLLM knobs.
+- llama.cpp: one text prompt per request and one choice (`n` is ignored by its server, so `n` > 1 is
+  refused rather than silently answered with one choice); `repetition_penalty` is its
+  `repeat_penalty`; `grammar` for tenants allowed it. Its validation errors come back as 500s.
+- seq2seq worker: batched and token-id prompts, `n`, `best_of` <= `n`; no logprobs, no suffix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.errors import GatewayError
+from gateway.prompts.prepare import COMPLETIONS_PATH, UpstreamCall
+from gateway.registry.schema import Engine
+from gateway.wire.protocol import SAMPLING_EXTRAS
+
+
+class Unsupported(Exception):
+    """This engine cannot take the request: `param` and a reason a client can act on."""
+
+    def __init__(self, param: str, why: str) -> None:
+        super().__init__(why)
+        self.param = param
+        self.why = why
+
+    def to_client_error(self, model_id: str) -> GatewayError:
+        return GatewayError(400, f"Unsupported parameter '{self.param}' for `{model_id}`: {self.why}.",
+                            param=self.param, code="unsupported_parameter")
+
+
+@dataclass(frozen=True)
+class RequestTranslator:
+    """The common shape; each engine's instance below states what differs."""
+
+    name: str
+    extras: frozenset[str]  # non-spec fields this engine honours
+    renames: dict[str, str] = field(default_factory=dict)
+    several_choices: bool = True  # n > 1
+    best_of: bool = False  # best_of > n
+    token_prompts: bool = True
+    prompt_batches: bool = True
+    suffix: bool = False
+    logprobs: bool = True
+    response_format: frozenset[str] = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+    def translate(self, call: UpstreamCall) -> dict[str, Any]:
+        payload = call.payload
+        for name in payload.keys() & _ALL_EXTRAS:
+            if name not in self.extras:
+                raise Unsupported(name, f"the {self.name} engine serving it does not take `{name}`")
+        if not self.several_choices and payload.get("n", 1) > 1:
+            raise Unsupported("n", f"the {self.name} engine serving it generates one choice per request")
+        if payload.get("best_of", 1) > payload.get("n", 1) and not self.best_of:
+            raise Unsupported("best_of", f"the {self.name} engine serving it cannot rank best_of > n choices")
+        if payload.get("suffix") and not self.suffix:
+            raise Unsupported("suffix", f"the {self.name} engine serving it does not insert text")
+        if not self.logprobs and (payload.get("logprobs") or payload.get("top_logprobs")):
+            raise Unsupported("logprobs", f"the {self.name} engine serving it does not return logprobs")
+        if "response_format" in payload and call.path not in self.response_format:
+            raise Unsupported("response_format", f"the {self.name} engine serving it cannot constrain "
+                              "the output of this endpoint")
+        body = {self.renames.get(name, name): value for name, value in payload.items() if name != "best_of"}
+        if payload.get("best_of", 1) > payload.get("n", 1):
+            body["best_of"] = payload["best_of"]
+        if call.path == COMPLETIONS_PATH and "prompt" in payload:
+            body["prompt"] = self.prompt(payload["prompt"])
+        return body
+
+    def prompt(self, prompt: Any) -> Any:
+        if isinstance(prompt, str):
+            return prompt
+        if not self.token_prompts and isinstance(prompt[0], (int, list)):
+            raise Unsupported("prompt", f"the {self.name} engine serving it takes text prompts, not token ids")
+        if not self.prompt_batches and (isinstance(prompt[0], list) or len(prompt) > 1):
+            raise Unsupported("prompt", f"the {self.name} engine serving it takes one prompt per request")
+        if not self.prompt_batches and isinstance(prompt[0], str):
+            return prompt[0]  # a list of one text
+        return prompt
+
+
+_VLLM_EXTRAS = SAMPLING_EXTRAS | {
+    "priority", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+    "structured_outputs", "chat_template", "chat_template_kwargs", "prompt_logprobs", "vllm_xargs",
+    "kv_transfer_params",
+}
+_ALL_EXTRAS = _VLLM_EXTRAS | {"grammar"}
+
+VLLM = RequestTranslator("vLLM", extras=frozenset(_VLLM_EXTRAS))
+LLAMA_CPP = RequestTranslator(
+    "llama.cpp", extras=frozenset({"top_k", "min_p", "repetition_penalty", "grammar"}),
+    renames={"repetition_penalty": "repeat_penalty"}, several_choices=False, token_prompts=False,
+    prompt_batches=False, suffix=True, response_format=frozenset({"/v1/chat/completions"}),
+)
+SEQ2SEQ = RequestTranslator(
+    "seq2seq", extras=frozenset({"top_k", "min_tokens", "ignore_eos", "repetition_penalty", "stop_token_ids"}),
+    logprobs=False, response_format=frozenset(),
+)
+
+TRANSLATORS: dict[Engine, RequestTranslator] = {Engine.VLLM: VLLM, Engine.LLAMA_CPP: LLAMA_CPP,
+                                                 Engine.SEQ2SEQ: SEQ2SEQ}
+
+
+class EnginePayloads:
+    """One request's body per engine, translated once and shared by every backend of that engine."""
+
+    __slots__ = ("call", "model_id", "_bodies")
+
+    def __init__(self, call: UpstreamCall, model_id: str) -> None:
+        self.call = call
+        self.model_id = model_id
+        self._bodies: dict[Engine, dict[str, Any] | Unsupported] = {}
+
+    def body_for(self, engine: Engine) -> dict[str, Any] | Unsupported:
+        body = self._bodies.get(engine)
+        if body is None:
+            try:
+                body = TRANSLATORS[engine].translate(self.call)
+            except Unsupported as exc:
+                body = exc
+            self._bodies[engine] = body
+        return body
+
+    def require_some(self, engines: Iterable[Engine]) -> None:
+        """The client's 400 when none of these engines can take the request (before it is admitted)."""
+        refusal = None
+        for engine in engines:
+            body = self.body_for(engine)
+            if not isinstance(body, Unsupported):
+                return
+            refusal = refusal or body
+        if refusal is not None:
+            raise refusal.to_client_error(self.model_id)
