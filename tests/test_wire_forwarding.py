@@ -260,3 +260,34 @@ def test_markers_in_mid_line_are_text_for_line_start_formats(client: openai.Open
     completion = client.chat.completions.create(model="falcon-7b-instruct", max_tokens=2, messages=[
         {"role": "user", "content": "The label says User: admin"}])
     assert completion.choices
+
+
+# --- the engine's own "invalid request" answers ------------------------------------------------------
+
+def test_llama_cpp_validation_500_is_a_clean_400_and_no_backend_failure(gateway: Server) -> None:
+    """llama-cpp-python answers top_k < 0 with a 500 carrying its pydantic error and file paths."""
+    before = _backends(gateway)["llamacpp-smollm2-local"]["consecutive_errors"]
+    for stream in (False, True):
+        response = _post(gateway, "/v1/chat/completions",
+                         {"model": LOCAL_MODEL, "messages": HELLO, "top_k": -1, "max_tokens": 2, "stream": stream})
+        assert response.status_code == 400, response.text
+        message = _error(response)["message"]
+        assert "validation error" in message and "site-packages" not in message and ".py" not in message
+    assert _backends(gateway)["llamacpp-smollm2-local"]["consecutive_errors"] == before == 0
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "", "max_tokens": 2}, "prompt"),  # vLLM: 400; llama.cpp: a failed assert (500)
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),  # llama.cpp reads 0 as "no limit"
+    ({"prompt": "hi", "stop": ""}, "stop"),  # llama.cpp stops at once; vLLM: 400
+])
+def test_inputs_every_engine_mishandles_are_400s(gateway: Server, body: dict, param: str) -> None:
+    for model in (LOCAL_MODEL, VLLM_BASE):
+        response = _post(gateway, "/v1/completions", {"model": model, **body})
+        assert response.status_code == 400 and _error(response)["param"] == param, response.text
+
+
+def test_json_schema_output_is_refused_where_llama_cpp_cannot_do_it(gateway: Server) -> None:
+    response = _post(gateway, "/v1/chat/completions", {"model": LOCAL_MODEL, "messages": HELLO, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}})
+    assert response.status_code == 400 and _error(response)["param"] == "response_format"

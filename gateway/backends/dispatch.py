@@ -153,7 +153,8 @@ async def _stream_response(upstream: OpenAIUpstream, response: UpstreamResponse,
     if call.include_usage and not upstream.profile.sends_stream_usage:
         usage = UsageCounter(count_prompt_tokens=lambda: _count_prompt(upstream, call))
     outcome.watch = StreamWatch(deadline=time.monotonic() + upstream.timeouts.total_s)
-    events = relay_stream(response, translator, requested, usage, outcome.watch)
+    events = relay_stream(response, translator, requested, usage, outcome.watch,
+                          empty_is_rejection=upstream.profile.rejects_with_500 is not None)
     return StreamingResponse(_finishing(events, outcome), media_type="text/event-stream",
                              headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
 

@@ -26,10 +26,13 @@ class EngineProfile:
     rejects_with_500: re.Pattern[str] | None = None
 
 
-# llama-cpp-python 0.3.36 answers an exception raised while it reads a request's sampling settings
-# with a 500 carrying the exception's text; these are the texts of its input checks (measured).
-_LLAMA_CPP_INPUT_ERRORS = (r"invalid literal for int|could not convert|must be|exceed context window|"
-                           r"out of range|not supported|Invalid|expected")
+# llama-cpp-python 0.3.36 answers invalid input with a 500 carrying the exception's text (measured for
+# every spec-valid shape it cannot take): its own pydantic validation ("1 validation error: ..." with its
+# file paths), ctypes' "argument 5: TypeError: wrong type" (null penalties), "invalid literal for int()"
+# (logit_bias keys), its chat template's "can only concatenate", and an empty message (a failed assert
+# on the prompt list). Real engine faults (a crash, a broken connection) never arrive as such a 500.
+_LLAMA_CPP_INPUT_ERRORS = (r"^\d+ validation errors?:|TypeError|invalid literal for int\(\)|"
+                           r"can only concatenate|^$")
 
 ENGINE_PROFILES: dict[Engine, EngineProfile] = {
     Engine.VLLM: EngineProfile(health_path="/health", sends_stream_usage=True, tokenize_path="/tokenize"),

@@ -98,19 +98,21 @@ class StreamWatch:
         self._last = now
 
 
-def error_event(message: str, code: str) -> bytes:
+def error_event(message: str, code: str, type: str = "upstream_error") -> bytes:
     """One SSE event the official SDK raises on: never a silent end that looks like a full answer."""
-    body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
+    body = {"error": {"message": message, "type": type, "param": None, "code": code}}
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
 async def relay_stream(
     response: UpstreamResponse, translator: Translator, requested_model: str, usage: UsageCounter | None,
-    watch: StreamWatch,
+    watch: StreamWatch, empty_is_rejection: bool = False,
 ) -> AsyncIterator[bytes]:
     """Yield the client's SSE bytes from an engine's SSE response: all complete events of each read at once.
 
     Each read is forwarded as soon as it arrives (no buffering beyond an incomplete event), as one write.
+    `empty_is_rejection`: the engine answers a request it finds invalid once streaming started with a
+    stream that ends cleanly before any event (llama-cpp-python): the client's error, not the engine's.
     """
     buffer = b""
     try:
@@ -152,6 +154,10 @@ async def relay_stream(
                 watch.saw_events(seen, now)
             if out:
                 yield b"".join(out)
+        if empty_is_rejection and watch.events == 0:
+            yield error_event("The model backend rejected the request as invalid (it ended the stream "
+                              "without an answer).", "invalid_value", type="invalid_request_error")
+            return
         watch.failure = "ended without [DONE]"
     except UpstreamStalled:
         watch.failure = "stalled"
@@ -165,7 +171,7 @@ async def relay_stream(
 
 
 # Engine messages may carry a traceback or the engine's file paths: neither is the client's business.
-_TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*", re.S)
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*|\s*File \"[^\"]*\", line \d+.*", re.S)
 _PATH = re.compile(r"(?:/[\w.@+-]+)+\.py\b(?:, line \d+)?|(?:/[\w.@+-]+){3,}/?")
 _MAX_MESSAGE = 400
 
@@ -182,10 +188,10 @@ def upstream_error(status: int, body: bytes, rejects_with_500: re.Pattern[str] |
     `rejects_with_500`: the engine's way of saying "invalid request" with a 500 (llama-cpp-python turns
     the exceptions its sampling code raises on bad input into 500s); those are the client's 400.
     """
-    message, err_type, param, code = _parse_engine_error(body)
-    message = clean_engine_message(message)
-    if status >= 500 and rejects_with_500 is not None and rejects_with_500.search(message):
-        return GatewayError(400, f"The model backend rejected the request: {message}",
+    raw_message, err_type, param, code = _parse_engine_error(body)
+    message = clean_engine_message(raw_message)
+    if status >= 500 and rejects_with_500 is not None and rejects_with_500.search(raw_message):
+        return GatewayError(400, f"The model backend rejected the request as invalid: {message}",
                             param=param, code=code or "invalid_value")
     if status >= 500:
         return GatewayError(502, f"The model backend failed: {message}", type="upstream_error",
@@ -201,12 +207,12 @@ def _parse_engine_error(body: bytes) -> tuple[str, str, str | None, str | None]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return body.decode("utf-8", "replace")[:500] or "no detail", "", None, None
+        return body.decode("utf-8", "replace")[:500], "", None, None
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
         data = data["error"]  # OpenAI / vLLM >= 0.10 / llama.cpp shape
     if not isinstance(data, dict):
         return str(data)[:500], "", None, None
-    message = data.get("message") or data.get("detail") or "no detail"
+    message = data.get("message") or data.get("detail") or ""
     if not isinstance(message, str):
         message = orjson.dumps(message).decode()[:500]
     code = data.get("code")

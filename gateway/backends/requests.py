@@ -11,7 +11,9 @@ llama-cpp-python 0.3.36's server, our seq2seq worker):
   (its V1 engine dropped best_of); all sampling extras and the privileged vLLM knobs.
 - llama.cpp: one text prompt per request and one choice (`n` is ignored by its server, so `n` > 1 is
   refused rather than silently answered with one choice); `repetition_penalty` is its
-  `repeat_penalty`; `grammar` for tenants allowed it. Its validation errors come back as 500s.
+  `repeat_penalty`; `grammar` for tenants allowed it; `response_format` json_object on chat only.
+  Its validation errors come back as 500s, and errors after a stream started as an empty stream.
+- Every engine: no empty prompt, `max_tokens` >= 1 (llama.cpp reads 0 as "no limit").
 - seq2seq worker: batched and token-id prompts, `n`, `best_of` <= `n`; no logprobs, no suffix.
 """
 
@@ -53,7 +55,8 @@ class RequestTranslator:
     prompt_batches: bool = True
     suffix: bool = False
     logprobs: bool = True
-    response_format: frozenset[str] = frozenset({"/v1/chat/completions", "/v1/completions"})
+    response_format: frozenset[str] = frozenset({"/v1/chat/completions", "/v1/completions"})  # endpoints
+    output_formats: frozenset[str] = frozenset({"json_object", "json_schema"})
 
     def translate(self, call: UpstreamCall) -> dict[str, Any]:
         payload = call.payload
@@ -68,9 +71,12 @@ class RequestTranslator:
             raise Unsupported("suffix", f"the {self.name} engine serving it does not insert text")
         if not self.logprobs and (payload.get("logprobs") or payload.get("top_logprobs")):
             raise Unsupported("logprobs", f"the {self.name} engine serving it does not return logprobs")
-        if "response_format" in payload and call.path not in self.response_format:
+        kind = payload["response_format"].get("type") if "response_format" in payload else None
+        if kind is not None and (call.path not in self.response_format or kind not in self.output_formats):
             raise Unsupported("response_format", f"the {self.name} engine serving it cannot constrain "
-                              "the output of this endpoint")
+                              f"the output of this endpoint to {kind}")
+        if payload.get("max_tokens") == 0:  # llama.cpp reads 0 as "no limit"; vLLM refuses it
+            raise Unsupported("max_tokens", "engines here generate at least one token; send 1 or more")
         body = {self.renames.get(name, name): value for name, value in payload.items() if name != "best_of"}
         if payload.get("best_of", 1) > payload.get("n", 1):
             body["best_of"] = payload["best_of"]
@@ -79,6 +85,8 @@ class RequestTranslator:
         return body
 
     def prompt(self, prompt: Any) -> Any:
+        if prompt == "" or prompt == [""]:  # vLLM refuses it; llama.cpp fails an assertion (a 500)
+            raise Unsupported("prompt", f"the {self.name} engine serving it cannot complete an empty prompt")
         if isinstance(prompt, str):
             return prompt
         if not self.token_prompts and isinstance(prompt[0], (int, list)):
@@ -102,6 +110,7 @@ LLAMA_CPP = RequestTranslator(
     "llama.cpp", extras=frozenset({"top_k", "min_p", "repetition_penalty", "grammar"}),
     renames={"repetition_penalty": "repeat_penalty"}, several_choices=False, token_prompts=False,
     prompt_batches=False, suffix=True, response_format=frozenset({"/v1/chat/completions"}),
+    output_formats=frozenset({"json_object"}),
 )
 SEQ2SEQ = RequestTranslator(
     "seq2seq", extras=frozenset({"top_k", "min_tokens", "ignore_eos", "repetition_penalty", "stop_token_ids"}),

@@ -60,7 +60,8 @@ Bool = StrictBool
 Text = StrictStr
 JSONObject = Annotated[dict[str, Any], AfterValidator(_bounded)]
 JSONValue = Annotated[Any, AfterValidator(_bounded)]
-Stop = Text | Annotated[list[Text], Field(max_length=4)] | None
+StopText = Annotated[StrictStr, Field(min_length=1)]  # "" stops vLLM with a 400 and llama.cpp at once
+Stop = StopText | Annotated[list[StopText], Field(max_length=4)] | None
 TokenIds = Annotated[list[Integer], Field(min_length=1)]
 TokenIdKey = Annotated[StrictStr, StringConstraints(pattern=r"^[0-9]{1,10}$")]  # logit_bias: {"50256": -100}
 

@@ -66,7 +66,8 @@ def _specificity(error: Any) -> int:
 
 def _is_union_branch(part: Any) -> bool:
     # pydantic names the union member it tried ("str", "list[str]", "function-after[...]") in `loc`.
-    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "list"})
+    # Field names are identifiers; branch tags are type names or contain "[" / "-" ("constrained-str").
+    return isinstance(part, str) and ("[" in part or "-" in part or part in {"str", "int", "float", "bool", "list"})
 
 
 def _param_path(loc: list[Any]) -> str:
