@@ -2,12 +2,17 @@
 
 The new files are validated completely before anything changes; an invalid file keeps the running
 configuration and the problems are reported (logged, and returned to the admin caller).
+
+Reloads run one at a time, in the order they were asked for (SIGHUP and POST alike): each reads the
+files and swaps its snapshot in before the next one starts, so the last reload asked for is the one
+that stays, and a slow reload of older files never lands over a newer one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from dataclasses import dataclass
 
 from gateway.pipeline import GatewayState
@@ -33,13 +38,35 @@ class ReloadResult:
                           "code": "invalid_configuration"}}
 
 
+# One lock per event loop (asyncio locks are bound to the loop that first waits on them); FIFO, so
+# reloads are applied in the order they started.
+_RELOAD_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _reload_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _RELOAD_LOCKS.get(loop)
+    if lock is None:
+        lock = _RELOAD_LOCKS[loop] = asyncio.Lock()
+    return lock
+
+
 async def reload_config(state: GatewayState) -> ReloadResult:
+    async with _reload_lock():
+        return await _reload(state)
+
+
+async def _reload(state: GatewayState) -> ReloadResult:
     try:
         # File reads and validation run off the event loop: requests keep flowing meanwhile.
         snapshot = await asyncio.to_thread(load_snapshot, state.settings, state.client)
     except ConfigError as exc:
-        log.error("reload refused, keeping the running configuration: %s", exc)
+        for problem in exc.problems:  # one line each, file named: greppable, and never a silent SIGHUP
+            log.error("reload refused, keeping the running configuration: %s", problem)
         return ReloadResult(ok=False, problems=tuple(exc.problems))
+    except Exception:
+        log.exception("reload failed, keeping the running configuration")
+        raise
     state.snapshot = snapshot  # one assignment: a request sees the old or the new snapshot, whole
     settle_garbage_collector()
     tenants = len(snapshot.tenants.tenants) if snapshot.tenants else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 from pathlib import Path
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Add this line under the tenant's api_key_hashes in the tenants file:\n  - \"{key_hash}\"")
         return 0
     try:
-        registry = load_registry(args.registry or get_settings().registry_paths)
+        paths = [Path(p) for arg in args.registry or () for p in str(arg).split(",") if p]  # as GATEWAY_REGISTRY
+        registry = load_registry(paths or get_settings().registry_paths)
         tenants = _tenants(args, registry)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
@@ -102,15 +104,30 @@ def _serve(host: str | None, port: int | None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    bind = host or settings.host
+    if settings.tenants is None and not _is_loopback(bind) and not settings.allow_open_access:
+        print(f"refusing to serve without a tenants file (GATEWAY_TENANTS) on {bind}: open access (any "
+              "bearer token) is for loopback only; set GATEWAY_ALLOW_OPEN_ACCESS=true to allow it anyway",
+              file=sys.stderr)
+        return 1
     # Log lines leave in batches from a writer thread: the event loop never waits on stderr.
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=[LineSinkHandler(LineSink(sys.stderr))])
-    config = uvicorn.Config("gateway.api.app:create_app", factory=True, host=host or settings.host,
+    config = uvicorn.Config("gateway.api.app:create_app", factory=True, host=bind,
                             port=port or settings.port, log_level=settings.log_level, loop="uvloop",
                             http="httptools", timeout_graceful_shutdown=5,
+                            limit_concurrency=settings.max_connections,  # beyond: 503, before any work
+                            timeout_keep_alive=settings.keepalive_timeout_s,
                             access_log=False)  # ours is JSON, with the request id (gateway.access)
     DrainingServer(config, settings.drain_timeout_s).run()
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 if __name__ == "__main__":

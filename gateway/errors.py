@@ -52,6 +52,10 @@ class GatewayError(Exception):
         }
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its answer started: the work is stopped, nobody is answered."""
+
+
 def model_not_found(model_id: str) -> GatewayError:
     return GatewayError(
         404,

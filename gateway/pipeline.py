@@ -7,6 +7,7 @@ Each step lives in its own package; this module only wires them in that order.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -15,9 +16,9 @@ import aiohttp
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from gateway.backends.dispatch import Attempts, Outcome, dispatch
+from gateway.backends.dispatch import Attempts, ClientWatch, Outcome, dispatch
 from gateway.backends.requests import EnginePayloads
-from gateway.errors import GatewayError, model_not_found, no_backend_available
+from gateway.errors import ClientGone, GatewayError, model_not_found, no_backend_available
 from gateway.lifecycle import LIFECYCLE
 from gateway.observability.audit import AuditRecord, AuditTrail
 from gateway.observability.metrics import Metrics
@@ -35,12 +36,12 @@ from gateway.snapshot import Snapshot
 from gateway.tenancy.auth import authenticate
 from gateway.tenancy.extras import require_allowed_extras
 from gateway.tenancy.ratelimit import Admission, Limits, RateLimited, RateLimiter, RateLimitUnavailable
-from gateway.tenancy.tenants import Caller
+from gateway.tenancy.tenants import Caller, Environment
 from gateway.wire.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.wire.validation import parse_request
 
-# Tokens reserved for a request that sets no max_tokens, until the real usage is known.
-DEFAULT_COMPLETION_RESERVATION = 256
+
+_AUDITED_ENVIRONMENTS = (Environment.PRODUCTION, Environment.STAGING)
 
 
 @dataclass
@@ -59,47 +60,58 @@ class GatewayState:
 @dataclass(frozen=True)
 class Endpoint:
     schema: type[BaseModel]
-    prepare: Callable[[Model, Any], UpstreamCall]
+    prepare: Callable[[Model, Any, int | None], UpstreamCall]
 
 
 CHAT = Endpoint(ChatCompletionRequest, prepare_chat)
 COMPLETIONS = Endpoint(CompletionRequest, prepare_completion)
 
 
-async def serve(state: GatewayState, endpoint: Endpoint, authorization: str | None, raw: bytes,
-                context: RequestContext) -> Response:
+def identify(state: GatewayState, authorization: str | None) -> Caller:
+    """The first step, before the body is even read: who is calling (401 otherwise)."""
+    if LIFECYCLE.draining:
+        raise GatewayError(503, "The gateway is shutting down; retry on another replica.",
+                           type="service_unavailable_error", code="shutting_down",
+                           headers={"Retry-After": "1"})
+    return authenticate(authorization, state.snapshot.tenants)
+
+
+async def serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: bytes,
+                context: RequestContext, client_gone: ClientWatch | None = None) -> Response:
     record = RequestRecord(state.metrics, state.settings.metrics_tenant_label, time.monotonic())
+    record.tenant = caller.tenant.name
     try:
-        response = await _serve(state, endpoint, authorization, raw, context, record)
+        response = await _serve(state, endpoint, caller, raw, context, record, client_gone)
     except GatewayError as exc:
         record.finished(exc.status)
+        raise
+    except ClientGone:
+        record.finished(499)  # nginx's "client closed request"
         raise
     record.responded(response)
     return response
 
 
-async def _serve(state: GatewayState, endpoint: Endpoint, authorization: str | None, raw: bytes,
-                 context: RequestContext, record: RequestRecord) -> Response:
-    if LIFECYCLE.draining:
-        raise GatewayError(503, "The gateway is shutting down; retry on another replica.",
-                           type="service_unavailable_error", code="shutting_down",
-                           headers={"Retry-After": "1"})
+async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: bytes,
+                 context: RequestContext, record: RequestRecord, client_gone: ClientWatch | None) -> Response:
     snapshot = state.snapshot  # one consistent configuration for the whole request
-    caller = authenticate(authorization, snapshot.tenants)
-    record.tenant = caller.tenant.name
     body = parse_request(raw, endpoint.schema)
     require_allowed_extras(body, caller.tenant)
     requested = snapshot.registry.model(body.model)
     if requested is None:
         raise model_not_found(body.model)
     decision = snapshot.decide(caller.tenant, requested)
-    _audit(state, context.request_id, caller, requested, decision)
+    if not _audit(state, context.request_id, caller, requested, decision) and _audit_required(state, caller):
+        raise GatewayError(503, "The audit trail cannot be written right now, and this gateway serves "
+                           f"{caller.tenant.environment.value} tenants only with an audit record. Retry shortly.",
+                           type="service_unavailable_error", code="audit_unavailable",
+                           headers={"Retry-After": str(state.settings.retry_after_s)})
     model = _served_model(snapshot, requested, decision)
     record.model = model.id
-    call = endpoint.prepare(model, body)
+    call = endpoint.prepare(model, body, caller.tenant.default_max_tokens or model.default_max_tokens)
     payloads = EnginePayloads(call, model.id)
     payloads.require_some(backend.engine for backend in model.backends)  # a 400 before it costs a slot
-    admission = await _admit(state, caller, call)  # every admitted request counts, answered or not
+    admission = await _admit(state, caller, call.reservation(model.context_length))  # counts, answered or not
     headers = dict(admission.headers)
     if decision.verdict is Verdict.SUBSTITUTE:
         headers["x-gateway-substituted-from"] = requested.id
@@ -112,11 +124,20 @@ async def _serve(state: GatewayState, endpoint: Endpoint, authorization: str | N
         await ensure_prompt_fits(model, call, upstreams[0].count_tokens)
         state.budget.deposit()
         return await dispatch(upstreams, payloads, model.id, headers, outcome, _attempts(state, context),
-                              state.settings.retry_after_s)
-    except BaseException:
-        await admission.finish(None)
-        await outcome.done()
+                              state.settings.retry_after_s, client_gone)
+    except BaseException as exc:
+        # Shielded: a cancelled request (the client went away) must still free its slot and reservation.
+        await asyncio.shield(_abandon(admission, outcome, exc))
         raise
+
+
+async def _abandon(admission: Admission, outcome: Outcome, exc: BaseException) -> None:
+    """A request that got no answer: its reservation is released unless an engine spent tokens on it."""
+    spent = isinstance(exc, GatewayError) and exc.code == "generation_timeout"
+    try:
+        await admission.finish(None if spent else 0)
+    finally:
+        await outcome.done()
 
 
 async def _leave(_: Outcome) -> None:
@@ -135,7 +156,7 @@ def _served_model(snapshot: Snapshot, requested: Model, decision: Decision) -> M
 
 
 def _route(state: GatewayState, snapshot: Snapshot, model: Model, call: UpstreamCall) -> list:
-    if LIFECYCLE.inflight >= state.settings.max_inflight:
+    if LIFECYCLE.inflight > state.settings.inflight_cap:  # this request is counted already
         raise _overloaded(state, "the gateway is at its limit of requests in flight")
     prefix = (call.prompt_text or "")[: state.settings.affinity_prefix_chars] or None
     hints = RoutingHints(prompt_prefix=prefix, session=call.session)
@@ -164,6 +185,10 @@ def _attempts(state: GatewayState, context: RequestContext) -> Attempts:
         state.fleet.finished(backend_id, ok)
         state.metrics.inflight.labels(backend_id).dec()
 
+    def released(backend_id: str) -> None:
+        state.fleet.released(backend_id)
+        state.metrics.inflight.labels(backend_id).dec()
+
     def waited(seconds: float) -> None:
         context.upstream_s += seconds
 
@@ -172,21 +197,32 @@ def _attempts(state: GatewayState, context: RequestContext) -> Attempts:
         may_retry=state.budget.try_spend,
         started=started,
         finished=finished,
+        released=released,
         waited=waited,
     )
 
 
-def _audit(state: GatewayState, request_id: str, caller: Caller, model: Model, decision: Decision) -> None:
+def _audit_required(state: GatewayState, caller: Caller) -> bool:
+    """GATEWAY_AUDIT_FAIL_CLOSED: production and staging requests are served only with a trail."""
+    return state.settings.audit_fail_closed and caller.tenant.environment in _AUDITED_ENVIRONMENTS
+
+
+def _audit(state: GatewayState, request_id: str, caller: Caller, model: Model, decision: Decision) -> bool:
+    """Record the decision; False when the trail refused it or cannot currently be written."""
+    if decision.hidden:  # answered as a missing model (404 either way): nothing may tell that it exists
+        state.audit.record(AuditRecord(
+            request_id=request_id, tenant=caller.tenant.name, key_id=caller.key_id, model_requested=model.id,
+            model_served=None, license="", decision="not_found", rule="not-found"))
+        return True
     state.metrics.policy.labels(decision.verdict.value, model.license).inc()
-    state.audit.record(AuditRecord(
+    return state.audit.record(AuditRecord(
         request_id=request_id, tenant=caller.tenant.name, key_id=caller.key_id, model_requested=model.id,
         model_served=decision.served_model, license=model.license, decision=decision.verdict.value,
         rule=decision.rule,
-    ))
+    )) and state.audit.healthy
 
 
-async def _admit(state: GatewayState, caller: Caller, call: UpstreamCall) -> Admission:
-    reserve = call.prompt_estimate + (call.max_tokens or DEFAULT_COMPLETION_RESERVATION)
+async def _admit(state: GatewayState, caller: Caller, reserve: int) -> Admission:
     try:
         return await state.limiter.admit(caller.tenant.name, caller.tenant.limits, reserve)
     except RateLimited as exc:

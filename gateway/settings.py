@@ -9,6 +9,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+POOL_HEADROOM = 64  # upstream connections beyond max_inflight: health probes and tokenizer calls
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=None, extra="ignore")
 
@@ -24,10 +27,13 @@ class Settings(BaseSettings):
     primary_first_byte_timeout_s: float = Field(default=60.0, gt=0)
     primary_idle_timeout_s: float = Field(default=30.0, gt=0)
     primary_total_timeout_s: float = Field(default=600.0, gt=0)
+    # Non-streamed: engines send headers only when the answer is complete, so the wait is the generation.
+    primary_generation_timeout_s: float = Field(default=600.0, gt=0)
     fallback_connect_timeout_s: float = Field(default=2.0, gt=0)
     fallback_first_byte_timeout_s: float = Field(default=180.0, gt=0)
     fallback_idle_timeout_s: float = Field(default=60.0, gt=0)
     fallback_total_timeout_s: float = Field(default=1800.0, gt=0)
+    fallback_generation_timeout_s: float = Field(default=1800.0, gt=0)
 
     # Retries happen only before the first byte reached the client, on another backend.
     max_attempts: int = Field(default=3, ge=1)
@@ -47,17 +53,51 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     # Tenant names as a metrics label (bounded by the tenants file; turn off for very many tenants).
     metrics_tenant_label: bool = True
-    pool_max_connections: int = Field(default=1000, gt=0)
+    # /metrics needs an admin key (Prometheus: a bearer token) unless this is set (e.g. a scrape port
+    # that only the monitoring namespace can reach).
+    metrics_public: bool = False
+    # Upstream connections at most; unset: max_inflight plus room for probes and tokenizer calls, so a
+    # request never waits for a pooled connection (the in-flight cap answers 429 first).
+    pool_max_connections: int | None = Field(default=None, gt=0)
     retry_after_s: int = Field(default=5, ge=1)
+    # Request bodies: at most this many bytes (413 beyond), read within this many seconds (408 beyond).
+    # 4 MiB is ~1M tokens of text, far beyond any context here; a parse of it stays in the tens of MB.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    body_read_timeout_s: float = Field(default=30.0, gt=0)
+    # JSON objects and arrays in one body at most: `[{},{},...]` costs ~30x its size to parse.
+    max_json_containers: int = Field(default=20_000, gt=0)
+    # Open client connections at most (uvicorn answers 503 beyond); idle keep-alive closed after this.
+    max_connections: int = Field(default=10_000, gt=0)
+    keepalive_timeout_s: float = Field(default=30.0, gt=0)
 
-    # Tenants file; unset = open access (any bearer token is one anonymous development tenant).
+    # Tenants file; unset = open access (any bearer token is one anonymous development tenant), which
+    # `gateway serve` allows on a loopback address only, unless this is set.
     tenants: Path | None = None
+    allow_open_access: bool = False
     # Where audit records go: "stdout", or a file path (JSON lines, appended).
     audit_sink: str = "stdout"
+    # Audit records accepted but not yet written, at most; beyond it a record is refused, counted in
+    # gateway_audit_records_dropped_total, and the trail is unhealthy (never blocks the event loop).
+    audit_max_pending: int = Field(default=100_000, ge=1)
+    # When the audit trail is unhealthy (writes failing, or records refused for a full backlog):
+    # keep serving (default; failures are counted and logged) or refuse production/staging requests
+    # with 503 until it recovers, so that no request is served without its audit record.
+    audit_fail_closed: bool = False
+    # At shutdown (after the drain), how long to keep retrying failed audit writes before giving up.
+    audit_flush_timeout_s: float = Field(default=5.0, ge=0)
     # Shared rate-limit state across replicas; unset = limits per process.
     redis_url: str | None = None
     # When Redis is unreachable: keep serving on local limits (default) or refuse with 503.
     ratelimit_fail_closed: bool = False
+
+    @property
+    def pool_size(self) -> int:
+        return self.pool_max_connections or self.max_inflight + POOL_HEADROOM
+
+    @property
+    def inflight_cap(self) -> int:
+        """Requests in flight at most: max_inflight, or fewer when the pool was set smaller."""
+        return min(self.max_inflight, max(1, self.pool_size - POOL_HEADROOM))
 
     @property
     def registry_paths(self) -> list[Path]:

@@ -300,9 +300,11 @@ def upstream_additions(model_id: str, registry: str) -> dict[str, Any]:
     """What the gateway adds to a chat request for `model_id` on its way to the engine (stop strings)."""
     from gateway.prompts.prepare import prepare_chat
     from gateway.registry import load_registry
+    from gateway.wire.protocol import ChatCompletionRequest
 
     model = load_registry([Path(p) for p in registry.split(",")]).models[model_id]
-    call = prepare_chat(model, {"model": model_id, "messages": [{"role": "user", "content": "x"}], "stream": True})
+    request = ChatCompletionRequest(model=model_id, messages=[{"role": "user", "content": "x"}], stream=True)
+    call = prepare_chat(model, request)
     return {k: call.payload[k] for k in ("stop", "stop_token_ids") if k in call.payload}
 
 

@@ -47,6 +47,8 @@ PROD_KEY = "sk-test-prod-key"
 SUBST_KEY = "sk-test-subst-key"
 LIMITED_KEY = "sk-test-limited-key"
 EXTRAS_KEY = "sk-test-extras-key"  # a tenant allowed one privileged engine knob
+METERED_KEY = "sk-test-metered-key"  # a tenant whose token limit never binds: its headers show the charge
+METERED_TPM = 10_000_000
 LLAMA2_CONDITIONS = ["llama2-under-700m-mau", "llama2-no-improving-other-llms", "llama2-acceptable-use-policy"]
 
 
@@ -60,6 +62,7 @@ def tenants_document() -> dict:
         tenant("prod-subst", "production", SUBST_KEY, substitutions=True, attestations=LLAMA2_CONDITIONS),
         tenant("limited-dev", "development", LIMITED_KEY, limits={"rpm": 3, "max_concurrent": 2}),
         tenant("extras-lab", "research", EXTRAS_KEY, engine_extras=["prompt_logprobs"]),
+        tenant("metered-lab", "research", METERED_KEY, limits={"tpm": METERED_TPM}),
     ]}
 
 
@@ -139,7 +142,8 @@ def _overlay(llama_cpp: Server, fleet: dict[str, Server], seq2seq: Server) -> di
         for model_id in model_ids:
             models.append({"id": model_id, "backends": [{
                 "id": f"test-{name}-for-{model_id}", "engine": "vllm", "engine_version": version,
-                "url": fleet[name].url, "role": "primary", "served_model_name": name}]})
+                "url": fleet[name].url, "role": "primary", "served_model_name": name,
+                "shared_with_other_licenses": True}]})  # test fixtures only: one checkpoint, several licenses
     models.append({"id": SEQ2SEQ_MODEL, "backends": [{
         "id": "test-seq2seq-tiny-t5", "engine": "seq2seq", "engine_version": "0.1.0", "url": seq2seq.url,
         "role": "primary", "served_model_name": "tiny-t5"}]})

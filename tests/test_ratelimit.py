@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import subprocess
 import time
@@ -12,6 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from gateway.tenancy.ratelimit import (
     Admission,
@@ -23,6 +25,7 @@ from gateway.tenancy.ratelimit import (
     format_duration,
     make_rate_limiter,
 )
+from gateway.tenancy.ratelimit_redis import _RECOUNT_CAP as RECOUNT_CAP
 from gateway.tenancy.ratelimit_redis import RedisRateLimiter, tenant_prefix
 from tests.support.processes import free_port
 
@@ -346,5 +349,284 @@ def test_redis_dies_mid_flight_then_recovers() -> None:
         finally:
             await limiter.close()
             stop_redis(revived)
+
+    asyncio.run(main())
+
+
+# --- malformed shared state: one tenant's keys must never break the limiter (for it or anyone else) ---------
+
+KEYS = ("req", "tok", "toksum", "inf")
+OURS = re.compile(rb"^[0-9a-f]{16}:\d+$")  # what the gateway writes: "<admission id>:<whole tokens>"
+
+
+def server_ms(client: redis.Redis) -> int:
+    secs, micros = client.time()
+    return secs * 1000 + micros // 1000
+
+
+def assert_token_state_heals(client: redis.Redis, prefix: str) -> None:
+    """The gateway wrote only whole token counts, every member left parses (an older gateway's "<id>:100.0"
+    may stay until it leaves the window), and the running sum is exactly their total."""
+    members = client.zrange(f"{prefix}:tok", 0, -1)
+    assert all(OURS.match(m) for m in members if re.match(rb"^[0-9a-f]{16}:", m)), members
+    total = sum(int(float(m.rsplit(b":", 1)[1])) for m in members)  # ValueError: a garbage member remained
+    toksum = client.get(f"{prefix}:toksum")
+    assert toksum == (str(total).encode() if members else None), (toksum, members)
+
+
+# name -> (plant garbage in tenant A's keys, A's remaining tokens after it admits 100 against tpm=1000).
+# The values the old scripts could not parse made every admit for A error (or silently over-admit).
+CORRUPTIONS: dict[str, tuple[Callable[[redis.Redis, str, int], object], int]] = {
+    "float member, expired": (lambda c, p, now: (
+        c.zadd(f"{p}:tok", {"old:100.0": now - 61_000, "live:200": now}), c.set(f"{p}:toksum", 300)), 700),
+    "garbage member, expired": (lambda c, p, now: (
+        c.zadd(f"{p}:tok", {"not a reservation": now - 61_000, "live:200": now}),
+        c.set(f"{p}:toksum", 200)), 700),
+    "float member, in window": (lambda c, p, now: (
+        c.zadd(f"{p}:tok", {"x:100.0": now}), c.set(f"{p}:toksum", 100)), 800),
+    "non-numeric toksum": (lambda c, p, now: (
+        c.zadd(f"{p}:tok", {"live:200": now}), c.set(f"{p}:toksum", "lots")), 700),
+    "negative toksum": (lambda c, p, now: (
+        c.zadd(f"{p}:tok", {"live:200": now}), c.set(f"{p}:toksum", -5000)), 700),
+    "missing toksum": (lambda c, p, now: c.zadd(f"{p}:tok", {"live:200": now}), 700),
+    "toksum of the wrong type": (lambda c, p, now: (
+        c.zadd(f"{p}:tok", {"live:200": now}), c.rpush(f"{p}:toksum", "x")), 700),
+    "token log of the wrong type": (lambda c, p, now: (
+        c.set(f"{p}:tok", "x"), c.set(f"{p}:toksum", 200)), 900),
+    "request log of the wrong type": (lambda c, p, now: c.hset(f"{p}:req", "f", "v"), 900),
+    "in-flight set of the wrong type": (lambda c, p, now: c.set(f"{p}:inf", "x"), 900),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_malformed_state_heals_and_never_touches_another_tenant(corruption: str, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    plant, remaining_tokens = CORRUPTIONS[corruption]
+    a, b = tenant(), tenant()
+    a_limits, b_limits = Limits(rpm=10, tpm=1000, max_concurrent=5), Limits(rpm=3, tpm=300, max_concurrent=2)
+
+    async def main() -> None:
+        # Fail closed: any fallback (the store "unavailable") would surface as RateLimitUnavailable.
+        limiter = RedisRateLimiter(redis_url, fail_closed=True)
+        try:
+            b1 = await limiter.admit(b, b_limits, 100)
+            plant(client, tenant_prefix(a), server_ms(client))
+            first = await limiter.admit(a, a_limits, 100)
+            assert first.headers["x-ratelimit-remaining-tokens"] == str(remaining_tokens)
+            assert first.headers["x-ratelimit-remaining-requests"] == "9"
+            assert_token_state_heals(client, tenant_prefix(a))
+            b2 = await limiter.admit(b, b_limits, 100)
+            await first.finish(50)  # reconciles against the healed state: 50 of the 100 come back
+            second = await limiter.admit(a, a_limits, 0)
+            assert second.headers["x-ratelimit-remaining-tokens"] == str(remaining_tokens + 50)
+            assert second.headers["x-ratelimit-remaining-requests"] == "8"
+            with pytest.raises(RateLimited) as over:  # Retry-After walks every reservation, planted ones too
+                await limiter.admit(a, a_limits, 1000)
+            assert over.value.limit == "tokens" and 59 <= over.value.retry_after_s <= 60
+            assert over.value.headers["x-ratelimit-remaining-tokens"] == str(remaining_tokens + 50)
+            assert_token_state_heals(client, tenant_prefix(a))
+            # B's limits stayed exact throughout: 2 slots, then 3 requests / 300 tokens a minute.
+            with pytest.raises(RateLimited) as busy:
+                await limiter.admit(b, b_limits, 100)
+            assert busy.value.limit == "concurrency"
+            await b1.finish(100)
+            b3 = await limiter.admit(b, b_limits, 100)
+            assert b3.headers["x-ratelimit-remaining-requests"] == "0"
+            assert b3.headers["x-ratelimit-remaining-tokens"] == "0"
+            await b2.finish(100)
+            with pytest.raises(RateLimited) as full:
+                await limiter.admit(b, b_limits, 0)
+            assert full.value.limit == "requests"
+            assert limiter.redis_healthy and limiter.fallbacks == 0
+        finally:
+            await limiter.close()
+
+    asyncio.run(main())
+
+
+def test_garbage_reservation_in_the_window_is_skipped_when_a_refusal_walks_it(redis_url: str) -> None:
+    client, name = redis.Redis.from_url(redis_url), tenant()
+    prefix, now = tenant_prefix(name), server_ms(client)
+    client.zadd(f"{prefix}:tok", {"junk": now - 1000, "a1:600": now})
+    client.set(f"{prefix}:toksum", 600)
+
+    async def main() -> None:
+        limiter = RedisRateLimiter(redis_url, fail_closed=True)
+        try:
+            with pytest.raises(RateLimited) as refused:  # the walk for Retry-After meets "junk" first
+                await limiter.admit(name, Limits(tpm=1000), 500)
+            assert refused.value.limit == "tokens" and 59 <= refused.value.retry_after_s <= 60
+            assert client.zscore(f"{prefix}:tok", "junk") is None  # removed, not just skipped
+            admitted = await limiter.admit(name, Limits(tpm=1000), 400)
+            assert admitted.headers["x-ratelimit-remaining-tokens"] == "0"
+            assert_token_state_heals(client, prefix)
+            assert limiter.redis_healthy and limiter.fallbacks == 0
+        finally:
+            await limiter.close()
+
+    asyncio.run(main())
+
+
+FINISH_CORRUPTIONS: dict[str, tuple[Callable[[redis.Redis, str], object], int]] = {
+    # name -> (what breaks between A's admit and its finish, A's remaining tokens after admitting 900 more)
+    "non-numeric toksum": (lambda c, p: c.set(f"{p}:toksum", "lots"), 0),
+    "in-flight set of the wrong type": (lambda c, p: (c.delete(f"{p}:inf"), c.set(f"{p}:inf", "x")), 0),
+    "token log of the wrong type": (lambda c, p: (c.delete(f"{p}:tok"), c.set(f"{p}:tok", "x")), 100),
+}
+
+
+@pytest.mark.parametrize("corruption", list(FINISH_CORRUPTIONS))
+def test_a_finish_on_malformed_state_never_wedges_the_shared_limiter(corruption: str, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    plant, remaining_tokens = FINISH_CORRUPTIONS[corruption]
+    a, b = tenant(), tenant()
+    a_limits, b_limits = Limits(tpm=1000, max_concurrent=1), Limits(rpm=5, max_concurrent=1)
+
+    async def main() -> None:
+        limiter = RedisRateLimiter(redis_url, fail_closed=True)
+        try:
+            a_first = await limiter.admit(a, a_limits, 500)
+            b_first = await limiter.admit(b, b_limits, 0)
+            plant(client, tenant_prefix(a))
+            await a_first.finish(100)  # used to fail, stay queued and trip the circuit for every tenant
+            await b_first.finish(0)
+            b_next = await limiter.admit(b, b_limits, 0)  # B's slot came back; no 503
+            assert b_next.headers["x-ratelimit-remaining-requests"] == "3"
+            a_next = await limiter.admit(a, a_limits, 900)  # A's slot came back and its 400 tokens too
+            assert a_next.headers["x-ratelimit-remaining-tokens"] == str(remaining_tokens)
+            assert_token_state_heals(client, tenant_prefix(a))
+            assert limiter.redis_healthy and limiter.fallbacks == 0 and not limiter._pending_finishes
+        finally:
+            await limiter.close()
+
+    asyncio.run(main())
+
+
+def test_token_counts_are_written_as_whole_numbers_and_bad_ones_cannot_wedge_finishes(redis_url: str) -> None:
+    client, a, b = redis.Redis.from_url(redis_url), tenant(), tenant()
+    prefix = tenant_prefix(a)
+
+    async def main() -> None:
+        limiter = RedisRateLimiter(redis_url, fail_closed=True)
+        try:
+            first = await limiter.admit(a, Limits(tpm=1000), 100.0)  # type: ignore[arg-type]
+            assert first.headers["x-ratelimit-remaining-tokens"] == "900"
+            assert_token_state_heals(client, prefix)
+            await first.finish(50.0)  # type: ignore[arg-type]  # a backend's usage said 50.0
+            assert_token_state_heals(client, prefix)
+            kept = [await limiter.admit(a, Limits(tpm=1000), 100) for _ in range(2)]
+            await kept[0].finish(float("nan"))  # type: ignore[arg-type]
+            await kept[1].finish("lots")  # type: ignore[arg-type]  # not a count: the reservation stands
+            assert_token_state_heals(client, prefix)
+            assert int(client.get(f"{prefix}:toksum")) == 250
+            # B's finishes are not stuck behind A's bad ones: its only slot comes back.
+            b_limits = Limits(max_concurrent=1)
+            await (await limiter.admit(b, b_limits, 0)).finish(10)
+            await (await limiter.admit(b, b_limits, 0)).finish(None)
+            await limiter.admit(b, b_limits, 0)
+            assert limiter.redis_healthy and limiter.fallbacks == 0 and not limiter._pending_finishes
+        finally:
+            await limiter.close()
+
+    asyncio.run(main())
+
+
+def test_tenant_names_can_never_reach_another_tenants_keys(redis_url: str) -> None:
+    base = tenant()
+    odd = ["", "{x}:y", "{x", "}", "}:req", "%7Bx", "%257Bx", ":req", ":x", "%", "%25", "ä", "\udcff", "A", "{}"]
+    names = [base + suffix for suffix in odd] + ["{" + base + "}", base.upper()]
+    prefixes = [tenant_prefix(name) for name in names]
+    assert len(set(prefixes)) == len(names)  # injective
+    for prefix in prefixes:
+        tag = prefix[len("gw:rl:{") : -1]
+        assert prefix.endswith("}") and "{" not in tag and "}" not in tag and ":" not in tag
+        # A tenant's keys share one Cluster slot (its script touches all four).
+        assert len({key_slot(f"{prefix}:{k}".encode("utf-8", "surrogatepass")) for k in KEYS}) == 1
+    with pytest.raises(ValueError):
+        tenant_prefix("")  # "{}" is no hash tag: refused rather than spread over slots
+
+    async def main() -> None:
+        limiter = RedisRateLimiter(redis_url, fail_closed=True)
+        try:
+            for name in names:  # each gets its own single request; a shared key would refuse a later name
+                admission = await limiter.admit(name, Limits(rpm=1), 0)
+                assert admission.headers["x-ratelimit-remaining-requests"] == "0"
+            for name in names:
+                with pytest.raises(RateLimited):
+                    await limiter.admit(name, Limits(rpm=1), 0)
+        finally:
+            await limiter.close()
+
+    asyncio.run(main())
+
+
+def test_an_error_reply_for_one_tenant_degrades_only_that_tenant(redis_url: str) -> None:
+    a, b = tenant(), tenant()
+    broken = tenant_prefix(a)
+
+    async def main() -> None:
+        limiter = RedisRateLimiter(redis_url, fail_closed=True)
+        real_admit, real_finish = limiter._admit_script, limiter._finish_script
+        a_first = await limiter.admit(a, Limits(max_concurrent=1), 0)
+        b_first = await limiter.admit(b, Limits(max_concurrent=1), 0)
+
+        def failing(real: Callable[..., Awaitable[object]]) -> Callable[..., Awaitable[object]]:
+            async def script(keys: list[str], args: list[object]) -> object:
+                if keys[0].startswith(broken):  # whatever a tenant's keys might still do to a script
+                    raise redis.ResponseError("ERR user_script:1: something about this tenant's keys")
+                return await real(keys=keys, args=args)
+
+            return script
+
+        limiter._admit_script = failing(real_admit)  # type: ignore[method-assign]
+        limiter._finish_script = failing(real_finish)  # type: ignore[method-assign]
+        try:
+            with pytest.raises(RateLimitUnavailable):  # A itself is degraded, as configured (fail-closed)
+                await limiter.admit(a, Limits(rpm=5), 0)
+            await a_first.finish(0)  # rejected: dropped, not retried ahead of everyone else's finishes
+            await b_first.finish(0)  # B's slot comes back
+            limits = Limits(rpm=3, max_concurrent=1)
+            for left in ("2", "1"):
+                admission = await limiter.admit(b, limits, 0)  # no 503 for B, no open circuit
+                assert admission.headers["x-ratelimit-remaining-requests"] == left
+                await admission.finish(0)
+            assert limiter.redis_healthy and limiter.fallbacks == 1 and limiter.script_errors == 3
+            assert not limiter._pending_finishes
+            # An error that means the server is unusable for everyone still opens the circuit.
+            read_only = redis.exceptions.ReadOnlyError("READONLY You can't write against a read only replica.")
+            limiter._admit_script = failing_all(read_only)  # type: ignore[method-assign]
+            with pytest.raises(RateLimitUnavailable):
+                await limiter.admit(b, limits, 0)
+            assert not limiter.redis_healthy
+        finally:
+            await limiter.close()
+
+    asyncio.run(main())
+
+
+def failing_all(exc: Exception) -> Callable[..., Awaitable[object]]:
+    async def script(keys: list[str], args: list[object]) -> object:
+        raise exc
+
+    return script
+
+
+def test_a_repair_of_a_huge_token_log_is_bounded(redis_url: str) -> None:
+    # Recounting a corrupted sum reads the whole log inside Redis, which every tenant shares. Past the cap,
+    # the log is dropped instead: this tenant's TPM window restarts empty, and nobody else waits on it.
+    client, name = redis.Redis.from_url(redis_url), tenant()
+    prefix, now = tenant_prefix(name), server_ms(client)
+    client.zadd(f"{prefix}:tok", {f"m{i}:1": now for i in range(RECOUNT_CAP + 1)})
+    client.set(f"{prefix}:toksum", "lots")
+
+    async def main() -> None:
+        limiter = RedisRateLimiter(redis_url, fail_closed=True)
+        try:
+            admission = await limiter.admit(name, Limits(tpm=100_000), 100)
+            assert admission.headers["x-ratelimit-remaining-tokens"] == str(100_000 - 100)
+            assert client.zcard(f"{prefix}:tok") == 1 and client.get(f"{prefix}:toksum") == b"100"
+            assert limiter.redis_healthy and limiter.fallbacks == 0
+        finally:
+            await limiter.close()
 
     asyncio.run(main())

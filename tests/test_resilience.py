@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +56,10 @@ def requests_seen(server: Server) -> list[dict]:
 
 @pytest.fixture
 def gateway(faults: dict[str, Server], log_dir: Path, tmp_path: Path) -> Iterator[Server]:
+    yield from _gateway(faults, log_dir, tmp_path, {})
+
+
+def _gateway(faults: dict[str, Server], log_dir: Path, tmp_path: Path, extra_env: dict[str, str]) -> Iterator[Server]:
     for server in faults.values():
         httpx.post(server.url + "/control/reset").raise_for_status()
     def backend(name: str, role: str, suffix: str = "") -> dict:
@@ -73,7 +78,8 @@ def gateway(faults: dict[str, Server], log_dir: Path, tmp_path: Path) -> Iterato
            "GATEWAY_TENANTS": str(tmp_path / "tenants.yaml"), "GATEWAY_AUDIT_SINK": str(tmp_path / "audit.jsonl"),
            "GATEWAY_PRIMARY_FIRST_BYTE_TIMEOUT_S": "1", "GATEWAY_PRIMARY_IDLE_TIMEOUT_S": "1",
            "GATEWAY_FALLBACK_FIRST_BYTE_TIMEOUT_S": "1", "GATEWAY_FALLBACK_IDLE_TIMEOUT_S": "1",
-           "GATEWAY_HEALTH_PROBE_INTERVAL_S": "0.5", "GATEWAY_DRAIN_TIMEOUT_S": "20"}
+           "GATEWAY_PRIMARY_GENERATION_TIMEOUT_S": "3", "GATEWAY_FALLBACK_GENERATION_TIMEOUT_S": "3",
+           "GATEWAY_HEALTH_PROBE_INTERVAL_S": "0.5", "GATEWAY_DRAIN_TIMEOUT_S": "20", **extra_env}
     server = start_server(f"gateway-resilience-{port}", [sys.executable, "-m", "gateway", "serve", "--port",
                                                          str(port)], port, "/ready", log_dir, env)
     server.wait_ready(60)
@@ -85,23 +91,41 @@ def client(gateway: Server, timeout: float = 20) -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=timeout)
 
 
-def test_hang_before_headers_is_retried_on_another_backend(gateway: Server, faults: dict[str, Server]) -> None:
+def test_stream_hang_before_headers_is_retried_on_another_backend(gateway: Server, faults: dict[str, Server]) -> None:
+    """Engines send a stream's headers at once: none within the first-byte timeout is a stuck engine."""
     mode(faults["a"], mode="hang_before_headers")
     started = time.monotonic()
-    raw = client(gateway).completions.with_raw_response.create(model=WITH_FALLBACK, prompt="hi", max_tokens=3)
+    raw = client(gateway).completions.with_raw_response.create(model=WITH_FALLBACK, prompt="hi", max_tokens=3,
+                                                                stream=True)
     assert raw.headers["x-gateway-backend"] == "fault-b" and raw.headers["x-gateway-fallback"] == "cpu"
-    assert raw.parse().choices[0].text == " tok0 tok1 tok2"
+    text = "".join(chunk.choices[0].text for chunk in raw.parse() if chunk.choices)
+    assert text == " tok0 tok1 tok2"
     assert 0.9 < time.monotonic() - started < 5
 
 
-def test_hang_with_nowhere_else_to_go_is_a_504(gateway: Server, faults: dict[str, Server]) -> None:
+def test_a_long_non_streamed_generation_is_neither_retried_nor_blamed(gateway: Server,
+                                                                       faults: dict[str, Server]) -> None:
+    """Engines answer a non-streamed request when the generation is done: waiting is not a fault, and
+    trying another backend would run the same generation twice."""
     mode(faults["a"], mode="hang_before_headers")
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as caught:
-        client(gateway).completions.create(model=SINGLE, prompt="hi")
+        client(gateway).completions.create(model=WITH_FALLBACK, prompt="hi", max_tokens=3)
     assert caught.value.status_code == 504
-    assert caught.value.response.json()["error"]["code"] == "upstream_timeout"
-    assert time.monotonic() - started < 5
+    assert caught.value.response.json()["error"]["code"] == "generation_timeout"
+    assert 0.9 < time.monotonic() - started < 5
+    assert requests_seen(faults["b"]) == []  # not retried elsewhere
+    report = httpx.get(gateway.url + "/admin/backends", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
+    a = next(row for row in report["data"] if row["id"] == "fault-a")
+    assert a["consecutive_errors"] == 0 and not a["ejected"] and a["outstanding"] == 0
+
+
+def test_a_slow_non_streamed_answer_within_its_generation_timeout_succeeds(gateway: Server,
+                                                                            faults: dict[str, Server]) -> None:
+    """Longer than the first-byte timeout (1 s here) is fine for a non-streamed answer."""
+    mode(faults["a"], mode="normal", ttft_s=1.5)
+    raw = client(gateway).completions.with_raw_response.create(model=SINGLE, prompt="hi", max_tokens=2)
+    assert raw.parse().choices[0].text == " tok0 tok1"
 
 
 def test_503_is_retried_and_repeated_failures_eject_the_backend(gateway: Server, faults: dict[str, Server]) -> None:
@@ -175,6 +199,29 @@ def test_a_full_backend_means_429_engine_overloaded(gateway: Server, faults: dic
     assert after.status_code == 200  # the slot came back when the stream ended
 
 
+@pytest.fixture
+def small_pool_gateway(faults: dict[str, Server], log_dir: Path, tmp_path: Path) -> Iterator[Server]:
+    yield from _gateway(faults, log_dir, tmp_path, {"GATEWAY_POOL_MAX_CONNECTIONS": "66"})  # 64 kept for probes
+
+
+def test_a_full_upstream_pool_is_backpressure_not_a_backend_fault(small_pool_gateway: Server,
+                                                                   faults: dict[str, Server]) -> None:
+    """Two connections for requests: the third request in flight is a 429, never a wait for a connection
+    that times out and is blamed on a healthy engine."""
+    mode(faults["a"], mode="normal", ttft_s=1.0)
+    url, auth = small_pool_gateway.url + "/v1/completions", {"authorization": f"Bearer {ADMIN_KEY}"}
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: httpx.post(url, headers=auth, timeout=30,
+                                                     json={"model": SINGLE, "prompt": "hi", "max_tokens": 2}),
+                                range(6)))
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses.count(200) >= 2 and set(statuses) <= {200, 429}, statuses
+    assert all(a.json()["error"]["code"] == "engine_overloaded" for a in answers if a.status_code == 429)
+    report = httpx.get(small_pool_gateway.url + "/admin/backends", headers=auth).json()["data"]
+    single = next(row for row in report if row["id"] == "fault-a-single")
+    assert single["consecutive_errors"] == 0 and not single["ejected"] and single["outstanding"] == 0
+
+
 def test_sigterm_lets_20_open_streams_finish_then_exits_0(gateway: Server, faults: dict[str, Server]) -> None:
     mode(faults["a"], mode="normal", inter_chunk_s=0.1)
     results: list[list[str] | Exception] = []
@@ -205,6 +252,10 @@ def test_sigterm_lets_20_open_streams_finish_then_exits_0(gateway: Server, fault
     assert len(results) == 20 and all(isinstance(r, list) and len(r) >= 20 for r in results), results
 
 
+def _metrics_text(gateway: Server) -> str:
+    return httpx.get(gateway.url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
+
+
 def test_metrics_count_what_was_sent(gateway: Server, faults: dict[str, Server]) -> None:
     api = client(gateway)
     for _ in range(4):
@@ -212,7 +263,7 @@ def test_metrics_count_what_was_sent(gateway: Server, faults: dict[str, Server])
     list(api.completions.create(model=SINGLE, prompt="hi", max_tokens=5, stream=True))
     with pytest.raises(openai.NotFoundError):
         api.completions.create(model="made-up-model-name", prompt="hi")
-    families = {f.name: f for f in text_string_to_metric_families(httpx.get(gateway.url + "/metrics").text)}
+    families = {f.name: f for f in text_string_to_metric_families(_metrics_text(gateway))}
     requests = {(s.labels["model"], s.labels["status"]): s.value
                 for s in families["gateway_requests"].samples if s.name == "gateway_requests_total"}
     assert requests[(SINGLE, "200")] == 5 and requests[("unknown", "404")] == 1
@@ -225,7 +276,7 @@ def test_metrics_count_what_was_sent(gateway: Server, faults: dict[str, Server])
     assert ttft[0].value == 1
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:  # the prober's first round may still be going
-        families = {f.name: f for f in text_string_to_metric_families(httpx.get(gateway.url + "/metrics").text)}
+        families = {f.name: f for f in text_string_to_metric_families(_metrics_text(gateway))}
         up = {s.labels["backend"]: s.value for s in families["gateway_backend_up"].samples}
         if "fault-a-single" in up:
             break

@@ -121,3 +121,23 @@ def test_client_disconnect_aborts_the_generation_in_vllm(gateway: Server, vllm_f
     assert stopped_after < 3.0, f"vLLM kept generating {stopped_after:.2f}s after the client left"
     time.sleep(3)  # a request left running would have produced all of its tokens by now
     assert _metric(engine, "vllm:generation_tokens_total") - generated_before < full
+
+
+def test_client_gone_before_a_non_streamed_answer_aborts_the_generation(gateway: Server,
+                                                                        vllm_fleet: dict[str, Server]) -> None:
+    """No stream, so nothing is written until the answer is complete: the gateway must notice the client
+    leaving and close the engine's connection, or the engine generates for nobody."""
+    engine = vllm_fleet["tiny-llama"]
+    full = 16 * 480
+    generated_before = _metric(engine, "vllm:generation_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.url + "/v1/completions", headers={"authorization": f"Bearer {RESEARCH_KEY}"},
+                   json={"model": "llama-2-7b", "prompt": "count", "max_tokens": 480, "n": 16, "ignore_eos": True},
+                   timeout=httpx.Timeout(30, read=1.0))  # the client gives up after 1 s and closes
+    closed_at = time.monotonic()
+    while time.monotonic() - closed_at < 5 and _metric(engine, "vllm:num_requests_running") > 0:
+        time.sleep(0.05)
+    assert _metric(engine, "vllm:num_requests_running") == 0
+    assert time.monotonic() - closed_at < 3.0
+    time.sleep(3)
+    assert _metric(engine, "vllm:generation_tokens_total") - generated_before < full

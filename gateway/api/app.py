@@ -50,12 +50,16 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
             try:
                 yield
             finally:
-                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-                prober.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await prober
-                await state.limiter.close()
-                state.audit.close()
+                try:
+                    asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+                    prober.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await prober
+                    await state.limiter.close()
+                finally:
+                    # After the drain: every record of a finished request is written (and fsynced) before
+                    # exit; failing writes are retried for at most the flush timeout, off the event loop.
+                    await asyncio.to_thread(state.audit.close, settings.audit_flush_timeout_s)
 
     app = FastAPI(title="LLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
@@ -71,10 +75,13 @@ def _build_state(settings: Settings, client) -> GatewayState:
     metrics = Metrics()
     fleet = Fleet(OutlierPolicy(settings.outlier_consecutive_errors, settings.outlier_base_cooldown_s),
                   on_eject=lambda backend_id: metrics.ejections.labels(backend_id).inc())
+    audit = AuditTrail(settings.audit_sink, max_pending=settings.audit_max_pending,
+                       close_timeout_s=settings.audit_flush_timeout_s)
+    metrics.watch_audit(audit)
     return GatewayState(
         settings, client, snapshot,
         limiter=make_rate_limiter(settings.redis_url, fail_closed=settings.ratelimit_fail_closed),
-        audit=AuditTrail(settings.audit_sink),
+        audit=audit,
         metrics=metrics,
         fleet=fleet,
         budget=RetryBudget(ratio=settings.retry_budget_ratio),
@@ -87,6 +94,7 @@ def _reload_on_sighup(state: GatewayState) -> None:
     pending: set[asyncio.Task] = set()
 
     def on_sighup() -> None:
+        state.audit.reopen()  # logrotate's postrotate: later records go to a new file at the path
         task = loop.create_task(reload_config(state))
         pending.add(task)
         task.add_done_callback(pending.discard)

@@ -56,8 +56,10 @@ async def admin_backends(request: Request, authorization: str | None = Header(No
 
 
 @router.get("/metrics")
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, authorization: str | None = Header(None)) -> Response:
     state = _state(request)
+    if not state.settings.metrics_public:  # tenant names, backends and licenses are not every caller's
+        require_admin(authenticate(authorization, state.snapshot.tenants))
     limiter_up = getattr(state.limiter, "redis_healthy", None)
     if limiter_up is not None:
         state.metrics.ratelimit_backend_up.set(1 if limiter_up else 0)

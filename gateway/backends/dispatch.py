@@ -1,12 +1,19 @@
 """Send one prepared call to the first backend that answers, and shape the answer for the client.
 
 Backends are tried in the order routing chose. A backend that cannot be reached, times out before its
-headers, or answers 502/503/504 is given up for the next one, at most `max_attempts` in all and only
-while the retry budget allows. Nothing is retried once a byte went to the client.
+headers (streams), or answers 502/503/504 is given up for the next one, at most `max_attempts` in all
+and only while the retry budget allows. Nothing is retried once a byte went to the client, and a
+non-streamed request the engine accepted is never retried (the generation would run twice).
+
+Only engine faults count against a backend's health: connect failures, 502/503/504, other 5xx that are
+not the engine's answer to an invalid request, malformed output, and stalls or breaks mid-stream. A
+client's invalid request, a gateway-side encoding error, a generation that outlived its timeout and a
+client that went away say nothing about the engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,12 +24,13 @@ from starlette.responses import Response, StreamingResponse
 from gateway.backends.relay import StreamWatch, UsageCounter, relay_stream, upstream_error
 from gateway.backends.requests import EnginePayloads, Unsupported
 from gateway.backends.translate import ChatFromCompletion, ChatWithRefusal, Passthrough, Translator
-from gateway.backends.upstream import OpenAIUpstream, UpstreamResponse, UpstreamUnavailable
-from gateway.errors import GatewayError, no_backend_available
+from gateway.backends.upstream import GenerationTimedOut, OpenAIUpstream, UpstreamResponse, UpstreamUnavailable
+from gateway.errors import ClientGone, GatewayError, no_backend_available
 from gateway.prompts.prepare import CHAT_PATH, Reply, UpstreamCall
 from gateway.registry.schema import Role
 
 _RETRYABLE = (502, 503, 504)
+ClientWatch = Callable[[], Awaitable[None]]  # returns when the client has closed its connection
 
 
 @dataclass
@@ -35,12 +43,20 @@ class Outcome:
     backend_id: str | None = None
     retries: int = 0
     fell_back: bool = False
+    engine_fault: bool = False  # the engine answered with a 5xx of its own (not an invalid-request answer)
     on_done: list[Callable[["Outcome"], Awaitable[None]]] = field(default_factory=list)
 
     async def done(self) -> None:
+        """Run the callbacks once, to the end even when the caller is cancelled (a client that went away
+        mid-stream): in-flight counts, limiter releases and health reports must never be skipped."""
         callbacks, self.on_done = self.on_done, []
-        for callback in callbacks:
-            await callback(self)
+        if callbacks:
+            await asyncio.shield(_run_all(callbacks, self))
+
+
+async def _run_all(callbacks: list[Callable[["Outcome"], Awaitable[None]]], outcome: Outcome) -> None:
+    for callback in callbacks:
+        await callback(outcome)
 
 
 @dataclass
@@ -51,11 +67,13 @@ class Attempts:
     may_retry: Callable[[], bool]
     started: Callable[[str], None]
     finished: Callable[[str, bool], None]
+    released: Callable[[str], None]  # the call says nothing about the backend's health
     waited: Callable[[float], None]  # time spent waiting on an engine (excluded from the gateway's overhead)
 
 
 async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, requested: str,
-                   headers: dict[str, str], outcome: Outcome, attempts: Attempts, retry_after_s: int) -> Response:
+                   headers: dict[str, str], outcome: Outcome, attempts: Attempts, retry_after_s: int,
+                   client_gone: ClientWatch | None = None) -> Response:
     call = payloads.call
     stream = call.stream
     failures: list[str] = []
@@ -69,20 +87,32 @@ async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, re
             continue
         if tried >= attempts.max_attempts or (tried and not attempts.may_retry()):
             break
+        data = _encoded(body, upstream.served_model_name)  # before the attempt: never the engine's fault
         outcome.retries = tried
         tried += 1
         attempts.started(upstream.id)
         sent = time.perf_counter()
         try:
-            response = await upstream.post(call.path, {**body, "model": upstream.served_model_name}, stream=stream)
+            if stream or client_gone is None:  # a stream's disconnect is seen by the streaming response
+                response = await upstream.post(call.path, data, stream=stream)
+            else:
+                response = await _post_while_client_waits(upstream, call.path, data, client_gone)
         except UpstreamUnavailable as exc:
             attempts.waited(time.perf_counter() - sent)
             attempts.finished(upstream.id, False)
             failures.append(str(exc))
             timed_out = timed_out or exc.timed_out
             continue
-        except BaseException:
+        except GenerationTimedOut:
+            attempts.released(upstream.id)
+            raise GatewayError(504, f"The model backend did not finish the answer within "
+                               f"{upstream.timeouts.generation_s:g} s; ask for fewer tokens or stream it.",
+                               type="upstream_error", code="generation_timeout") from None
+        except GatewayError:  # the engine broke off its answer
             attempts.finished(upstream.id, False)
+            raise
+        except BaseException:  # cancelled (the client went away): nothing learnt about the engine
+            attempts.released(upstream.id)
             raise
         attempts.waited(time.perf_counter() - sent)
         if response.status in _RETRYABLE:  # engine up but not serving: try the next one
@@ -109,9 +139,42 @@ async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, re
     raise no_backend_available(requested, detail, retry_after_s)
 
 
+async def _post_while_client_waits(upstream: OpenAIUpstream, path: str, data: bytes,
+                                   client_gone: ClientWatch) -> UpstreamResponse:
+    """A non-streamed call, cancelled when the client goes away: closing the engine's connection makes
+    vLLM abort a generation nobody would read. One watcher task; the call itself runs inline."""
+    me = asyncio.current_task()
+    assert me is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await client_gone()
+        gone = True
+        me.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await upstream.post(path, data, stream=False)
+    except asyncio.CancelledError:
+        if gone:
+            me.uncancel()
+            raise ClientGone() from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+def _encoded(body: dict, served_model: str) -> bytes:
+    try:
+        return orjson.dumps({**body, "model": served_model})
+    except orjson.JSONEncodeError:  # validation bounds nesting; this is the last line of defence
+        raise GatewayError(400, "The request could not be encoded for the model backend.") from None
+
+
 def _report_health(attempts: Attempts, backend_id: str) -> Callable[[Outcome], Awaitable[None]]:
     async def report(outcome: Outcome) -> None:
-        failed = outcome.watch is not None and outcome.watch.failure is not None
+        failed = outcome.engine_fault or (outcome.watch is not None and outcome.watch.failure is not None)
         attempts.finished(backend_id, not failed)
 
     return report
@@ -131,8 +194,11 @@ async def _json_response(upstream: OpenAIUpstream, response: UpstreamResponse, t
     try:
         body = await response.read()
         if response.status != 200:
-            raise upstream_error(response.status, body, upstream.profile.rejects_with_500)
+            error = upstream_error(response.status, body, upstream.profile.rejects_with_500)
+            outcome.engine_fault = error.status >= 500
+            raise error
         if not (body.startswith(b"{") and body.rstrip().endswith(b"}")):
+            outcome.engine_fault = True
             raise GatewayError(502, "The model backend sent a malformed answer.", type="upstream_error",
                                code="upstream_malformed")
         outcome.usage = orjson.loads(body).get("usage")  # for token metrics and rate-limit reconciliation
@@ -146,15 +212,17 @@ async def _stream_response(upstream: OpenAIUpstream, response: UpstreamResponse,
                            translator: Translator, requested: str, headers: dict[str, str],
                            outcome: Outcome) -> Response:
     if response.status != 200:
-        body = await response.read()
+        error = upstream_error(response.status, await response.read(), upstream.profile.rejects_with_500)
+        outcome.engine_fault = error.status >= 500
         await outcome.done()
-        raise upstream_error(response.status, body, upstream.profile.rejects_with_500)
-    usage = None
-    if call.include_usage and not upstream.profile.sends_stream_usage:
+        raise error
+    usage = None  # rate limits need every stream's usage, asked for by the client or not
+    if not upstream.profile.sends_stream_usage:
         usage = UsageCounter(count_prompt_tokens=lambda: _count_prompt(upstream, call))
     outcome.watch = StreamWatch(deadline=time.monotonic() + upstream.timeouts.total_s)
     events = relay_stream(response, translator, requested, usage, outcome.watch,
-                          empty_is_rejection=upstream.profile.rejects_with_500 is not None)
+                          empty_is_rejection=upstream.profile.rejects_with_500 is not None,
+                          forward_usage=call.include_usage)
     return StreamingResponse(_finishing(events, outcome), media_type="text/event-stream",
                              headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
 
@@ -165,7 +233,18 @@ async def _finishing(events: AsyncIterator[bytes], outcome: Outcome) -> AsyncIte
         async for event in events:
             yield event
     finally:
-        await events.aclose()  # closes the engine's connection at once: vLLM aborts the generation
+        # Shielded: a client gone mid-stream cancels this generator, and the engine's connection must
+        # still close (vLLM aborts the generation) and the outcome still be reported.
+        await asyncio.shield(_close_and_report(events, outcome))
+
+
+async def _close_and_report(events: AsyncIterator[bytes], outcome: Outcome) -> None:
+    try:
+        await events.aclose()
+    finally:
+        if outcome.watch is not None and outcome.watch.usage:
+            outcome.usage = outcome.watch.usage
+            outcome.total_tokens = outcome.usage.get("total_tokens")
         await outcome.done()
 
 

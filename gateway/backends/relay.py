@@ -44,19 +44,23 @@ class UsageCounter:
                 # llama.cpp and vLLM emit one generated token per content chunk.
                 self.completion_tokens[index] = self.completion_tokens.get(index, 0) + 1
 
-    async def usage_event(self, requested_model: str) -> bytes | None:
+    async def usage(self) -> dict | None:
         if self.engine_sent_usage or self.first_chunk is None:
             return None
         prompt_tokens = await self.count_prompt_tokens()
         completion = sum(self.completion_tokens.values())
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+    def usage_event(self, usage: dict, requested_model: str) -> bytes:
+        assert self.first_chunk is not None
         chunk = {
             "id": self.first_chunk.get("id"),
             "object": self.first_chunk.get("object"),
             "created": self.first_chunk.get("created"),
             "model": requested_model,
             "choices": [],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion},
+            "usage": usage,
         }
         return orjson.dumps(chunk)
 
@@ -85,6 +89,7 @@ class StreamWatch:
     first_event_at: float | None = None
     gaps: list[float] = field(default_factory=list)
     failure: str | None = None  # set when the engine broke off, stalled or sent garbage mid-stream
+    usage: dict | None = None  # the engine's (or, where it sends none, the gateway's) usage of the stream
     _last: float | None = None
 
     def saw_events(self, count: int, now: float) -> None:
@@ -106,11 +111,13 @@ def error_event(message: str, code: str, type: str = "upstream_error") -> bytes:
 
 async def relay_stream(
     response: UpstreamResponse, translator: Translator, requested_model: str, usage: UsageCounter | None,
-    watch: StreamWatch, empty_is_rejection: bool = False,
+    watch: StreamWatch, empty_is_rejection: bool = False, forward_usage: bool = True,
 ) -> AsyncIterator[bytes]:
     """Yield the client's SSE bytes from an engine's SSE response: all complete events of each read at once.
 
     Each read is forwarded as soon as it arrives (no buffering beyond an incomplete event), as one write.
+    The usage of the stream is kept in `watch.usage` (rate limits are reconciled with it); the usage
+    chunk reaches the client only if it asked for it (`forward_usage`).
     `empty_is_rejection`: the engine answers a request it finds invalid once streaming started with a
     stream that ends cleanly before any event (llama-cpp-python): the client's error, not the engine's.
     """
@@ -132,14 +139,19 @@ async def relay_stream(
                 if data == _DONE:
                     if seen:
                         watch.saw_events(seen, now)
-                    if usage is not None:
+                    if usage is not None and forward_usage:
                         # Let go of the engine first: llama.cpp's tokenizer waits for its model lock.
                         response.close()
-                        if extra := await usage.usage_event(requested_model):
+                        if (counted := await usage.usage()) is not None:
+                            watch.usage = counted
+                            extra = usage.usage_event(counted, requested_model)
                             out.extend(b"data: " + piece + b"\n\n" for piece in translator.event(extra))
                     out.append(b"data: [DONE]\n\n")
                     yield b"".join(out)
-                    await response.finish()  # the client has its answer; keep the connection pooled
+                    if usage is not None and not forward_usage:  # counted after the client has its answer
+                        response.close()
+                        watch.usage = await usage.usage()
+                    await response.finish()  # keep the connection pooled
                     return
                 if not (data.startswith(b"{") and data.endswith(b"}")):  # cheap: no parse of what is forwarded
                     watch.failure = "malformed event"
@@ -148,6 +160,11 @@ async def relay_stream(
                     return
                 if usage is not None:
                     usage.observe(orjson.loads(data))
+                if b'"usage":{' in data or b'"usage": {' in data:  # the engine's usage chunk (or a last
+                    chunk = orjson.loads(data)                      # chunk that carries usage)
+                    watch.usage = chunk.get("usage") or watch.usage
+                    if not forward_usage and not chunk.get("choices"):
+                        continue
                 seen += 1
                 out.extend(b"data: " + piece + b"\n\n" for piece in translator.event(data))
             if seen:

@@ -57,6 +57,7 @@ class RequestTranslator:
     logprobs: bool = True
     response_format: frozenset[str] = frozenset({"/v1/chat/completions", "/v1/completions"})  # endpoints
     output_formats: frozenset[str] = frozenset({"json_object", "json_schema"})
+    stream_usage: bool = True  # sends the usage chunk of a stream when asked
 
     def translate(self, call: UpstreamCall) -> dict[str, Any]:
         payload = call.payload
@@ -82,6 +83,8 @@ class RequestTranslator:
             body["best_of"] = payload["best_of"]
         if call.path == COMPLETIONS_PATH and "prompt" in payload:
             body["prompt"] = self.prompt(payload["prompt"])
+        if call.stream and self.stream_usage:  # always: rate limits reconcile with the engine's count
+            body["stream_options"] = {"include_usage": True}
         return body
 
     def prompt(self, prompt: Any) -> Any:
@@ -110,7 +113,7 @@ LLAMA_CPP = RequestTranslator(
     "llama.cpp", extras=frozenset({"top_k", "min_p", "repetition_penalty", "grammar"}),
     renames={"repetition_penalty": "repeat_penalty"}, several_choices=False, token_prompts=False,
     prompt_batches=False, suffix=True, response_format=frozenset({"/v1/chat/completions"}),
-    output_formats=frozenset({"json_object"}),
+    output_formats=frozenset({"json_object"}), stream_usage=False,
 )
 SEQ2SEQ = RequestTranslator(
     "seq2seq", extras=frozenset({"top_k", "min_tokens", "ignore_eos", "repetition_penalty", "stop_token_ids"}),

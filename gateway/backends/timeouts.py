@@ -13,7 +13,8 @@ class CallTimeouts:
     connect_s: float
     first_byte_s: float  # request sent -> response headers
     idle_s: float  # between two chunks of the body
-    total_s: float  # request sent -> last byte
+    total_s: float  # request sent -> last byte (streams)
+    generation_s: float  # request sent -> whole answer (non-streamed)
 
 
 def timeouts_for(settings: Settings, backend: Backend, overrides: Timeouts) -> CallTimeouts:
@@ -23,4 +24,5 @@ def timeouts_for(settings: Settings, backend: Backend, overrides: Timeouts) -> C
         first_byte_s=overrides.first_byte_s or getattr(settings, f"{role}_first_byte_timeout_s"),
         idle_s=overrides.idle_s or getattr(settings, f"{role}_idle_timeout_s"),
         total_s=overrides.total_s or getattr(settings, f"{role}_total_timeout_s"),
+        generation_s=overrides.generation_s or getattr(settings, f"{role}_generation_timeout_s"),
     )

@@ -37,6 +37,11 @@ class UpstreamUnavailable(Exception):
         self.timed_out = timed_out
 
 
+class GenerationTimedOut(Exception):
+    """A non-streamed answer was not complete within the generation timeout: the engine was working on
+    it (a long answer is ordinary traffic), so this is neither retried nor counted against the engine."""
+
+
 class UpstreamStalled(Exception):
     """The engine sent nothing for longer than the idle timeout in the middle of its answer."""
 
@@ -51,7 +56,7 @@ def make_http_client(settings: Settings) -> aiohttp.ClientSession:
     # with uvloop's sock_connect, which calls getaddrinfo even for numeric IPs: a few slow lookups of
     # unresolvable backend names (probes) then stalled every new connection to 127.0.0.1 (seen in tests).
     connector = aiohttp.TCPConnector(
-        limit=settings.pool_max_connections, limit_per_host=0, keepalive_timeout=30.0, ttl_dns_cache=10,
+        limit=settings.pool_size, limit_per_host=0, keepalive_timeout=30.0, ttl_dns_cache=10,
         resolver=aiohttp.AsyncResolver(),
     )
     # trust_env=False: a proxy variable on a node must never divert traffic meant for the engines.
@@ -125,9 +130,9 @@ class OpenAIUpstream:
                  timeouts: CallTimeouts) -> None:
         self.backend = backend
         self.timeouts = timeouts  # by role, with the model's overrides
-        # aiohttp bounds only the connect; reading is bounded here (first byte, idle, total).
-        self._connect_timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect_s,
-                                                      sock_connect=timeouts.connect_s)
+        # aiohttp bounds only the socket connect (its `connect` would also count the wait for a pooled
+        # connection: backpressure, not an engine fault); reading is bounded here.
+        self._connect_timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=timeouts.connect_s)
         self.profile: EngineProfile = profile_of(backend.engine)
         self.served_model_name = backend.served_model_name or model_id
         self._client = client
@@ -137,38 +142,40 @@ class OpenAIUpstream:
     def id(self) -> str:
         return self.backend.id
 
-    async def post(self, path: str, payload: dict, *, stream: bool) -> UpstreamResponse:
-        """POST `payload`; with `stream` the body is left unread for the caller to relay.
+    async def post(self, path: str, body: bytes, *, stream: bool) -> UpstreamResponse:
+        """POST the JSON `body`; with `stream` the answer is left unread for the caller to relay.
 
-        Raises `UpstreamUnavailable` when nothing came back before the headers (safe to retry
-        elsewhere), with `timed_out` set when the reason was the first-byte timeout.
+        Raises `UpstreamUnavailable` when the engine could not be reached or (streams) sent no headers
+        within the first-byte timeout: safe to retry elsewhere. A non-streamed answer gets the whole
+        generation timeout (engines send headers when it is done) and `GenerationTimedOut` after it.
+        Cancelling the call (the client went away) closes the connection: vLLM aborts the generation.
         """
         timeouts = self.timeouts
         response: aiohttp.ClientResponse | None = None
-        sent = asyncio.get_running_loop().time()
         try:
-            # One timer for the whole call: first byte, then (not streamed) the rest of the total budget.
-            async with asyncio.timeout(timeouts.first_byte_s) as deadline:
-                response = await self._client.post(self._base_url + path, data=orjson.dumps(payload),
-                                                   headers=_JSON_HEADERS,
+            async with asyncio.timeout(timeouts.first_byte_s if stream else timeouts.generation_s):
+                response = await self._client.post(self._base_url + path, data=body, headers=_JSON_HEADERS,
                                                    timeout=self._connect_timeout)
                 if stream:
                     return UpstreamResponse(response, None, timeouts.idle_s)
-                deadline.reschedule(sent + timeouts.total_s)
-                body = await response.read()
-        except TimeoutError as exc:
-            if response is None:
-                raise UpstreamUnavailable(self.id, "no response headers in time", timed_out=True) from exc
-            response.close()
-            raise GatewayError(504, "The model backend did not finish its answer in time.",
-                               type="upstream_error", code="upstream_timeout") from exc
-        except aiohttp.ClientError as exc:
+                data = await response.read()
+        except aiohttp.ClientError as exc:  # before TimeoutError: aiohttp's connect timeout is both
             if response is None:
                 raise UpstreamUnavailable(self.id, type(exc).__name__) from exc
             response.close()
             raise GatewayError(502, f"The model backend broke off its answer ({type(exc).__name__}).",
                                type="upstream_error", code="upstream_disconnected") from exc
-        return UpstreamResponse(response, body, timeouts.idle_s)
+        except TimeoutError as exc:
+            if response is not None:
+                response.close()
+            if stream:
+                raise UpstreamUnavailable(self.id, "no response headers in time", timed_out=True) from exc
+            raise GenerationTimedOut() from exc
+        except BaseException:
+            if response is not None:
+                response.close()  # cancelled: drop the connection so the engine stops generating
+            raise
+        return UpstreamResponse(response, data, timeouts.idle_s)
 
     async def count_tokens(self, text: str) -> int | None:
         """Token count of `text` with the engine's own tokenizer, or None if it cannot tell us."""

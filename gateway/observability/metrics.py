@@ -7,11 +7,51 @@ statuses are HTTP codes. No request ids or free text ever become labels.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class AuditCounts(Protocol):
+    """What the audit trail exposes (`gateway.observability.audit.AuditTrail`)."""
+
+    healthy: bool
+    write_errors: int
+    dropped: int
+    pending: int
+
+
+class _AuditCollector:
+    """The audit trail's counts, read at scrape time: the record path pays nothing for them."""
+
+    def __init__(self) -> None:
+        self.audit: AuditCounts | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(None)
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.audit)
+
+    @staticmethod
+    def _families(audit: AuditCounts | None) -> Iterator[Metric]:
+        yield CounterMetricFamily("gateway_audit_write_errors",
+                                  "Failed audit write or reopen attempts (each retry counts)",
+                                  value=audit.write_errors if audit is not None else 0)
+        yield CounterMetricFamily("gateway_audit_records_dropped",
+                                  "Audit records never written: refused for a full backlog, or given up at exit",
+                                  value=audit.dropped if audit is not None else 0)
+        yield GaugeMetricFamily("gateway_audit_pending_records", "Audit records accepted, not yet written",
+                                value=audit.pending if audit is not None else 0)
+        yield GaugeMetricFamily("gateway_audit_healthy",
+                                "1 while audit records are written, 0 while writes fail or records are refused",
+                                value=1 if audit is None or audit.healthy else 0)
 
 
 class Metrics:
@@ -45,6 +85,12 @@ class Metrics:
         self.ratelimit_backend_up = Gauge("gateway_ratelimit_redis_up",
                                           "1 if Redis-shared rate limiting works, 0 when on local fallback",
                                           registry=r)
+        self._audit = _AuditCollector()
+        r.register(self._audit)
+
+    def watch_audit(self, audit: AuditCounts) -> None:
+        """Export this audit trail's counts (gateway_audit_*)."""
+        self._audit.audit = audit
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

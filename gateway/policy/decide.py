@@ -10,6 +10,9 @@ Rules, in order (each decision names the rule that made it):
    licenses are allowed only in development and research.
 5. `substitute-commercial-twin`: a license denial becomes a substitution when the model names a
    commercially usable twin, the tenant opted in, and the twin itself is allowed (never chained).
+
+A non-commercial denial names the twin as an alternative only when this tenant may see and call it:
+a twin hidden by the tenant's lists or `private_to`, or refused by the license rules, is not named.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def _by_lists(tenant: Tenant, model: Model) -> Decision | None:
     return Decision(Verdict.DENY, rule, why, hidden=True)
 
 
-def _by_license(tenant: Tenant, model: Model, registry: Registry) -> Decision:
+def _by_license(tenant: Tenant, model: Model, registry: Registry, hint: bool = True) -> Decision:
     license_ = registry.license_of(model)
     env = tenant.environment.value
     named = f"`{model.id}` is under {license_.name} ({model.license})"
@@ -88,20 +91,28 @@ def _by_license(tenant: Tenant, model: Model, registry: Registry) -> Decision:
     return Decision(
         Verdict.DENY, "non-commercial-license-in-production",
         f"{named}, which forbids commercial use, and tenant '{tenant.name}' is a {env} tenant. It is "
-        "permitted only from a development or research tenant" + _twin_hint(model) + ".")
+        "permitted only from a development or research tenant"
+        + (_twin_hint(tenant, model, registry) if hint else "") + ".")
 
 
-def _twin_hint(model: Model) -> str:
-    if model.commercial_twin:
-        return f"; `{model.commercial_twin}` is a commercially usable alternative (opt in to substitutions)"
-    return ""
+def _twin_hint(tenant: Tenant, model: Model, registry: Registry) -> str:
+    """Name the twin only if this tenant may see and call it: never reveal a model hidden from it."""
+    twin = registry.model(model.commercial_twin) if model.commercial_twin else None
+    if twin is None or _twin_decision(tenant, twin, registry).verdict is not Verdict.ALLOW:
+        return ""
+    return f"; `{twin.id}` is a commercially usable alternative (opt in to substitutions)"
+
+
+def _twin_decision(tenant: Tenant, twin: Model, registry: Registry) -> Decision:
+    """The twin judged on its own: lists first (hidden), then its license, never substituted further."""
+    return _by_lists(tenant, twin) or _by_license(tenant, twin, registry, hint=False)
 
 
 def _substitute(tenant: Tenant, model: Model, registry: Registry, denial: Decision) -> Decision | None:
     twin = registry.model(model.commercial_twin) if model.commercial_twin else None
     if twin is None or not tenant.substitutions:
         return None
-    twin_decision = _by_lists(tenant, twin) or _by_license(tenant, twin, registry)
+    twin_decision = _twin_decision(tenant, twin, registry)
     if twin_decision.verdict is not Verdict.ALLOW:
         return None  # never chain into another forbidden model
     return Decision(Verdict.SUBSTITUTE, "substitute-commercial-twin",

@@ -64,15 +64,36 @@ class UpstreamCall:
 
     @property
     def prompt_estimate(self) -> int:
-        """Prompt tokens before the engine counts them (~4 characters per token), for reservations."""
-        return len(self.prompt_text or "") // 4
+        """Prompt tokens before the engine counts them (~4 characters per token; token ids exactly),
+        all prompts of a batch together, for reservations."""
+        if self.prompt_text is not None:
+            return len(self.prompt_text) // 4
+        prompt = self.payload.get("prompt")
+        if not isinstance(prompt, list) or not prompt:
+            return 0
+        if isinstance(prompt[0], int):
+            return len(prompt)
+        return sum(len(p) if isinstance(p, list) else len(p) // 4 for p in prompt)
 
     @property
     def max_tokens(self) -> int | None:
         return self.payload.get("max_tokens")
 
+    def reservation(self, context_length: int) -> int:
+        """The most tokens this call may cost: prompt plus every completion it can generate (`n`
+        choices, or `best_of` generated to pick them, per prompt of a batch). Without a limit a chat
+        may fill the context; completions default to 16 tokens, as OpenAI's and the engines' do."""
+        prompt = self.payload.get("prompt")
+        prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+        per_choice = self.max_tokens
+        if per_choice is None:
+            per_choice = 16 if self.path == COMPLETIONS_PATH and self.reply is Reply.AS_IS else max(
+                1, context_length - self.prompt_estimate // prompts)
+        choices = max(self.payload.get("n") or 1, self.payload.get("best_of") or 1)
+        return self.prompt_estimate + per_choice * choices * prompts
 
-def prepare_chat(model: Model, request: ChatCompletionRequest) -> UpstreamCall:
+
+def prepare_chat(model: Model, request: ChatCompletionRequest, default_max_tokens: int | None = None) -> UpstreamCall:
     if model.prompt_format == "none" and not model.allow_chat_without_format:
         raise GatewayError(
             400,
@@ -85,7 +106,7 @@ def prepare_chat(model: Model, request: ChatCompletionRequest) -> UpstreamCall:
     refuse_control_strings(turns, prompt_format.controls)
     payload = _forwarded(request)
     _refuse_tools(request)
-    limit = request.max_completion_tokens or request.max_tokens
+    limit = request.max_completion_tokens or request.max_tokens or default_max_tokens
     if limit is not None:
         payload["max_tokens"] = limit
     _add_stops(payload, model, prompt_format)
@@ -99,8 +120,11 @@ def prepare_chat(model: Model, request: ChatCompletionRequest) -> UpstreamCall:
                  Reply.CHAT_FROM_COMPLETION, request)
 
 
-def prepare_completion(model: Model, request: CompletionRequest) -> UpstreamCall:
+def prepare_completion(model: Model, request: CompletionRequest,
+                       default_max_tokens: int | None = None) -> UpstreamCall:
     payload = _forwarded(request)
+    if default_max_tokens is not None and "max_tokens" not in payload:
+        payload["max_tokens"] = default_max_tokens
     prompt = request.prompt
     return _call(COMPLETIONS_PATH, payload, prompt if isinstance(prompt, str) else None, Reply.AS_IS, request)
 
@@ -109,8 +133,6 @@ def _call(path: str, payload: dict[str, Any], prompt: str | None, reply: Reply,
           request: ChatCompletionRequest | CompletionRequest) -> UpstreamCall:
     options = request.stream_options
     include_usage = bool(request.stream and options is not None and options.include_usage)
-    if include_usage:
-        payload["stream_options"] = {"include_usage": True}
     return UpstreamCall(path, payload, prompt, reply, session=request.user, include_usage=include_usage)
 
 

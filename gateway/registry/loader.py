@@ -26,6 +26,22 @@ class RegistryError(ConfigError):
     what = "model registry"
 
 
+class NotUtf8Error(ValueError):
+    """A config file whose bytes are not UTF-8; the message is the config-error line naming the file."""
+
+
+def read_config_text(path: Path) -> str:
+    """The text of a UTF-8 config file. Raises `OSError`, or `NotUtf8Error` naming the file, the byte
+    offset and line of the first byte that is not UTF-8 (say, a file saved as Latin-1)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise NotUtf8Error(f"{path}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte offset {exc.start} "
+                           f"(line {line}); save the file as UTF-8") from None
+
+
 @dataclass(frozen=True)
 class Registry:
     licenses: dict[str, License]
@@ -67,9 +83,12 @@ def load_registry(paths: list[Path]) -> Registry:
 
 def _read_yaml(path: Path, problems: list[str]) -> dict[str, Any] | None:
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = yaml.safe_load(read_config_text(path))
     except OSError as exc:
         problems.append(f"{path}: cannot read: {exc.strerror}")
+        return None
+    except NotUtf8Error as exc:
+        problems.append(str(exc))
         return None
     except yaml.YAMLError as exc:
         problems.append(f"{path}: not valid YAML: {exc}")

@@ -109,6 +109,15 @@ class Backend(_Strict):
     )
     # Requests in flight to this backend at most; beyond it the router skips it (None: no cap).
     max_concurrency: int | None = Field(default=None, gt=0)
+    # TEST FIXTURES ONLY. One engine model (url + served model name) serves one set of weights, so it
+    # may back several model ids only under one license: otherwise non-commercial weights could be
+    # served under a commercial model id, and validation refuses it. A test fixture that stands one
+    # tiny checkpoint in for ids of different licenses sets this on every backend sharing it.
+    # Never set it in a deployment's registry.
+    shared_with_other_licenses: bool = Field(
+        default=False,
+        description="test fixtures only: allow this engine model to also back models of other licenses",
+    )
 
     @field_validator("engine_version")
     @classmethod
@@ -123,6 +132,10 @@ class Backend(_Strict):
     def base_url(self) -> str:
         return str(self.url).rstrip("/")
 
+    def engine_model(self, model_id: str) -> tuple[str, str]:
+        """Which weights this backend serves: the engine's address and the name it knows them by."""
+        return self.base_url, self.served_model_name or model_id
+
 
 class Timeouts(_Strict):
     """Per-model overrides of the role defaults in settings (seconds)."""
@@ -131,6 +144,8 @@ class Timeouts(_Strict):
     first_byte_s: float | None = Field(default=None, gt=0)
     idle_s: float | None = Field(default=None, gt=0)
     total_s: float | None = Field(default=None, gt=0)
+    # A non-streamed answer arrives whole when generation ends: its own bound (long answers are normal).
+    generation_s: float | None = Field(default=None, gt=0)
 
 
 class Model(_Strict):
@@ -153,6 +168,9 @@ class Model(_Strict):
     # Token ids that end a turn besides the tokenizer's EOS (MPT chat: <|im_end|> 50278, <|endoftext|> 0),
     # sent to engines that take `stop_token_ids` (vLLM).
     stop_token_ids: tuple[int, ...] = ()
+    # max_tokens sent when a request sets none (a tenant's own default wins); unset: a chat may fill the
+    # context and is reserved against rate limits as if it would, a completion gets OpenAI's 16.
+    default_max_tokens: int | None = Field(default=None, gt=0)
     # A commercially usable model an opted-in tenant gets instead of a license denial ([3/5]).
     commercial_twin: str | None = None
     # Tenants that may see and call this model; empty = every tenant the license rules allow.

@@ -1,4 +1,5 @@
-"""Checks that need the whole registry: license keys, backend ids, and engine/architecture support."""
+"""Checks that need the whole registry: license keys, backend ids, engine/architecture support, and one
+license per engine model (backends of different licenses never share a url and served model name)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from gateway.registry.engines import ARCHITECTURE_SUPPORT, why_engine_cannot_serve
-from gateway.registry.schema import Engine, License, Model
+from gateway.registry.schema import Backend, Engine, License, Model
 
 OriginOf = Callable[[str, str], Path]
 
@@ -25,6 +26,34 @@ def cross_check(
     for model in models.values():
         problems.extend(_check_backends(model, backend_owner, origin))
         problems.extend(_check_twin(model, models, licenses, origin))
+    problems.extend(_check_one_license_per_engine_model(models, origin))
+    return problems
+
+
+def _check_one_license_per_engine_model(models: dict[str, Model], origin: OriginOf) -> list[str]:
+    """Two model ids of different licenses on one engine model would let non-commercial weights be served
+    (and audited) under a commercial id. Aliases under the same license may share a backend."""
+    problems: list[str] = []
+    seen: dict[tuple[str, str], list[tuple[Model, int, Backend]]] = {}
+    for model in models.values():
+        for index, backend in enumerate(model.backends):
+            key = backend.engine_model(model.id)
+            clash = next((other for other in seen.get(key, ())
+                          if other[0].license != model.license
+                          and not (backend.shared_with_other_licenses and other[2].shared_with_other_licenses)),
+                         None)
+            seen.setdefault(key, []).append((model, index, backend))
+            if clash is None:
+                continue
+            other, other_index, _ = clash
+            url, served = key
+            problems.append(
+                f"{origin(model.id, 'backends')}: model '{model.id}': field 'backends.{index}.url': engine model "
+                f"{served!r} at {url} (url + served_model_name) already backs model '{other.id}' "
+                f"({origin(other.id, 'backends')}, field 'backends.{other_index}') under license "
+                f"'{other.license}', not '{model.license}': one engine serves one set of weights, under one "
+                "license. Point each at its own engine (test fixtures only: set "
+                "shared_with_other_licenses: true on every backend sharing it)")
     return problems
 
 

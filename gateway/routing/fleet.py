@@ -66,6 +66,13 @@ class Fleet:
         else:
             self._failed(state)
 
+    def released(self, backend_id: str) -> None:
+        """A call that says nothing about the backend's health (a generation outlived its timeout, the
+        client went away): only the outstanding count changes; a half-open trial may be tried again."""
+        state = self.state(backend_id)
+        state.outstanding = max(0, state.outstanding - 1)
+        state.trial_in_flight = False
+
     def _recovered(self, state: BackendState) -> None:
         state.consecutive_errors = 0
         state.ejected_until = 0.0

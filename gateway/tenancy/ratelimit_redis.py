@@ -12,13 +12,25 @@ Keys, per tenant (the braces are a Redis Cluster hash tag: one tenant's keys sha
 Expired entries are pruned with ZRANGEBYSCORE/ZREMRANGEBYSCORE from the old end: each entry is removed once,
 amortised O(1) per request. Every key carries a TTL, so an idle tenant's keys vanish.
 
-If Redis is down or errors, we fail open onto an in-process LocalRateLimiter (per replica, so N replicas may
-admit up to N x the limit during an outage), or, with fail_closed, raise RateLimitUnavailable.
+Tenants are isolated. No key is shared between tenants, and tenant_prefix() is injective whatever the name
+(braces, colons and '%' are percent-escaped, so no name can close the hash tag early or spell another
+tenant's keys). tenants.py's name pattern is not relied on. The scripts treat a tenant's keys as untrusted:
+a member that doesn't parse counts as 0 tokens and is removed, a bad running sum is recounted, and a key of
+the wrong type is dropped. Token counts are sent as whole numbers (int(), never float), so the gateway
+never writes a member it can't read back. An error reply to one tenant's script degrades only that request
+and doesn't open the circuit for everyone. A finish that Redis rejects is dropped, not retried ahead of
+every other tenant's finish.
+
+If Redis is down, we fail open onto an in-process LocalRateLimiter (per replica, so N replicas may admit up
+to N x the limit during an outage), or, with fail_closed, raise RateLimitUnavailable.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import numbers
 import re
 import time
 import uuid
@@ -27,7 +39,7 @@ from collections import deque
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
 from gateway.tenancy.ratelimit import (
     RETRY_WALK_CAP,
@@ -46,26 +58,86 @@ log = logging.getLogger("gateway.tenancy.ratelimit")
 
 _WINDOW_MS = int(WINDOW_S * 1000)
 _STALE_MS = int(STALE_INFLIGHT_S * 1000)
+# Token counts stay below 2**53, so Redis' Lua (doubles) holds them exactly.
+_MAX_TOKENS = 2**53 - 1
+# A running token sum that needs repairing is recounted from at most this many reservations. A larger log
+# is dropped instead, so a repair can't block Redis, which every tenant shares, for long.
+_RECOUNT_CAP = 10_000
+# Warn about one tenant's malformed state at most this often, so a broken tenant can't flood the log.
+_WARN_EVERY_S = 10.0
+
+# Shared by both scripts. Nothing in a tenant's keys is trusted: whatever wrote them (an older gateway, a
+# person with redis-cli, a bug), a value that doesn't parse is repaired or dropped, never an error, because a
+# script that errors fails every later call on those keys.
+_LUA_HELPERS = """
+-- A token count: a finite number >= 0, floored; nil for anything else (garbage, nan, inf, a missing value).
+local function count(s)
+  local n = tonumber(s)
+  if n == nil or n ~= n or n < 0 or n == math.huge then return nil end
+  return math.floor(n) + 0
+end
+-- The tokens of a reservation "<id>:<tokens>" (the text after its last colon); nil if it doesn't parse.
+local function amount(m) return count(string.match(m, ':([^:]*)$')) end
+-- Whole numbers as digits, never "1e+15" or "100.0", so finish can rebuild a member byte for byte.
+local function fmt(n) return string.format('%.0f', n) end
+-- A key of the wrong type fails every command on it: drop it (it holds nothing this script wrote).
+local function expect(key, kind)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= kind then redis.call('DEL', key) return 1 end
+  return 0
+end
+-- The exact sum of a token log, removing members that don't parse. Bounded: past `limit` members the log
+-- is dropped instead (the tenant's TPM window restarts empty), so a repair can't stall Redis for everyone.
+local function recount(key, limit)
+  if redis.call('ZCARD', key) > limit then redis.call('DEL', key) return 0 end
+  local total = 0
+  for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    local a = amount(m)
+    if a then total = total + a else redis.call('ZREM', key, m) end
+  end
+  return total
+end
+"""
 
 # KEYS: req, tok, toksum, inf.  ARGV: rpm, tpm, max_concurrent (-1 = unlimited), reserve, id, window_ms,
-# stale_ms, walk_cap.  Returns {admitted, requests, tokens, inflight, wait_req, wait_tok, wait_conc,
-# too_large, reset_req, reset_tok}; waits in ms, -1 where that limit doesn't block.
-_ADMIT_LUA = """
+# stale_ms, walk_cap, recount_cap.  Returns {admitted, requests, tokens, inflight, wait_req, wait_tok,
+# wait_conc, too_large, reset_req, reset_tok, repaired}; waits in ms, -1 where that limit doesn't block;
+# repaired > 0 when malformed state was found (and fixed).
+_ADMIT_LUA = _LUA_HELPERS + """
 local rpm, tpm, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local reserve, id = tonumber(ARGV[4]), ARGV[5]
-local window, stale, cap = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local reserve, id = count(ARGV[4]) or 0, ARGV[5]
+local window, stale, cap, recount_cap = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cutoff = now - window
+-- Every score is a TIME this script read; one more than a window ahead is damage (or a big clock step back).
+local future = '(' .. fmt(now + window)
+local repaired = expect(KEYS[1], 'zset') + expect(KEYS[2], 'zset') + expect(KEYS[3], 'string')
+repaired = repaired + expect(KEYS[4], 'zset')
 
 -- Prune what left the window. Only the expired head is read, so this is amortised O(1).
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
-local total = tonumber(redis.call('GET', KEYS[3]) or '0')
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
-for _, m in ipairs(expired) do total = total - tonumber(string.match(m, ':(%-?%d+)$')) end
-if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff) end
-if redis.call('ZCARD', KEYS[2]) == 0 then total = 0 end  -- self-heal: an empty log sums to zero
+redis.call('ZREMRANGEBYSCORE', KEYS[1], future, '+inf')
+local total = count(redis.call('GET', KEYS[3]))
+local dirty = total == nil  -- the running sum is missing or not a number: recount it below
+local function drop(lo, hi)  -- remove a score range of the token log, taking its amounts off the sum
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], lo, hi)
+  for _, m in ipairs(gone) do
+    local a = amount(m)
+    if a == nil then dirty = true elseif total then total = total - a end
+  end
+  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], lo, hi) end
+end
+drop('-inf', cutoff)
+drop(future, '+inf')
+if redis.call('ZCARD', KEYS[2]) == 0 then
+  total = 0  -- self-heal: an empty log sums to zero
+elseif dirty or total < 0 then
+  total = recount(KEYS[2], recount_cap)
+  repaired = repaired + 1
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - stale)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], future, '+inf')
 local nreq, ninf = redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[4])
 
 local wait_req, wait_tok, wait_conc, too_large = -1, -1, -1, 0
@@ -82,8 +154,14 @@ if tpm >= 0 and total + reserve > tpm then
     local need, freed = total + reserve - tpm, 0
     local e = redis.call('ZRANGE', KEYS[2], 0, cap - 1, 'WITHSCORES')
     for i = 1, #e, 2 do
-      freed = freed + tonumber(string.match(e[i], ':(%-?%d+)$'))
-      if freed >= need then wait_tok = tonumber(e[i + 1]) + window - now break end
+      local a = amount(e[i])
+      if a == nil then  -- counted as 0 tokens, as when it expires; removed now
+        redis.call('ZREM', KEYS[2], e[i])
+        repaired = repaired + 1
+      else
+        freed = freed + a
+        if freed >= need then wait_tok = tonumber(e[i + 1]) + window - now break end
+      end
     end
     if wait_tok < 0 then  -- past the cap: answer when the whole window has emptied (later, so safe)
       local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
@@ -100,7 +178,7 @@ if wait_req < 0 and wait_tok < 0 and wait_conc < 0 then
     nreq = nreq + 1
   end
   if tpm >= 0 then
-    redis.call('ZADD', KEYS[2], now, id .. ':' .. ARGV[4])  -- the caller's digits, as finish rebuilds them
+    redis.call('ZADD', KEYS[2], now, id .. ':' .. fmt(reserve))  -- finish rebuilds the same digits
     total = total + reserve
   end
   if maxc >= 0 then
@@ -110,7 +188,7 @@ if wait_req < 0 and wait_tok < 0 and wait_conc < 0 then
 end
 -- The token sum is written with the same TTL as its log, so neither outlives the other.
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('SET', KEYS[3], total, 'PX', window)
+  redis.call('SET', KEYS[3], fmt(total), 'PX', window)
   redis.call('PEXPIRE', KEYS[2], window)
 else
   redis.call('DEL', KEYS[3])
@@ -124,22 +202,28 @@ local lr = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 if #lr > 0 then reset_req = tonumber(lr[2]) + window - now end
 local lt = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
 if #lt > 0 then reset_tok = tonumber(lt[2]) + window - now end
-return {admitted, nreq, total, ninf, wait_req, wait_tok, wait_conc, too_large, reset_req, reset_tok}
+return {admitted, nreq, total, ninf, wait_req, wait_tok, wait_conc, too_large, reset_req, reset_tok, repaired}
 """
 
-# KEYS: tok, toksum, inf.  ARGV: id, reserved, actual (-1 = keep the reservation), window_ms.
+# KEYS: tok, toksum, inf.  ARGV: id, reserved, actual (-1 = keep the reservation), window_ms, recount_cap.
 # Swaps the reservation's amount for the actual usage, keeping its timestamp, and frees the slot.
-_FINISH_LUA = """
-local id, reserved, actual, window = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+_FINISH_LUA = _LUA_HELPERS + """
+local id, window, recount_cap = ARGV[1], tonumber(ARGV[4]), tonumber(ARGV[5])
+local reserved, actual = count(ARGV[2]) or 0, count(ARGV[3])  -- actual nil: keep the reservation
+expect(KEYS[1], 'zset')
+expect(KEYS[2], 'string')
+expect(KEYS[3], 'zset')
 redis.call('ZREM', KEYS[3], id)
-if actual >= 0 then
-  local member = id .. ':' .. reserved
+if actual then
+  local member = id .. ':' .. fmt(reserved)
   local score = redis.call('ZSCORE', KEYS[1], member)
   if score then  -- absent: it already left the window, nothing to reconcile
     redis.call('ZREM', KEYS[1], member)
-    redis.call('ZADD', KEYS[1], score, id .. ':' .. ARGV[3])
-    local total = tonumber(redis.call('GET', KEYS[2]) or '0') + actual - tonumber(reserved)
-    redis.call('SET', KEYS[2], total, 'PX', window)
+    redis.call('ZADD', KEYS[1], score, id .. ':' .. fmt(actual))
+    local total = count(redis.call('GET', KEYS[2]))
+    if total then total = total + actual - reserved end
+    if total == nil or total < 0 then total = recount(KEYS[1], recount_cap) end
+    redis.call('SET', KEYS[2], fmt(total), 'PX', window)
     redis.call('PEXPIRE', KEYS[1], window)
   end
 end
@@ -148,14 +232,37 @@ return 1
 
 # What "Redis is unavailable" looks like (TimeoutError and ConnectionRefusedError are OSErrors too).
 _STORE_ERRORS = (RedisError, OSError)
+# Error replies that mean the server is unusable for everyone (a read-only replica after a failover,
+# maxmemory, ACLs). Any other error reply concerns one call, so one tenant's keys.
+_SERVER_WIDE = (ReadOnlyError, OutOfMemoryError, NoPermissionError)
+
+
+def _tenant_local(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and not isinstance(exc, _SERVER_WIDE)
+
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@-]")
 
 
 def tenant_prefix(tenant: str) -> str:
-    # Percent-escape anything odd (braces above all, which would break the hash tag) so names can't collide.
-    safe = _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), tenant)
+    """The prefix of a tenant's keys, "gw:rl:{<name>}". Injective: different names never share a key.
+
+    Every character outside [A-Za-z0-9._@-] is percent-escaped, '%' itself included. So the escaped name has
+    no braces (the hash tag ends exactly at our '}', and one tenant's keys share one Cluster slot) and no
+    colons (no name can spell another tenant's ":req"). The empty name is refused: "{}" is not a hash tag.
+    """
+    if not isinstance(tenant, str) or not tenant:
+        raise ValueError(f"a rate-limited tenant needs a non-empty name, not {tenant!r}")
+    safe = _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8", "surrogatepass")), tenant)
     return f"gw:rl:{{{safe}}}"
+
+
+def _tokens(value: object) -> int | None:
+    """A token count as a whole number for Redis (int(), never float), clamped to [0, _MAX_TOKENS]. None if
+    `value` isn't a finite number: "100.0" or "nan" written into a member is state the scripts can't parse."""
+    if isinstance(value, numbers.Real) and math.isfinite(value):
+        return min(max(0, int(value)), _MAX_TOKENS)
+    return None
 
 
 class RedisRateLimiter:
@@ -193,13 +300,18 @@ class RedisRateLimiter:
         self._skip_until = 0.0  # during an outage, try Redis again only after this (monotonic)
         self._pending_finishes: deque[tuple[str, str, int, int | None]] = deque(maxlen=10_000)
         self.fallbacks = 0  # admissions decided without Redis (fail-open) or refused (fail-closed)
+        self.script_errors = 0  # error replies to one tenant's script (which don't open the circuit)
+        self._warned: dict[str, float] = {}  # tenant prefix -> when we last warned about its state
 
     @property
     def redis_healthy(self) -> bool:
         return self._healthy
 
     async def admit(self, tenant: str, limits: Limits, reserve_tokens: int) -> Admission:
-        reserve = max(0, reserve_tokens)
+        reserve = _tokens(reserve_tokens)
+        if reserve is None:
+            raise ValueError(f"reserve_tokens must be a finite number, not {reserve_tokens!r}")
+        prefix = tenant_prefix(tenant)
         if not self._healthy:
             if time.monotonic() < self._skip_until:
                 # Circuit open: don't make every request wait for a connect timeout during an outage.
@@ -207,26 +319,36 @@ class RedisRateLimiter:
             # Probe: replay the finishes the outage swallowed first, so their slots are free for this check.
             if not await self._flush_pending():
                 return self._degraded(tenant, limits, reserve)
-        prefix = tenant_prefix(tenant)
         admission_id = uuid.uuid4().hex[:16]
         keys = [f"{prefix}:req", f"{prefix}:tok", f"{prefix}:toksum", f"{prefix}:inf"]
         args: list[int | str] = [_arg(limits.rpm), _arg(limits.tpm), _arg(limits.max_concurrent)]
-        args += [reserve, admission_id, _WINDOW_MS, _STALE_MS, RETRY_WALK_CAP]
+        args += [reserve, admission_id, _WINDOW_MS, _STALE_MS, RETRY_WALK_CAP, _RECOUNT_CAP]
         try:
             reply = await self._admit_script(keys=keys, args=args)
         except _STORE_ERRORS as exc:
-            # A timed-out script may still have run: queue its undo (zero tokens, free the slot) for the
-            # recovery, so a phantom admission can't hold a concurrency slot for 15 minutes.
+            # A timed-out (or failed: Redis doesn't roll a script back) script may still have recorded: queue
+            # its undo (zero tokens, free the slot), so a phantom admission can't hold a slot for 15 minutes.
             self._pending_finishes.append((prefix, admission_id, reserve, 0))
-            self._mark_down(exc)
+            if _tenant_local(exc):
+                # Redis answered: it is up, and the error concerns this tenant's keys. Degrade only this
+                # request; opening the circuit would degrade every tenant on this replica.
+                self.script_errors += 1
+                self._warn(prefix, "Redis rejected the rate-limit script for tenant %r (%s); admitting it %s.",
+                           tenant, exc, "nothing (fail-closed)" if self._fail_closed else "by local limits")
+            else:
+                self._mark_down(exc)
             return self._degraded(tenant, limits, reserve)
         self._mark_up()
-        usage = _usage(reply)
+        usage, repaired = _usage(reply)
+        if repaired:
+            self._warn(prefix, "Repaired malformed rate-limit state in Redis for tenant %r (keys %s:*).",
+                       tenant, prefix)
         if not usage.admitted:
             raise refusal(limits, reserve, usage)
 
         async def release(actual: int | None) -> None:
-            await self._finish(prefix, admission_id, reserve, actual)
+            # Not a finite number (a backend's odd usage figure): keep the reservation rather than guess.
+            await self._finish(prefix, admission_id, reserve, None if actual is None else _tokens(actual))
 
         return Admission(ratelimit_headers(limits, usage), release)
 
@@ -241,6 +363,15 @@ class RedisRateLimiter:
         if self._fail_closed:
             raise RateLimitUnavailable("The rate limiter's store (Redis) is unavailable.")
         return self._fallback.admit_now(tenant, limits, reserve)
+
+    def _warn(self, prefix: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(prefix, -math.inf) < _WARN_EVERY_S:
+            return
+        if len(self._warned) >= 1000:  # bounded: many broken tenants at once only lose some throttling
+            self._warned.clear()
+        self._warned[prefix] = now
+        log.warning(message, *args)
 
     def _mark_down(self, exc: BaseException) -> None:
         self._skip_until = time.monotonic() + self._probe_interval_s
@@ -260,19 +391,30 @@ class RedisRateLimiter:
 
     async def _flush_pending(self) -> bool:
         """Replay swallowed finishes; False if Redis failed again. Safe to replay: the finish script is
-        idempotent (ZREM of a gone id and a reconcile of a gone member are no-ops)."""
+        idempotent (ZREM of a gone id and a reconcile of a gone member are no-ops).
+
+        The queue is shared by all tenants, so an item that can never succeed is dropped, never put back at
+        the head: there it would block every later finish and keep the circuit open for everyone."""
         while self._pending_finishes:
             item = self._pending_finishes.popleft()  # popped first: concurrent flushers take distinct items
             prefix, admission_id, reserved, actual = item
             keys = [f"{prefix}:tok", f"{prefix}:toksum", f"{prefix}:inf"]
             try:
                 await self._finish_script(keys=keys, args=_finish_args(admission_id, reserved, actual))
-            except BaseException as exc:  # cancelled too (a client hung up): keep it queued, replay is safe
-                self._pending_finishes.appendleft(item)
-                if not isinstance(exc, _STORE_ERRORS):
-                    raise
+            except _STORE_ERRORS as exc:
+                if _tenant_local(exc):  # Redis is up and refused this one: its slot goes stale in 15 min
+                    self.script_errors += 1
+                    self._warn(prefix, "Redis rejected a rate-limit finish for %s:* (%s); dropped it.",
+                               prefix, exc)
+                    continue
+                self._pending_finishes.appendleft(item)  # Redis is down: replay it on recovery
                 self._mark_down(exc)
                 return False
+            except asyncio.CancelledError:  # a client hung up mid-call: keep it queued, replay is safe
+                self._pending_finishes.appendleft(item)
+                raise
+            except Exception:  # a bug, not Redis: don't retry it forever ahead of everyone else's
+                log.exception("Rate-limit finish for %s:* failed; dropped it.", prefix)
         return True
 
     async def close(self) -> None:
@@ -281,15 +423,21 @@ class RedisRateLimiter:
 
 
 def _arg(limit: int | None) -> int:
-    return -1 if limit is None else max(0, limit)
+    if limit is None:
+        return -1
+    value = _tokens(limit)
+    if value is None:
+        raise ValueError(f"a rate limit must be a finite number or None, not {limit!r}")
+    return value
 
 
 def _finish_args(admission_id: str, reserved: int, actual: int | None) -> list[str | int]:
-    return [admission_id, reserved, -1 if actual is None else max(0, actual), _WINDOW_MS]
+    return [admission_id, reserved, -1 if actual is None else actual, _WINDOW_MS, _RECOUNT_CAP]
 
 
-def _usage(reply: list[int]) -> Usage:
-    admitted, nreq, tokens, ninf, wait_req, wait_tok, wait_conc, too_large, reset_req, reset_tok = (
+def _usage(reply: list[int]) -> tuple[Usage, bool]:
+    """The admission's Usage, and whether the script had to repair the tenant's state."""
+    admitted, nreq, tokens, ninf, wait_req, wait_tok, wait_conc, too_large, reset_req, reset_tok, repaired = (
         int(v) for v in reply
     )
 
@@ -308,4 +456,4 @@ def _usage(reply: list[int]) -> Usage:
         reset_tokens_ms=float(reset_tok),
     )
     assert usage.admitted == bool(admitted), "admit script and Usage disagree"
-    return usage
+    return usage, bool(repaired)

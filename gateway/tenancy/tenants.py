@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.errors import ConfigError, field_path
-from gateway.registry import Registry
+from gateway.registry import NotUtf8Error, Registry, read_config_text
 from gateway.tenancy.ratelimit import Limits
 from gateway.wire.protocol import PRIVILEGED_EXTRAS
 
@@ -55,6 +55,8 @@ class TenantSpec(BaseModel):
     limits: LimitsSpec = LimitsSpec()
     # Engine knobs that cost the shared engines more than tokens (gateway.wire.protocol.PRIVILEGED_EXTRAS).
     engine_extras: list[str] = []
+    # max_tokens for this tenant's requests that set none (overrides the model's `default_max_tokens`).
+    default_max_tokens: int | None = Field(default=None, gt=0)
 
     @field_validator("engine_extras")
     @classmethod
@@ -77,6 +79,7 @@ class Tenant:
     admin: bool
     limits: Limits
     engine_extras: frozenset[str] = frozenset()
+    default_max_tokens: int | None = None
 
     def denies(self, model_id: str) -> bool:
         return any(fnmatch.fnmatchcase(model_id, pattern) for pattern in self.deny_models)
@@ -122,7 +125,9 @@ def new_key() -> tuple[str, str]:
 def load_tenants(path: Path, registry: Registry) -> TenantDirectory:
     problems: list[str] = []
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        document = yaml.safe_load(read_config_text(path)) or {}
+    except NotUtf8Error as exc:
+        raise TenantsError([str(exc)]) from None
     except (OSError, yaml.YAMLError) as exc:
         raise TenantsError([f"{path}: cannot read: {exc}"]) from None
     entries = document.get("tenants") if isinstance(document, dict) else None
@@ -193,6 +198,7 @@ def _directory(specs: list[TenantSpec]) -> TenantDirectory:
             admin=spec.admin,
             limits=Limits(spec.limits.rpm, spec.limits.tpm, spec.limits.max_concurrent),
             engine_extras=frozenset(spec.engine_extras),
+            default_max_tokens=spec.default_max_tokens,
         )
         tenants[spec.name] = tenant
         for key_hash in spec.api_key_hashes:
