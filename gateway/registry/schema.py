@@ -98,6 +98,14 @@ class EngineSupport(_Strict):
         return value
 
 
+class GgufSource(_Strict):
+    """Where a llama.cpp backend's quantized weights come from (a file in a Hugging Face repo)."""
+
+    repo: str
+    file: str = Field(pattern=r"^[^/]+\.gguf$")
+    revision: str = Field(min_length=1, description="a commit hash, or a branch name when none is known")
+
+
 class Backend(_Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     engine: Engine
@@ -107,6 +115,8 @@ class Backend(_Strict):
     served_model_name: str | None = Field(
         default=None, description="the name the engine knows the model by; defaults to the model id"
     )
+    # llama.cpp backends: the GGUF file the deployment downloads (the Kubernetes renderer needs it).
+    gguf: GgufSource | None = None
     # Requests in flight to this backend at most; beyond it the router skips it (None: no cap).
     max_concurrency: int | None = Field(default=None, gt=0)
     # TEST FIXTURES ONLY. One engine model (url + served model name) serves one set of weights, so it
@@ -152,6 +162,8 @@ class Model(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     family: str
     hf_repo: str
+    # The repo revision a deployment downloads (commit hash; a branch name only where no hash is known).
+    hf_revision: str | None = Field(default=None, min_length=1)
     params_b: float = Field(gt=0, description="parameters, in billions")
     architecture: str
     context_length: int = Field(gt=0)

@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from gateway.cli_server import DrainingServer
-from gateway.cli_tables import format_formats, format_matrix, format_model_table
+from gateway.cli.server import DrainingServer
+from gateway.cli.tables import format_formats, format_matrix, format_model_table
 from gateway.policy.decide import decide
 from gateway.errors import ConfigError
 from gateway.observability.lines import LineSink, LineSinkHandler
