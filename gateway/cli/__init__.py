@@ -1,4 +1,5 @@
-"""`gateway` command line: serve, check the configuration, list models, make keys, explain policy."""
+"""`gateway` command line: serve, check the configuration, list models, make keys, explain policy,
+render the Kubernetes manifests."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+from gateway.cli import deploy
 from gateway.cli.server import DrainingServer
 from gateway.cli.tables import format_formats, format_matrix, format_model_table
 from gateway.policy.decide import decide
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"API key for tenant '{args.tenant}' (shown once, store it now):\n  {key}")
         print(f"Add this line under the tenant's api_key_hashes in the tenants file:\n  - \"{key_hash}\"")
         return 0
+    if args.command == "deploy":
+        return deploy.run(args)
     try:
         paths = [Path(p) for arg in args.registry or () for p in str(arg).split(",") if p]  # as GATEWAY_REGISTRY
         registry = load_registry(paths or get_settings().registry_paths)
@@ -54,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     policy.add_argument("action", choices=["explain", "matrix"])
     policy.add_argument("--tenant")
     policy.add_argument("--model")
+    deploy.add_parser(commands)
     return parser
 
 
