@@ -32,9 +32,7 @@ IMAGES = {Engine.VLLM: ("vllm/vllm-openai", "v{}"),
 class DeployError(ConfigError):
     """Bad deploy input: one line per problem, naming file, entry and field."""
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
+    what = "deploy input"
 
 
 def render(root: Path, fleet_path: Path) -> dict[str, str]:
