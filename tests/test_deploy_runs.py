@@ -21,13 +21,15 @@ from pathlib import Path
 
 import openai
 import pytest
+import redis
 
 from tests.conftest import TEST_MODELS, smollm2_gguf
 from tests.support.deploy import objects
 from tests.support.processes import Server, free_port, start_server
 
 pytestmark = pytest.mark.llamacpp
-DEV_KEY = "sk-gw-local-dev"  # deploy/overlays/dev/tenants.yaml's public demo key
+DEV_KEY = "sk-gw-local-dev"  # deploy/overlays/dev/tenants.yaml's public demo keys
+PROD_KEY = "sk-gw-local-prod"  # its tenant has rate limits: they live in the rendered Redis
 # Weights as the init container leaves them on the volume, per Deployment (local stand-ins).
 WEIGHTS = {
     "llamacpp-smollm2-135m-instruct": lambda: {"SmolLM2-135M-Instruct.Q4_1.gguf": smollm2_gguf()},
@@ -170,6 +172,10 @@ def test_dev_overlay_runs_a_chat_through_the_rendered_gateway(dev_cluster: dict[
             model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
         assert answer.model == model and answer.choices[0].message.content is not None, answer
         assert answer.usage.completion_tokens > 0
-    # The shared rate limiter reached the rendered Redis (GATEWAY_REDIS_URL), not its local fallback.
-    redis_lines = dev_cluster["gateway"].log_lines_with("redis", timeout_s=0.5)
-    assert not any("unavailable" in line.lower() or "fallback" in line.lower() for line in redis_lines), redis_lines
+    # A rate-limited tenant's request: its counters land in the rendered Redis (GATEWAY_REDIS_URL).
+    limited = openai.OpenAI(base_url=dev_cluster["gateway"].url + "/v1", api_key=PROD_KEY, max_retries=0,
+                            timeout=120)
+    limited.chat.completions.create(model="flan-t5-small", messages=[{"role": "user", "content": "Hi."}],
+                                    max_tokens=4)
+    port = int(dev_cluster["redis"].url.rsplit(":", 1)[1])
+    assert redis.Redis(host="127.0.0.1", port=port).dbsize() > 0
