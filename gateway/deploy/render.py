@@ -3,6 +3,7 @@
 Output (all generated, all covered by `--check`):
   deploy/models/<service>/             one per backend some overlay runs: Deployment, Service, PVC
   deploy/overlays/<overlay>/models/    the backends that overlay runs, and their default images
+  deploy/components/gke/               GKE's accelerator labels instead of GPU Feature Discovery's
   deploy/base/registry/                the registry files the gateway mounts (kustomize reads no file
                                        outside a kustomization root, so they are copied, never by hand)
 Same input, same bytes: keys in a fixed order, lists sorted where order carries no meaning.
@@ -15,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from gateway.deploy.cloud import gke_component
 from gateway.deploy.facts import ServiceAddress, service_address
 from gateway.deploy.fleet import FleetFile, Placement, placements, read_fleet
 from gateway.deploy.manifests import deployment, image_placeholder, pvc, service
@@ -53,6 +55,7 @@ def render(root: Path, fleet_path: Path) -> dict[str, str]:
     for name, overlay in sorted(fleet.overlays.items()):
         run = [p for p in chosen if name in p.overlays]
         files[f"deploy/overlays/{name}/models/kustomization.yaml"] = _overlay_models(run, addresses)
+    files["deploy/components/gke/kustomization.yaml"] = _dump(gke_component(chosen, addresses))
     copies = []
     for source in fleet.registry:
         files[f"deploy/base/registry/{Path(source).name}"] = (root / source).read_text(encoding="utf-8")
