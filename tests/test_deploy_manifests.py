@@ -188,3 +188,21 @@ def _copy_inputs(tmp_path: Path) -> Path:
         (root / rel).write_text((ROOT / rel).read_text())
     (root / "deploy/models").mkdir()
     return root
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_is_locked_down_and_its_scratch_space_fits_its_limits(overlay: str) -> None:
+    for deployment in of_kind(overlay, "Deployment"):
+        spec = deployment["spec"]["template"]["spec"]
+        assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
+        disk = sum(quantity(v["emptyDir"].get("sizeLimit", 0)) for v in spec.get("volumes", [])
+                   if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory")
+        assert sum(quantity(c["resources"]["limits"]["ephemeral-storage"]) for c in spec["containers"]) > disk
+        for container in containers(deployment):
+            ctx = container["securityContext"]
+            assert ctx["runAsNonRoot"] and ctx["readOnlyRootFilesystem"] and not ctx["allowPrivilegeEscalation"]
+            assert ctx["capabilities"]["drop"] == ["ALL"] and ctx["seccompProfile"]["type"] == "RuntimeDefault"
+        if deployment["metadata"]["labels"].get("llm-gateway/engine") == "llama.cpp":
+            engine = spec["containers"][0]
+            assert arg(engine, "--n_threads") == engine["resources"]["limits"]["cpu"]
+            assert arg(engine, "--interrupt_requests") == "false"

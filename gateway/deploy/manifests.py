@@ -118,18 +118,25 @@ def container_security() -> dict[str, Any]:
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
+def scratch_gib(placement: Placement) -> int:
+    """The engine's writable /tmp (HOME): vLLM keeps torch.compile and Triton caches there."""
+    return 4 if placement.backend.engine is Engine.VLLM else 1
+
+
 def _resources(placement: Placement) -> dict[str, Any]:
     model, backend = placement.model, placement.backend
     # /dev/shm is memory-backed: it counts against the memory limit, so the limit includes it.
     memory = f"{engine_memory_gib(model, backend) + shm_gib(model)}Gi"
+    # The disk-backed /tmp counts against ephemeral storage, beside the container's logs.
+    disk = f"{scratch_gib(placement) + 1}Gi"
     if backend.engine is Engine.VLLM and model.hardware.min_gpu.count > 0:
         gpus = str(model.hardware.min_gpu.count)
         cpus = str(4 * model.hardware.min_gpu.count)
-        return {"requests": {"cpu": cpus, "memory": memory, "nvidia.com/gpu": gpus, "ephemeral-storage": "1Gi"},
-                "limits": {"cpu": cpus, "memory": memory, "nvidia.com/gpu": gpus, "ephemeral-storage": "1Gi"}}
+        return {"requests": {"cpu": cpus, "memory": memory, "nvidia.com/gpu": gpus, "ephemeral-storage": disk},
+                "limits": {"cpu": cpus, "memory": memory, "nvidia.com/gpu": gpus, "ephemeral-storage": disk}}
     cpus = str(placement.entry.cpus)
-    return {"requests": {"cpu": cpus, "memory": memory, "ephemeral-storage": "1Gi"},
-            "limits": {"cpu": cpus, "memory": memory, "ephemeral-storage": "1Gi"}}
+    return {"requests": {"cpu": cpus, "memory": memory, "ephemeral-storage": disk},
+            "limits": {"cpu": cpus, "memory": memory, "ephemeral-storage": disk}}
 
 
 def _gpu_placement(placement: Placement) -> dict[str, Any]:
@@ -183,7 +190,7 @@ def deployment(placement: Placement, address: ServiceAddress, registry: Registry
         "containers": [engine],
         "volumes": [
             {"name": "weights", "persistentVolumeClaim": {"claimName": f"{address.name}-weights"}},
-            {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": f"{scratch_gib(placement)}Gi"}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gib(model)}Gi"}},
             {"name": "hf-token", "secret": {"secretName": "hf-token", "optional": True}},
         ],
