@@ -89,3 +89,5 @@ def test_dev_overlay_runs_a_chat_through_the_rendered_gateway(dev_cluster: dict[
                                     max_tokens=4)
     port = int(dev_cluster["redis"].url.rsplit(":", 1)[1])
     assert redis.Redis(host="127.0.0.1", port=port).dbsize() > 0
+    log = dev_cluster["gateway"].log_text()
+    assert DEV_KEY not in log and PROD_KEY not in log

@@ -11,6 +11,7 @@ Same input, same bytes: keys in a fixed order, lists sorted where order carries 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +100,10 @@ def _addresses(registry: Registry, chosen: list[Placement], problems: list[str])
 
 def _origin(registry: Registry, model_id: str) -> str:
     """The registry file that defines a model (the last one naming it wins)."""
+    entry = re.compile(rf"^\s*-?\s*id:\s*[\"']?{re.escape(model_id)}[\"']?\s*(#.*)?$", re.MULTILINE)
     for path in reversed(registry.sources):
         try:
-            if f"id: {model_id}\n" in path.read_text(encoding="utf-8"):
+            if entry.search(path.read_text(encoding="utf-8")):
                 return str(path)
         except OSError:
             continue
