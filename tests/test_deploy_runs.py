@@ -11,7 +11,9 @@ in deploy/ fails here."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -91,3 +93,19 @@ def test_dev_overlay_runs_a_chat_through_the_rendered_gateway(dev_cluster: dict[
     assert redis.Redis(host="127.0.0.1", port=port).dbsize() > 0
     log = dev_cluster["gateway"].log_text()
     assert DEV_KEY not in log and PROD_KEY not in log
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_weight_downloaders_ask_for_the_pinned_files(overlay: str, tmp_path) -> None:
+    """Each init container's own command, offline: it must get as far as fetching its repo at its
+    revision (a wrong flag stops it earlier, with a usage error)."""
+    cluster = Cluster(objects(overlay), tmp_path)
+    for deployment in cluster.deployments:
+        for container in deployment["spec"]["template"]["spec"].get("initContainers", []):
+            argv, env = cluster.argv_env(deployment, container)
+            result = subprocess.run(argv, env={**os.environ, **env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                                    text=True, timeout=60)
+            said, revision = result.stdout + result.stderr, argv[argv.index("--revision") + 1]
+            # A whole-repo download offline only warns (exit 0); a single file fails (exit 1); a usage error is 2.
+            assert result.returncode in (0, 1) and "offline mode is enabled" in said, said
+            assert argv[2] in said and revision in said, said

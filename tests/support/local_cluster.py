@@ -21,7 +21,8 @@ WEIGHTS = {
     "vllm-mpt-7b-instruct": lambda: {"weights": TEST_MODELS / "tiny-mpt"},
 }
 # The images' executables, as installed here.
-EXECUTABLES = {"python": [sys.executable], "python3": [sys.executable], "gateway": [sys.executable, "-m", "gateway"]}
+EXECUTABLES = {"python": [sys.executable], "python3": [sys.executable], "gateway": [sys.executable, "-m", "gateway"],
+               "hf": [str(Path(sys.executable).parent / "hf")]}  # huggingface_hub's CLI (the downloader)
 
 
 class Cluster:
@@ -60,7 +61,7 @@ class Cluster:
                 for file, text in self._files(volume).items():
                     (local / file).write_text(self.rewrite(text, {}))
             elif "persistentVolumeClaim" in volume:
-                for file, source in WEIGHTS[name]().items():
+                for file, source in WEIGHTS.get(name, dict)().items():  # none: an empty volume
                     if not (local / file).exists():
                         (local / file).symlink_to(source)
             elif mount["mountPath"] == "/dev/shm":  # the machine's own, shared harmlessly
@@ -71,7 +72,10 @@ class Cluster:
     def _files(self, volume: dict) -> dict[str, str]:
         kind, ref = ("ConfigMap", volume["configMap"]["name"]) if "configMap" in volume else \
             ("Secret", volume["secret"]["secretName"])
-        obj = next(d for d in self.docs if d["kind"] == kind and d["metadata"]["name"] == ref)
+        obj = next((d for d in self.docs if d["kind"] == kind and d["metadata"]["name"] == ref), None)
+        if obj is None:  # only an optional Secret may be absent (hf-token); the kubelet mounts it empty
+            assert volume.get("secret", {}).get("optional"), f"{kind} {ref} is not rendered"
+            return {}
         if kind == "Secret":
             return {k: base64.b64decode(v).decode() for k, v in obj.get("data", {}).items()}
         return dict(obj.get("data", {}))
@@ -83,7 +87,7 @@ class Cluster:
         argv = [self.rewrite(a, mounts) for a in [*container.get("command", []), *container.get("args", [])]]
         executables = {**EXECUTABLES, "python": [python], "python3": [python]}
         argv = [*(executables.get(argv[0]) or [shutil.which(argv[0]) or argv[0]]), *argv[1:]]
-        own_port = str(container["ports"][0]["containerPort"])
+        own_port = str(container["ports"][0]["containerPort"]) if container.get("ports") else None
         local = str(self.local_port[deployment["metadata"]["name"]])
         for index, value in enumerate(argv[:-1]):  # the container's own port flag -> its local port
             if value in ("--port", "--port=") and argv[index + 1] == own_port:
