@@ -37,6 +37,9 @@ from gateway.tenancy.auth import authenticate
 from gateway.tenancy.extras import require_allowed_extras
 from gateway.tenancy.ratelimit import Admission, Limits, RateLimited, RateLimiter, RateLimitUnavailable
 from gateway.tenancy.tenants import Caller, Environment
+from gateway.usage.counters import UsageCounters
+from gateway.usage.quota import LocalQuotas, QuotaExceeded, QuotaUnavailable
+from gateway.usage.record import recorder
 from gateway.wire.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.wire.validation import parse_request
 
@@ -55,6 +58,8 @@ class GatewayState:
     fleet: Fleet = field(default_factory=Fleet)
     budget: RetryBudget = field(default_factory=RetryBudget)
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
+    quotas: Any = field(default_factory=LocalQuotas)  # LocalQuotas | RedisQuotas (gateway/usage/quota.py)
+    usage: UsageCounters = field(default_factory=UsageCounters)
 
 
 @dataclass(frozen=True)
@@ -115,8 +120,9 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
     headers = dict(admission.headers)
     if decision.verdict is Verdict.SUBSTITUTE:
         headers["x-gateway-substituted-from"] = requested.id
-    limited = caller.tenant.limits != Limits()
-    outcome = Outcome(on_done=[record.outcome, *([_reconcile(admission, call)] if limited else [])])
+    limited = caller.tenant.limits != Limits() or bool(caller.tenant.quotas)
+    outcome = Outcome(on_done=[record.outcome, *([_reconcile(admission, call)] if limited else []),
+                               recorder(state, caller, requested, model, call, context.request_id, record.started)])
     LIFECYCLE.enter()
     outcome.on_done.append(_leave)
     try:
@@ -134,6 +140,9 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
 async def _abandon(admission: Admission, outcome: Outcome, exc: BaseException) -> None:
     """A request that got no answer: its reservation is released unless an engine spent tokens on it."""
     spent = isinstance(exc, GatewayError) and exc.code == "generation_timeout"
+    if outcome.status is None:  # for the usage record
+        outcome.status = (exc.status if isinstance(exc, GatewayError)
+                          else 499 if isinstance(exc, (ClientGone, asyncio.CancelledError)) else 500)
     try:
         await admission.finish(None if spent else 0)
     finally:
@@ -223,6 +232,35 @@ def _audit(state: GatewayState, request_id: str, caller: Caller, model: Model, d
 
 
 async def _admit(state: GatewayState, caller: Caller, reserve: int) -> Admission:
+    """Quotas first (only for a tenant that has one), then rate limits; one Admission releases both."""
+    if not caller.tenant.quotas:
+        return await _admit_rate(state, caller, reserve)
+    try:
+        grant = await state.quotas.admit(caller.tenant.name, caller.tenant.quotas, reserve)
+    except QuotaExceeded as exc:
+        state.metrics.rate_limited.labels(caller.tenant.name, "quota").inc()
+        raise GatewayError(429, exc.message, type="insufficient_quota", code="insufficient_quota",
+                           headers=exc.headers) from None
+    except QuotaUnavailable:
+        raise GatewayError(503, "Token quotas are unavailable and the gateway is set to fail closed.",
+                           type="service_unavailable_error", code="rate_limiter_unavailable",
+                           headers={"Retry-After": str(state.settings.retry_after_s)}) from None
+    try:
+        admission = await _admit_rate(state, caller, reserve)
+    except BaseException:
+        await asyncio.shield(grant.finish(0))  # refused (or cancelled): nothing was spent
+        raise
+
+    async def release(actual: int | None) -> None:
+        try:
+            await admission.finish(actual)
+        finally:
+            await grant.finish(actual)
+
+    return Admission({**admission.headers, **grant.headers}, release)
+
+
+async def _admit_rate(state: GatewayState, caller: Caller, reserve: int) -> Admission:
     try:
         return await state.limiter.admit(caller.tenant.name, caller.tenant.limits, reserve)
     except RateLimited as exc:

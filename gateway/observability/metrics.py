@@ -70,6 +70,8 @@ class Metrics:
         self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens (engine usage)", ["model"], registry=r)
         self.completion_tokens = Counter("gateway_completion_tokens", "Completion tokens (engine usage)",
                                          ["model"], registry=r)
+        self.license_tokens = Counter("gateway_license_tokens", "Tokens by license and direction (input/output)",
+                                      ["license", "direction", "tenant"], registry=r)
         self.inflight = Gauge("gateway_backend_inflight_requests", "Requests in flight per backend", ["backend"],
                               registry=r)
         self.backend_up = Gauge("gateway_backend_up", "1 if the backend's last health probe passed", ["backend"],
