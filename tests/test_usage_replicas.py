@@ -131,6 +131,14 @@ def test_daily_quota_is_exact_across_two_replicas(gateways: list[Server], redis_
     assert sum(r["num_model_requests"] for r in results) == len(records)
     assert page["gateway"]["counters"] == "redis"
     assert page["gateway"]["quotas"]["quota-team"]["tokens_per_day"]["used"] == charged
+    exported = {"input": 0.0, "output": 0.0}  # Prometheus: tokens by license and direction, both replicas
+    for url in urls:
+        for line in httpx.get(url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text.splitlines():
+            if line.startswith("gateway_license_tokens_total{") and 'tenant="quota-team"' in line:
+                assert 'license="llama2"' in line
+                exported[line.split('direction="')[1].split('"')[0]] += float(line.rsplit(" ", 1)[1])
+    assert exported["input"] == sum(r["prompt_tokens"] for r in records)
+    assert exported["output"] == sum(r["completion_tokens"] for r in records)
 
 
 def _get(url: str, key: str, **params: object) -> httpx.Response:
