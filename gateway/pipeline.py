@@ -121,8 +121,9 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
     if decision.verdict is Verdict.SUBSTITUTE:
         headers["x-gateway-substituted-from"] = requested.id
     limited = caller.tenant.limits != Limits() or bool(caller.tenant.quotas)
-    outcome = Outcome(on_done=[record.outcome, *([_reconcile(admission, call)] if limited else []),
-                               recorder(state, caller, requested, model, call, context.request_id, record.started)])
+    outcome = Outcome(on_done=[record.outcome, *([_reconcile(admission, call)] if limited else [])])
+    if state.settings.usage_records:
+        outcome.on_done.append(recorder(state, caller, requested, model, call, context.request_id, record.started))
     LIFECYCLE.enter()
     outcome.on_done.append(_leave)
     try:
