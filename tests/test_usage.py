@@ -16,7 +16,7 @@ import redis
 from gateway.cli import main
 from gateway.usage.counters import UsageCounters
 from gateway.usage.quota import DAY_S, LocalQuotas, QuotaExceeded, Quotas, month_number, month_reset
-from gateway.usage.quota_redis import _PERIODS_LUA
+from gateway.usage.quota_lua import PERIODS_LUA
 from gateway.tenancy.ratelimit_redis import _LUA_HELPERS
 from gateway.usage.record import status, tokens
 from tests.support.processes import free_port
@@ -63,7 +63,8 @@ def test_redis_script_calendar_matches_python() -> None:
     process = start_redis(port)
     try:
         client = redis.Redis(port=port)
-        script = _LUA_HELPERS + _PERIODS_LUA.replace("redis.call('TIME')", "{ARGV[1], '0'}") + "return {day, month}"
+        script = (_LUA_HELPERS + PERIODS_LUA.replace("redis.call('TIME')", "{ARGV[1], '0'}")
+                  + "local _, day, month = quota_periods(KEYS[1]) return {day, month}")
         for text in ("1970-01-01T00:00:00", "2024-02-29T23:59:59", "2024-03-01T00:00:00", "2026-12-31T23:59:59",
                      "2027-01-01T00:00:00", "2100-03-01T00:00:00", "2026-07-15T08:00:00"):
             seconds = int(_at(text))

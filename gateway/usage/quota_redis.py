@@ -16,63 +16,32 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.tenancy.ratelimit_redis import _LUA_HELPERS, tenant_prefix
+from gateway.usage.quota_lua import PERIODS_LUA
 from gateway.usage.quota import (KEY_TTL_S, LocalQuotas, Periods, QuotaGrant, Quotas, QuotaUnavailable,
                                  exceeded, headers)
 
 log = logging.getLogger("gateway.usage.quota")
 
-# The UTC day number and month number (year*12 + month-1) of Redis' TIME; civil_from_days (H. Hinnant).
-_PERIODS_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local day = math.floor(tonumber(t[1]) / 86400)
-local z = day + 719468
-local era = math.floor(z / 146097)
-local doe = z - era * 146097
-local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
-local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-local mp = math.floor((5 * doy + 2) / 153)
-local mon = (mp < 10) and (mp + 3) or (mp - 9)
-local year = yoe + era * 400
-if mon <= 2 then year = year + 1 end
-local month = year * 12 + mon - 1
-expect(KEYS[1], 'hash')
-local h = redis.call('HMGET', KEYS[1], 'd', 'du', 'm', 'mu')
-local du, mu = 0, 0
-if count(h[1]) == day then du = count(h[2]) or 0 end
-if count(h[3]) == month then mu = count(h[4]) or 0 end
-"""
-
 # KEYS: quota hash.  ARGV: per_day, per_month (-1 = none), reserve, ttl_s.
 # Returns {admitted, which (0 ok, 1 day, 2 month), now_ms, day, month, day_used, month_used}.
-_ADMIT_LUA = _LUA_HELPERS + _PERIODS_LUA + """
-local pd, pm, reserve = tonumber(ARGV[1]), tonumber(ARGV[2]), count(ARGV[3]) or 0
-local which = 0
-if pd >= 0 and du + reserve > pd then which = 1 elseif pm >= 0 and mu + reserve > pm then which = 2 end
+_ADMIT_LUA = _LUA_HELPERS + PERIODS_LUA + """
+local now, day, month, du, mu = quota_periods(KEYS[1])
+local reserve = count(ARGV[3]) or 0
+local which = quota_check(tonumber(ARGV[1]), tonumber(ARGV[2]), du, mu, reserve)
 if which == 0 then
   du, mu = du + reserve, mu + reserve
-  redis.call('HSET', KEYS[1], 'd', fmt(day), 'du', fmt(du), 'm', fmt(month), 'mu', fmt(mu))
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+  quota_reserve(KEYS[1], day, month, du, mu, tonumber(ARGV[4]))
 end
-return {which == 0 and 1 or 0, which, math.floor(now * 1000), day, month, du, mu}
+return {which == 0 and 1 or 0, which, now, day, month, du, mu}
 """
 
-# KEYS: quota hash.  ARGV: day, month (of the admission), reserved, actual.  A period that has ended since
-# keeps what it was charged (its count is gone anyway).
-_FINISH_LUA = _LUA_HELPERS + """
-expect(KEYS[1], 'hash')
-local day, month, reserved, actual = count(ARGV[1]), count(ARGV[2]), count(ARGV[3]) or 0, count(ARGV[4]) or 0
-local h = redis.call('HMGET', KEYS[1], 'd', 'du', 'm', 'mu')
-if count(h[1]) == day then
-  redis.call('HSET', KEYS[1], 'du', fmt(math.max(0, (count(h[2]) or 0) + actual - reserved)))
-end
-if count(h[3]) == month then
-  redis.call('HSET', KEYS[1], 'mu', fmt(math.max(0, (count(h[4]) or 0) + actual - reserved)))
-end
+# KEYS: quota hash.  ARGV: day, month (of the admission), reserved, actual.
+_FINISH_LUA = _LUA_HELPERS + PERIODS_LUA + """
+quota_reconcile(KEYS[1], count(ARGV[1]), count(ARGV[2]), count(ARGV[3]) or 0, count(ARGV[4]) or 0)
 return 1
 """
 
-_READ_LUA = _LUA_HELPERS + _PERIODS_LUA + "return {math.floor(now * 1000), day, month, du, mu}"
+_READ_LUA = _LUA_HELPERS + PERIODS_LUA + "return {quota_periods(KEYS[1])}"
 
 _ERRORS = (RedisError, OSError)
 
