@@ -233,19 +233,15 @@ def _audit(state: GatewayState, request_id: str, caller: Caller, model: Model, d
 
 
 async def _admit(state: GatewayState, caller: Caller, reserve: int) -> Admission:
-    """Quotas first (only for a tenant that has one), then rate limits; one Admission releases both."""
-    if not caller.tenant.quotas:
-        return await _admit_rate(state, caller, reserve)
+    """Quotas (only for a tenant that has one) and rate limits; one Admission releases both. The Redis
+    limiter checks both in one script (one round trip); otherwise quotas first, then rate limits."""
+    quotas = caller.tenant.quotas
+    if not quotas or getattr(state.limiter, "admits_quotas", False):
+        return await _admit_rate(state, caller, reserve, quotas or None)
     try:
-        grant = await state.quotas.admit(caller.tenant.name, caller.tenant.quotas, reserve)
-    except QuotaExceeded as exc:
-        state.metrics.rate_limited.labels(caller.tenant.name, "quota").inc()
-        raise GatewayError(429, exc.message, type="insufficient_quota", code="insufficient_quota",
-                           headers=exc.headers) from None
-    except QuotaUnavailable:
-        raise GatewayError(503, "Token quotas are unavailable and the gateway is set to fail closed.",
-                           type="service_unavailable_error", code="rate_limiter_unavailable",
-                           headers={"Retry-After": str(state.settings.retry_after_s)}) from None
+        grant = await state.quotas.admit(caller.tenant.name, quotas, reserve)
+    except (QuotaExceeded, QuotaUnavailable) as exc:
+        raise _quota_error(state, caller, exc) from None
     try:
         admission = await _admit_rate(state, caller, reserve)
     except BaseException:
@@ -261,9 +257,23 @@ async def _admit(state: GatewayState, caller: Caller, reserve: int) -> Admission
     return Admission({**admission.headers, **grant.headers}, release)
 
 
-async def _admit_rate(state: GatewayState, caller: Caller, reserve: int) -> Admission:
+def _quota_error(state: GatewayState, caller: Caller, exc: Exception) -> GatewayError:
+    if isinstance(exc, QuotaExceeded):
+        state.metrics.rate_limited.labels(caller.tenant.name, "quota").inc()
+        return GatewayError(429, exc.message, type="insufficient_quota", code="insufficient_quota",
+                            headers=exc.headers)
+    return GatewayError(503, "Token quotas are unavailable and the gateway is set to fail closed.",
+                        type="service_unavailable_error", code="rate_limiter_unavailable",
+                        headers={"Retry-After": str(state.settings.retry_after_s)})
+
+
+async def _admit_rate(state: GatewayState, caller: Caller, reserve: int, quotas=None) -> Admission:
     try:
+        if quotas:
+            return await state.limiter.admit(caller.tenant.name, caller.tenant.limits, reserve, quotas)
         return await state.limiter.admit(caller.tenant.name, caller.tenant.limits, reserve)
+    except (QuotaExceeded, QuotaUnavailable) as exc:
+        raise _quota_error(state, caller, exc) from None
     except RateLimited as exc:
         state.metrics.rate_limited.labels(caller.tenant.name, exc.limit).inc()
         raise GatewayError(429, exc.message, type="rate_limit_error", code="rate_limit_exceeded",

@@ -94,11 +94,16 @@ async def _burst(urls: list[str], count: int, concurrency: int = 24) -> list[htt
 
 def test_daily_quota_is_exact_across_two_replicas(gateways: list[Server], redis_port: int) -> None:
     urls = [g.url for g in gateways]
+    store = redis_client.Redis(port=redis_port)
+    store.config_resetstat()
     responses = asyncio.run(_burst(urls, 700))
+    scripts = sum(v["calls"] for k, v in store.info("commandstats").items() if k.startswith("cmdstat_eval"))
     statuses = Counter(r.status_code for r in responses)
     assert set(statuses) <= {200, 429}, statuses
     ok = [r for r in responses if r.status_code == 200]
     assert ok and statuses[429], statuses
+    # Rate limits and quota in one script: one round trip to admit, one to reconcile, one for a refusal.
+    assert scripts <= 2 * len(ok) + statuses[429] + 4, (scripts, statuses)
     assert int(ok[0].headers["x-gateway-quota-remaining-tokens"]) >= 0
     # Past the burst: one more request must be refused iff its reservation no longer fits.
     refusal = asyncio.run(_burst(urls, 1, 1))[0]
@@ -113,7 +118,7 @@ def test_daily_quota_is_exact_across_two_replicas(gateways: list[Server], redis_
     assert len(records) == len(ok) and all(r["status"] == 200 and r["usage_source"] == "engine" for r in records)
     charged = sum(r["total_tokens"] for r in records)
     assert sum(r.json()["usage"]["total_tokens"] for r in ok) == charged  # the engine's figure, exactly
-    used = int(redis_client.Redis(port=redis_port).hget(f"{tenant_prefix('quota-team')}:quota", "du"))
+    used = int(store.hget(f"{tenant_prefix('quota-team')}:quota", "du"))
     assert used == charged <= QUOTA  # every reservation reconciled to the engine's count
     assert QUOTA - charged < reserve  # nobody refused while a reservation still fitted
     print(f"quota exactness: {len(ok)} admitted, {statuses[429]} refused, {charged}/{QUOTA} tokens, "
