@@ -42,6 +42,8 @@ class UsageCounters:
     def __init__(self, redis_url: str | None = None, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
         self.shared = bool(redis_url)
         self._counts = _empty()  # per process: the counters themselves; shared: the batch not yet flushed
+        self._minute = -1  # the current minute's rows per key, so most adds are one dictionary lookup
+        self._rows: dict[Key, tuple[list[int], list[int], list[int]]] = {}
         self._interval = flush_interval_s
         self._task: asyncio.Task | None = None
         self._redis = None
@@ -53,6 +55,21 @@ class UsageCounters:
     def add(self, when: float, tenant: str, key_id: str, model: str, license_: str, inp: int, out: int) -> None:
         """On the request path: dictionary updates only."""
         key = (tenant, key_id, model, license_)
+        minute = int(when // 60)
+        if minute != self._minute:
+            self._minute, self._rows = minute, {}
+        rows = self._rows.get(key)
+        if rows is None:
+            rows = self._rows[key] = self._new_rows(when, key)
+        for row in rows:
+            row[0] += inp
+            row[1] += out
+            row[2] += 1
+        if self.shared and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    def _new_rows(self, when: float, key: Key) -> tuple[list[int], list[int], list[int]]:
+        found = []
         for width, size in WIDTHS.items():
             start = int(when // size) * size
             buckets = self._counts[width]
@@ -64,11 +81,8 @@ class UsageCounters:
             row = rows.get(key)
             if row is None:
                 row = rows[key] = [0, 0, 0]
-            row[0] += inp
-            row[1] += out
-            row[2] += 1
-        if self.shared and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._flush_loop())
+            found.append(row)
+        return found[0], found[1], found[2]
 
     def _prune(self, width: str, now: float) -> None:
         cutoff = now - RETENTION_S[width]
@@ -84,7 +98,7 @@ class UsageCounters:
     async def flush(self) -> None:
         if not self.shared or not any(self._counts.values()):
             return
-        batch, self._counts = self._counts, _empty()
+        batch, self._counts, self._minute = self._counts, _empty(), -1  # the cached rows are in `batch` now
         pipe = self._redis.pipeline(transaction=False)
         for width, buckets in batch.items():
             for start, rows in buckets.items():
@@ -101,6 +115,7 @@ class UsageCounters:
             await pipe.execute()
         except Exception as exc:  # Redis down: keep the batch for the next flush (bounded)
             log.warning("Usage counters not written to Redis (%s); retrying.", exc)
+            self._minute = -1
             self._merge(batch)
 
     def _merge(self, batch: Buckets) -> None:

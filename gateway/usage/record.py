@@ -58,6 +58,8 @@ def recorder(state: "GatewayState", caller: "Caller", requested: "Model", model:
     license_ = state.snapshot.registry.licenses.get(model.license)
     commercial = license_.commercial_use.value if license_ is not None else "unknown"
     tenant = caller.tenant
+    tokens_in, tokens_out = state.metrics.license_token_counters(
+        model.license, tenant.name if state.settings.metrics_tenant_label else "-")
 
     async def record(outcome: "Outcome") -> None:
         prompt, completion, source = tokens(outcome, call)
@@ -76,10 +78,9 @@ def recorder(state: "GatewayState", caller: "Caller", requested: "Model", model:
         }
         state.audit.record_line(orjson.dumps(line).decode())
         state.usage.add(time.time(), tenant.name, caller.key_id, model.id, model.license, prompt, completion)
-        label = tenant.name if state.settings.metrics_tenant_label else "-"
         if prompt:
-            state.metrics.license_tokens.labels(model.license, "input", label).inc(prompt)
+            tokens_in.inc(prompt)
         if completion:
-            state.metrics.license_tokens.labels(model.license, "output", label).inc(completion)
+            tokens_out.inc(completion)
 
     return record
