@@ -139,3 +139,26 @@ def test_usage_report_over_replicas_skips_corrupt_lines(tmp_path: Path, capsys: 
     assert "Conditional licenses in production:" in table and "llama2-under-700m-mau" in table
     assert main(["usage", "report", str(b), "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("tenant,license,commercial_use,model,requests")
+
+
+def test_redis_down_keeps_quotas_per_replica_or_fails_closed() -> None:
+    from gateway.tenancy.ratelimit import Limits
+    from gateway.tenancy.ratelimit_redis import RedisRateLimiter
+    from gateway.usage.quota import QuotaUnavailable
+
+    async def run() -> None:
+        url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+        open_limiter = RedisRateLimiter(url, connect_timeout_s=0.2)
+        admission = await open_limiter.admit("t", Limits(), 60, Quotas(tokens_per_day=100))
+        assert admission.headers["x-gateway-quota-remaining-tokens"] == "40"
+        with pytest.raises(QuotaExceeded):
+            await open_limiter.admit("t", Limits(), 41, Quotas(tokens_per_day=100))
+        await admission.finish(10)
+        await open_limiter.admit("t", Limits(), 90, Quotas(tokens_per_day=100))  # reconciled: 10 + 90
+        closed = RedisRateLimiter(url, fail_closed=True, connect_timeout_s=0.2)
+        with pytest.raises(QuotaUnavailable):
+            await closed.admit("t", Limits(), 1, Quotas(tokens_per_day=100))
+        await open_limiter.close()
+        await closed.close()
+
+    asyncio.run(run())

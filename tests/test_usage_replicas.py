@@ -57,11 +57,13 @@ def gateways(redis_port: int, log_dir: Path, tmp_path_factory: pytest.TempPathFa
         {"name": "other-team", "environment": "research", "api_key_hashes": [hash_key(OTHER_KEY)]},
     ]}))
     servers = []
-    for name in ("usage-gw-a", "usage-gw-b"):
+    for name in ("usage-gw-a", "usage-gw-b", "usage-gw-local"):
         gw_port = free_port()
         env = {"GATEWAY_REGISTRY": f"{ROOT / 'model_registry.yaml'},{tmp / 'overlay.yaml'}",
                "GATEWAY_TENANTS": str(tmp / "tenants.yaml"), "GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
                "GATEWAY_AUDIT_SINK": str(tmp / f"{name}-audit.jsonl")}
+        if name == "usage-gw-local":  # no Redis: quotas and counters in the process
+            del env["GATEWAY_REDIS_URL"]
         server = start_server(name, [sys.executable, "-m", "gateway", "serve", "--port", str(gw_port)], gw_port,
                               "/ready", log_dir, env)
         server.wait_ready(60)
@@ -93,7 +95,7 @@ async def _burst(urls: list[str], count: int, concurrency: int = 24) -> list[htt
 
 
 def test_daily_quota_is_exact_across_two_replicas(gateways: list[Server], redis_port: int) -> None:
-    urls = [g.url for g in gateways]
+    urls = [g.url for g in gateways[:2]]
     store = redis_client.Redis(port=redis_port)
     store.config_resetstat()
     responses = asyncio.run(_burst(urls, 700))
@@ -145,6 +147,19 @@ def test_daily_quota_is_exact_across_two_replicas(gateways: list[Server], redis_
                 exported[line.split('direction="')[1].split('"')[0]] += float(line.rsplit(" ", 1)[1])
     assert exported["input"] == sum(r["prompt_tokens"] for r in records)
     assert exported["output"] == sum(r["completion_tokens"] for r in records)
+
+
+def test_quota_without_redis_is_per_process(gateways: list[Server]) -> None:
+    local = gateways[2].url
+    responses = asyncio.run(_burst([local], 600, 8))
+    ok = [r for r in responses if r.status_code == 200]
+    assert ok and {r.status_code for r in responses} == {200, 429}
+    charged = sum(r.json()["usage"]["total_tokens"] for r in ok)
+    page = _get(local, QUOTA_KEY, start_time=int(time.time()) - 60, bucket_width="1m", limit=2).json()
+    assert page["gateway"]["counters"] == "process"
+    assert sum(r["input_tokens"] + r["output_tokens"] for b in page["data"] for r in b["results"]) == charged
+    quota = page["gateway"]["quotas"]["quota-team"]["tokens_per_day"]
+    assert quota["used"] == charged <= QUOTA and quota["remaining"] == QUOTA - charged
 
 
 def _get(url: str, key: str, **params: object) -> httpx.Response:
