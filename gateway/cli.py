@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from gateway.cli_server import DrainingServer
+from gateway.cli_server import DrainingServer, http_protocol
 from gateway.cli_tables import format_formats, format_matrix, format_model_table
 from gateway.policy.decide import decide
 from gateway.errors import ConfigError
@@ -138,7 +138,7 @@ def _serve(host: str | None, port: int | None) -> int:
                         handlers=[LineSinkHandler(LineSink(sys.stderr))])
     config = uvicorn.Config("gateway.api.app:create_app", factory=True, host=bind,
                             port=port or settings.port, log_level=settings.log_level, loop="uvloop",
-                            http="httptools", timeout_graceful_shutdown=5,
+                            http=http_protocol(settings.header_timeout_s), timeout_graceful_shutdown=5,
                             limit_concurrency=settings.max_connections,  # beyond: 503, before any work
                             timeout_keep_alive=settings.keepalive_timeout_s,
                             access_log=False)  # ours is JSON, with the request id (gateway.access)

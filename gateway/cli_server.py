@@ -8,10 +8,57 @@ import logging
 from types import FrameType
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.lifecycle import LIFECYCLE
 
 log = logging.getLogger("gateway.lifecycle")
+
+
+class HeaderDeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, plus a deadline for each request's headers.
+
+    uvicorn arms its keep-alive timer only after a response, so a connection that sends nothing, or half
+    a request line, was held for ever and counted against `limit_concurrency`: a few dozen such sockets
+    locked every tenant out. Here a connection whose request headers are not complete within
+    `header_timeout_s` of it opening (or of its next request starting) is closed."""
+
+    header_timeout_s = 10.0
+    _header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_deadline is None:
+            self._arm_header_deadline()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_header_deadline()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_deadline()
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self) -> None:
+        self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_late)
+
+    def _disarm_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_late(self) -> None:
+        self._header_deadline = None
+        if self.cycle is None or self.cycle.response_complete:  # no request of this connection under way
+            self.transport.close()
+
+
+def http_protocol(header_timeout_s: float) -> type[HeaderDeadlineProtocol]:
+    return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout_s": header_timeout_s})
 
 
 class DrainingServer(uvicorn.Server):

@@ -139,13 +139,15 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
 
 
 async def _abandon(admission: Admission, outcome: Outcome, exc: BaseException) -> None:
-    """A request that got no answer: its reservation is released unless an engine spent tokens on it."""
-    spent = isinstance(exc, GatewayError) and exc.code == "generation_timeout"
+    """A request that got no answer. Refused (a client error, no backend, overload) or broken off by the
+    engine: its reservation is released. A generation that outlived its timeout, or whose client left
+    while the engine worked on it, keeps it: the engine spent those tokens."""
+    refused = isinstance(exc, GatewayError) and exc.code != "generation_timeout"
     if outcome.status is None:  # for the usage record
         outcome.status = (exc.status if isinstance(exc, GatewayError)
                           else 499 if isinstance(exc, (ClientGone, asyncio.CancelledError)) else 500)
     try:
-        await admission.finish(None if spent else 0)
+        await admission.finish(0 if refused else None)
     finally:
         await outcome.done()
 

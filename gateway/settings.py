@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     body_read_timeout_s: float = Field(default=30.0, gt=0)
     # JSON objects and arrays in one body at most: `[{},{},...]` costs ~30x its size to parse.
     max_json_containers: int = Field(default=20_000, gt=0)
+    # Items (commas) in one body at most: longer than any token-id prompt a context here takes.
+    max_json_items: int = Field(default=100_000, gt=0)
+    # A connection must complete its request headers within this many seconds (uvicorn itself times out
+    # only idle keep-alive connections, so half-sent requests would hold connection slots for ever).
+    header_timeout_s: float = Field(default=10.0, gt=0)
     # Open client connections at most (uvicorn answers 503 beyond); idle keep-alive closed after this.
     max_connections: int = Field(default=10_000, gt=0)
     keepalive_timeout_s: float = Field(default=30.0, gt=0)

@@ -14,24 +14,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool,
-                      StrictFloat, StrictInt, StrictStr, StringConstraints)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+                      StrictStr, StringConstraints, model_validator)
 from pydantic_core import PydanticCustomError
+
+from gateway.errors import GatewayError
 
 # Free-form JSON (schemas, tool definitions, engine knobs) is bounded: deep nesting costs the engine's
 # JSON encoder and grammar compiler, and nothing legitimate nests this deep.
 MAX_JSON_DEPTH = 32
 
 
-def _integral(value: Any) -> Any:
-    """JSON Schema's integer: 3 and 3.0 are both integers; "3" and true are not."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _integral(value: float) -> int:
+    """JSON Schema's integer: 3.0 is one, 3.5 is not."""
+    if not value.is_integer():
         raise PydanticCustomError("int_type", "Input should be a valid integer")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise PydanticCustomError("int_type", "Input should be a valid integer")
-        return int(value)
-    return value
+    return int(value)
 
 
 def _depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
@@ -54,7 +52,9 @@ def _bounded(value: Any) -> Any:
     return value
 
 
-Integer = Annotated[StrictInt, BeforeValidator(_integral)]
+# A JSON integer: an int (validated in pydantic-core, fast for long token-id lists), or a float with no
+# fractional part ("3.0"); never a string or a bool.
+Integer = StrictInt | Annotated[StrictFloat, AfterValidator(_integral)]
 Number = StrictFloat | StrictInt  # JSON numbers; an int stays an int on the way to the engine
 Bool = StrictBool
 Text = StrictStr
@@ -107,9 +107,33 @@ class ChatMessage(_Part):
     tool_call_id: Text | None = None
 
 
+# Lists a request may carry, at most this long: counted before their items are validated, so a 4 MiB
+# list of numbers costs a len(), not seconds of the event loop (longer than any context here).
+MAX_ITEMS = {"prompt": 32_768, "messages": 2_048, "stop_token_ids": 256, "logit_bias": 1_024,
+             "guided_choice": 1_024, "tools": 128, "functions": 128}
+
+
 class _Request(BaseModel):
     # forbid: an argument the gateway does not know is a 400 naming it, as OpenAI answers.
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_lists(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, cap in MAX_ITEMS.items():
+            value = data.get(name)
+            if isinstance(value, (list, dict)) and len(value) > cap:
+                raise GatewayError(400, f"Invalid '{name}': at most {cap} items, got {len(value)}.",
+                                   param=name, code="invalid_value")
+        prompt = data.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+            total = sum(len(p) for p in prompt if isinstance(p, list))
+            if total > MAX_ITEMS["prompt"]:
+                raise GatewayError(400, f"Invalid 'prompt': at most {MAX_ITEMS['prompt']} token ids in all, "
+                                   f"got {total}.", param="prompt", code="invalid_value")
+        return data
 
     model: Text
     frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
