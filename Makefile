@@ -89,6 +89,7 @@ bench: nginx
 	$(MAKE) -j3 $(VENV)/.installed $(LLMGW_VLLM_VENV)/.ready $(LLMGW_LITELLM_VENV)/.ready
 	$(MAKE) test-models
 	$(VENV)/bin/python load_tests/bench.py $(BENCH_ARGS)
+	$(VENV)/bin/python load_tests/bench_usage.py   # usage ledger + quotas on vs off
 
 nginx:
 	command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx)

@@ -37,6 +37,9 @@ from gateway.tenancy.auth import authenticate
 from gateway.tenancy.extras import require_allowed_extras
 from gateway.tenancy.ratelimit import Admission, Limits, RateLimited, RateLimiter, RateLimitUnavailable
 from gateway.tenancy.tenants import Caller, Environment
+from gateway.usage.counters import UsageCounters
+from gateway.usage.quota import LocalQuotas, QuotaExceeded, QuotaUnavailable
+from gateway.usage.record import recorder
 from gateway.wire.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.wire.validation import parse_request
 
@@ -55,6 +58,8 @@ class GatewayState:
     fleet: Fleet = field(default_factory=Fleet)
     budget: RetryBudget = field(default_factory=RetryBudget)
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
+    quotas: Any = field(default_factory=LocalQuotas)  # LocalQuotas | RedisQuotas (gateway/usage/quota.py)
+    usage: UsageCounters = field(default_factory=UsageCounters)
 
 
 @dataclass(frozen=True)
@@ -115,8 +120,10 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
     headers = dict(admission.headers)
     if decision.verdict is Verdict.SUBSTITUTE:
         headers["x-gateway-substituted-from"] = requested.id
-    limited = caller.tenant.limits != Limits()
+    limited = caller.tenant.limits != Limits() or bool(caller.tenant.quotas)
     outcome = Outcome(on_done=[record.outcome, *([_reconcile(admission, call)] if limited else [])])
+    if state.settings.usage_records:
+        outcome.on_done.append(recorder(state, caller, requested, model, call, context.request_id, record.started))
     LIFECYCLE.enter()
     outcome.on_done.append(_leave)
     try:
@@ -136,6 +143,9 @@ async def _abandon(admission: Admission, outcome: Outcome, exc: BaseException) -
     engine: its reservation is released. A generation that outlived its timeout, or whose client left
     while the engine worked on it, keeps it: the engine spent those tokens."""
     refused = isinstance(exc, GatewayError) and exc.code != "generation_timeout"
+    if outcome.status is None:  # for the usage record
+        outcome.status = (exc.status if isinstance(exc, GatewayError)
+                          else 499 if isinstance(exc, (ClientGone, asyncio.CancelledError)) else 500)
     try:
         await admission.finish(0 if refused else None)
     finally:
@@ -225,8 +235,47 @@ def _audit(state: GatewayState, request_id: str, caller: Caller, model: Model, d
 
 
 async def _admit(state: GatewayState, caller: Caller, reserve: int) -> Admission:
+    """Quotas (only for a tenant that has one) and rate limits; one Admission releases both. The Redis
+    limiter checks both in one script (one round trip); otherwise quotas first, then rate limits."""
+    quotas = caller.tenant.quotas
+    if not quotas or getattr(state.limiter, "admits_quotas", False):
+        return await _admit_rate(state, caller, reserve, quotas or None)
     try:
+        grant = await state.quotas.admit(caller.tenant.name, quotas, reserve)
+    except (QuotaExceeded, QuotaUnavailable) as exc:
+        raise _quota_error(state, caller, exc) from None
+    try:
+        admission = await _admit_rate(state, caller, reserve)
+    except BaseException:
+        await asyncio.shield(grant.finish(0))  # refused (or cancelled): nothing was spent
+        raise
+
+    async def release(actual: int | None) -> None:
+        try:
+            await admission.finish(actual)
+        finally:
+            await grant.finish(actual)
+
+    return Admission({**admission.headers, **grant.headers}, release)
+
+
+def _quota_error(state: GatewayState, caller: Caller, exc: Exception) -> GatewayError:
+    if isinstance(exc, QuotaExceeded):
+        state.metrics.rate_limited.labels(caller.tenant.name, "quota").inc()
+        return GatewayError(429, exc.message, type="insufficient_quota", code="insufficient_quota",
+                            headers=exc.headers)
+    return GatewayError(503, "Token quotas are unavailable and the gateway is set to fail closed.",
+                        type="service_unavailable_error", code="rate_limiter_unavailable",
+                        headers={"Retry-After": str(state.settings.retry_after_s)})
+
+
+async def _admit_rate(state: GatewayState, caller: Caller, reserve: int, quotas=None) -> Admission:
+    try:
+        if quotas:
+            return await state.limiter.admit(caller.tenant.name, caller.tenant.limits, reserve, quotas)
         return await state.limiter.admit(caller.tenant.name, caller.tenant.limits, reserve)
+    except (QuotaExceeded, QuotaUnavailable) as exc:
+        raise _quota_error(state, caller, exc) from None
     except RateLimited as exc:
         state.metrics.rate_limited.labels(caller.tenant.name, exc.limit).inc()
         raise GatewayError(429, exc.message, type="rate_limit_error", code="rate_limit_exceeded",

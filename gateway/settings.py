@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     # When Redis is unreachable: keep serving on local limits (default) or refuse with 503.
     ratelimit_fail_closed: bool = False
+    # A usage record per finished request (audit trail), usage counters and tokens-by-license metrics.
+    # Off only to measure what they cost (load_tests/bench_usage.py); quotas apply either way.
+    usage_records: bool = True
 
     @property
     def pool_size(self) -> int:

@@ -69,8 +69,8 @@ def test_audit_trail_records_each_decision(gateway: Server, log_dir: Path) -> No
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and len(records) < 2:
         lines = (log_dir / "audit.jsonl").read_text().splitlines()
-        records = {r["request_id"]: r for r in map(json.loads, lines)
-                   if r["request_id"] in {"audit-deny-1", "audit-subst-1"}}
+        records = {r["request_id"]: r for r in map(json.loads, lines)  # decision records (usage: own test)
+                   if r["request_id"] in {"audit-deny-1", "audit-subst-1"} and r.get("type") != "usage"}
         time.sleep(0.1)
     deny, subst = records["audit-deny-1"], records["audit-subst-1"]
     assert deny | {"time": None} == {

@@ -32,6 +32,8 @@ from gateway.settings import Settings, get_settings
 from gateway.snapshot import load_snapshot
 from gateway.tenancy.auth import warn_open_access
 from gateway.tenancy.ratelimit import make_rate_limiter
+from gateway.usage.counters import UsageCounters
+from gateway.usage.quota import make_quotas
 
 
 def create_app(settings: Settings | None = None) -> ASGIApp:
@@ -56,6 +58,8 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
                     with contextlib.suppress(asyncio.CancelledError):
                         await prober
                     await state.limiter.close()
+                    await state.quotas.close()
+                    await state.usage.close()
                 finally:
                     # After the drain: every record of a finished request is written (and fsynced) before
                     # exit; failing writes are retried for at most the flush timeout, off the event loop.
@@ -82,6 +86,8 @@ def _build_state(settings: Settings, client) -> GatewayState:
         settings, client, snapshot,
         limiter=make_rate_limiter(settings.redis_url, fail_closed=settings.ratelimit_fail_closed),
         audit=audit,
+        quotas=make_quotas(settings.redis_url, fail_closed=settings.ratelimit_fail_closed),
+        usage=UsageCounters(settings.redis_url),
         metrics=metrics,
         fleet=fleet,
         budget=RetryBudget(ratio=settings.retry_budget_ratio),

@@ -13,6 +13,7 @@ from gateway.errors import model_not_found
 from gateway.lifecycle import LIFECYCLE
 from gateway.routing.report import backend_report
 from gateway.tenancy.auth import authenticate, require_admin
+from gateway.usage import api as usage_api
 
 router = APIRouter()
 
@@ -38,6 +39,13 @@ async def get_model(model_id: str, request: Request, authorization: str | None =
     if model is None or not snapshot.decide(caller.tenant, model).allowed:
         raise model_not_found(model_id)  # a forbidden model looks exactly like a missing one
     return JSONResponse(model_card(snapshot.registry, model, request.app.state.created).model_dump())
+
+
+@router.get("/v1/organization/usage/completions")
+async def usage_completions(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
+    state = _state(request)
+    caller = authenticate(authorization, state.snapshot.tenants)
+    return JSONResponse(await usage_api.completions(state, caller, request.query_params))
 
 
 @router.post("/admin/reload")

@@ -44,6 +44,7 @@ class Outcome:
     retries: int = 0
     fell_back: bool = False
     engine_fault: bool = False  # the engine answered with a 5xx of its own (not an invalid-request answer)
+    status: int | None = None  # the client's status where known before the callbacks (streams: see watch)
     on_done: list[Callable[["Outcome"], Awaitable[None]]] = field(default_factory=list)
 
     async def done(self) -> None:
@@ -203,7 +204,11 @@ async def _json_response(upstream: OpenAIUpstream, response: UpstreamResponse, t
                                code="upstream_malformed")
         outcome.usage = orjson.loads(body).get("usage")  # for token metrics and rate-limit reconciliation
         outcome.total_tokens = (outcome.usage or {}).get("total_tokens")
+        outcome.status = 200
         return Response(translator.body(body), media_type="application/json", headers=headers)
+    except GatewayError as exc:
+        outcome.status = exc.status
+        raise
     finally:
         await outcome.done()
 
@@ -214,6 +219,7 @@ async def _stream_response(upstream: OpenAIUpstream, response: UpstreamResponse,
     if response.status != 200:
         error = upstream_error(response.status, await response.read(), upstream.profile.rejects_with_500)
         outcome.engine_fault = error.status >= 500
+        outcome.status = error.status
         await outcome.done()
         raise error
     usage = None  # rate limits need every stream's usage, asked for by the client or not

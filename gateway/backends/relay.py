@@ -90,6 +90,8 @@ class StreamWatch:
     gaps: list[float] = field(default_factory=list)
     failure: str | None = None  # set when the engine broke off, stalled or sent garbage mid-stream
     usage: dict | None = None  # the engine's (or, where it sends none, the gateway's) usage of the stream
+    usage_by_gateway: bool = False  # `usage` is the gateway's own count (the engine sends none)
+    completed: bool = False  # the engine's [DONE] arrived
     _last: float | None = None
 
     def saw_events(self, count: int, now: float) -> None:
@@ -137,13 +139,14 @@ async def relay_stream(
                 if data is None:
                     continue
                 if data == _DONE:
+                    watch.completed = True
                     if seen:
                         watch.saw_events(seen, now)
                     if usage is not None and forward_usage:
                         # Let go of the engine first: llama.cpp's tokenizer waits for its model lock.
                         response.close()
                         if (counted := await usage.usage()) is not None:
-                            watch.usage = counted
+                            watch.usage, watch.usage_by_gateway = counted, True
                             extra = usage.usage_event(counted, requested_model)
                             out.extend(b"data: " + piece + b"\n\n" for piece in translator.event(extra))
                     out.append(b"data: [DONE]\n\n")
@@ -151,6 +154,7 @@ async def relay_stream(
                     if usage is not None and not forward_usage:  # counted after the client has its answer
                         response.close()
                         watch.usage = await usage.usage()
+                        watch.usage_by_gateway = watch.usage is not None
                     await response.finish()  # keep the connection pooled
                     return
                 if not (data.startswith(b"{") and data.endswith(b"}")):  # cheap: no parse of what is forwarded

@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args.host, args.port)
+    if args.command == "usage":
+        return _usage_report(args)
     if args.command == "keys":
         key, key_hash = new_key()
         print(f"API key for tenant '{args.tenant}' (shown once, store it now):\n  {key}")
@@ -51,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="make an API key")
     keys.add_argument("action", choices=["new"])
     keys.add_argument("--tenant", required=True)
+    usage = commands.add_parser("usage", help="usage by tenant x license x model from audit files")
+    usage.add_argument("action", choices=["report"])
+    usage.add_argument("files", nargs="+", type=Path, help="audit files (JSON lines), one per replica")
+    usage.add_argument("--since", help="start (inclusive): unix seconds or ISO time, UTC by default")
+    usage.add_argument("--until", help="end (exclusive): unix seconds or ISO time, UTC by default")
+    usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
     _with_config(commands.add_parser("check", help="validate the registry (and tenants) files"))
     models = _with_config(commands.add_parser("models", help="print the model table"))
     models.add_argument("--formats", action="store_true", help="list prompt formats and their models")
@@ -97,6 +105,21 @@ def _report(args: argparse.Namespace, registry: Registry, tenants: TenantDirecto
     print(f"{decision.verdict.value} ({decision.rule}): {decision.reason}")
     if decision.served_model and decision.served_model != model.id:
         print(f"served model: {decision.served_model}")
+    return 0
+
+
+def _usage_report(args: argparse.Namespace) -> int:
+    from gateway.usage.report import build, parse_time, render
+
+    try:
+        since, until = (parse_time(t) if t else None for t in (args.since, args.until))
+    except ValueError as exc:
+        print(f"bad --since/--until: {exc}", file=sys.stderr)
+        return 2
+    report = build(args.files, since, until)
+    for problem in report.problems:
+        print(problem, file=sys.stderr)
+    print(render(report, args.format))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The audit trail: one JSON line per policy decision (allow, deny, substitute).
+"""The audit trail: one JSON line per policy decision (allow, deny, substitute), and one `"type": "usage"`
+line per finished request (gateway/usage/record.py) with the same request id.
 
 Lines are written in batches by a background thread (`LineSink`), so a slow disk never blocks the
 event loop. Records carry a key id (first 8 hex of the key's hash), never a key.
@@ -67,6 +68,10 @@ class AuditTrail:
     def record(self, entry: AuditRecord) -> bool:
         """Queue the record for writing. False: refused (too many records waiting, or closed); counted."""
         return self._lines.write(entry.to_json())
+
+    def record_line(self, line: str) -> bool:
+        """Queue one JSON line of another record type (the usage record, `"type": "usage"`)."""
+        return self._lines.write(line)
 
     @property
     def healthy(self) -> bool:

@@ -70,6 +70,8 @@ class Metrics:
         self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens (engine usage)", ["model"], registry=r)
         self.completion_tokens = Counter("gateway_completion_tokens", "Completion tokens (engine usage)",
                                          ["model"], registry=r)
+        self.license_tokens = Counter("gateway_license_tokens", "Tokens by license and direction (input/output)",
+                                      ["license", "direction", "tenant"], registry=r)
         self.inflight = Gauge("gateway_backend_inflight_requests", "Requests in flight per backend", ["backend"],
                               registry=r)
         self.backend_up = Gauge("gateway_backend_up", "1 if the backend's last health probe passed", ["backend"],
@@ -85,8 +87,18 @@ class Metrics:
         self.ratelimit_backend_up = Gauge("gateway_ratelimit_redis_up",
                                           "1 if Redis-shared rate limiting works, 0 when on local fallback",
                                           registry=r)
+        self._license_children: dict[tuple[str, str], tuple] = {}
         self._audit = _AuditCollector()
         r.register(self._audit)
+
+    def license_token_counters(self, license_: str, tenant: str) -> tuple:
+        """The (input, output) children of gateway_license_tokens_total, cached: labels() takes a lock."""
+        key = (license_, tenant)
+        pair = self._license_children.get(key)
+        if pair is None:
+            pair = self._license_children[key] = (self.license_tokens.labels(license_, "input", tenant),
+                                                  self.license_tokens.labels(license_, "output", tenant))
+        return pair
 
     def watch_audit(self, audit: AuditCounts) -> None:
         """Export this audit trail's counts (gateway_audit_*)."""

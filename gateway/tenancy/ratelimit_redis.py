@@ -41,6 +41,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
+from gateway.usage.quota import KEY_TTL_S, LocalQuotas, Periods, Quotas, QuotaUnavailable
+from gateway.usage.quota import exceeded as quota_exceeded
+from gateway.usage.quota import headers as quota_headers
+from gateway.usage.quota_lua import PERIODS_LUA
 from gateway.tenancy.ratelimit import (
     RETRY_WALK_CAP,
     STALE_INFLIGHT_S,
@@ -99,11 +103,13 @@ local function recount(key, limit)
 end
 """
 
-# KEYS: req, tok, toksum, inf.  ARGV: rpm, tpm, max_concurrent (-1 = unlimited), reserve, id, window_ms,
-# stale_ms, walk_cap, recount_cap.  Returns {admitted, requests, tokens, inflight, wait_req, wait_tok,
-# wait_conc, too_large, reset_req, reset_tok, repaired}; waits in ms, -1 where that limit doesn't block;
-# repaired > 0 when malformed state was found (and fixed).
-_ADMIT_LUA = _LUA_HELPERS + """
+# KEYS: req, tok, toksum, inf[, quota].  ARGV: rpm, tpm, max_concurrent (-1 = unlimited), reserve, id, window_ms,
+# stale_ms, walk_cap, recount_cap[, tokens_per_day, tokens_per_month (-1 = none), quota ttl_s].  Returns
+# {admitted, requests, tokens, inflight, wait_req, wait_tok, wait_conc, too_large, reset_req, reset_tok,
+# repaired, quota_which, quota_now_ms, day, month, day_used, month_used}; waits in ms, -1 where that limit
+# doesn't block; repaired > 0 when malformed state was found (and fixed); quota_which 0 = the quotas (if
+# any: gateway/usage/quota.py) admit it, 1/2 = the daily/monthly quota refuses it.
+_ADMIT_LUA = _LUA_HELPERS + PERIODS_LUA + """
 local rpm, tpm, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local reserve, id = count(ARGV[4]) or 0, ARGV[5]
 local window, stale, cap, recount_cap = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -170,9 +176,18 @@ if tpm >= 0 and total + reserve > tpm then
   end
 end
 if maxc >= 0 and ninf >= maxc then wait_conc = 1000 end
+local qwhich, qnow, qday, qmonth, qdu, qmu = 0, 0, 0, 0, 0, 0
+if #KEYS >= 5 then
+  qnow, qday, qmonth, qdu, qmu = quota_periods(KEYS[5])
+  qwhich = quota_check(tonumber(ARGV[10]), tonumber(ARGV[11]), qdu, qmu, reserve)
+end
 local admitted = 0
-if wait_req < 0 and wait_tok < 0 and wait_conc < 0 then
+if qwhich == 0 and wait_req < 0 and wait_tok < 0 and wait_conc < 0 then
   admitted = 1
+  if #KEYS >= 5 then
+    qdu, qmu = qdu + reserve, qmu + reserve
+    quota_reserve(KEYS[5], qday, qmonth, qdu, qmu, tonumber(ARGV[12]))
+  end
   if rpm >= 0 then
     redis.call('ZADD', KEYS[1], now, id)
     nreq = nreq + 1
@@ -202,12 +217,14 @@ local lr = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 if #lr > 0 then reset_req = tonumber(lr[2]) + window - now end
 local lt = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
 if #lt > 0 then reset_tok = tonumber(lt[2]) + window - now end
-return {admitted, nreq, total, ninf, wait_req, wait_tok, wait_conc, too_large, reset_req, reset_tok, repaired}
+return {admitted, nreq, total, ninf, wait_req, wait_tok, wait_conc, too_large, reset_req, reset_tok, repaired,
+        qwhich, qnow, qday, qmonth, qdu, qmu}
 """
 
-# KEYS: tok, toksum, inf.  ARGV: id, reserved, actual (-1 = keep the reservation), window_ms, recount_cap.
-# Swaps the reservation's amount for the actual usage, keeping its timestamp, and frees the slot.
-_FINISH_LUA = _LUA_HELPERS + """
+# KEYS: tok, toksum, inf[, quota].  ARGV: id, reserved, actual (-1 = keep the reservation), window_ms,
+# recount_cap[, day, month of the admission].  Swaps the reservation's amount for the actual usage, keeping
+# its timestamp (and in the quota's periods), and frees the slot.
+_FINISH_LUA = _LUA_HELPERS + PERIODS_LUA + """
 local id, window, recount_cap = ARGV[1], tonumber(ARGV[4]), tonumber(ARGV[5])
 local reserved, actual = count(ARGV[2]) or 0, count(ARGV[3])  -- actual nil: keep the reservation
 expect(KEYS[1], 'zset')
@@ -227,6 +244,7 @@ if actual then
     redis.call('PEXPIRE', KEYS[1], window)
   end
 end
+if actual and #KEYS >= 4 then quota_reconcile(KEYS[4], count(ARGV[6]), count(ARGV[7]), reserved, actual) end
 return 1
 """
 
@@ -296,9 +314,10 @@ class RedisRateLimiter:
         self._fail_closed = fail_closed
         self._probe_interval_s = probe_interval_s
         self._fallback = LocalRateLimiter()
+        self._quota_fallback = LocalQuotas()
         self._healthy = True
         self._skip_until = 0.0  # during an outage, try Redis again only after this (monotonic)
-        self._pending_finishes: deque[tuple[str, str, int, int | None]] = deque(maxlen=10_000)
+        self._pending_finishes: deque[tuple[str, str, int, int | None, tuple[int, int] | None]] = deque(maxlen=10_000)
         self.fallbacks = 0  # admissions decided without Redis (fail-open) or refused (fail-closed)
         self.script_errors = 0  # error replies to one tenant's script (which don't open the circuit)
         self._warned: dict[str, float] = {}  # tenant prefix -> when we last warned about its state
@@ -307,7 +326,9 @@ class RedisRateLimiter:
     def redis_healthy(self) -> bool:
         return self._healthy
 
-    async def admit(self, tenant: str, limits: Limits, reserve_tokens: int) -> Admission:
+    admits_quotas = True  # token quotas are checked in the same script (gateway/usage/quota.py)
+
+    async def admit(self, tenant: str, limits: Limits, reserve_tokens: int, quotas: Quotas | None = None) -> Admission:
         reserve = _tokens(reserve_tokens)
         if reserve is None:
             raise ValueError(f"reserve_tokens must be a finite number, not {reserve_tokens!r}")
@@ -315,20 +336,23 @@ class RedisRateLimiter:
         if not self._healthy:
             if time.monotonic() < self._skip_until:
                 # Circuit open: don't make every request wait for a connect timeout during an outage.
-                return self._degraded(tenant, limits, reserve)
+                return await self._degraded(tenant, limits, reserve, quotas)
             # Probe: replay the finishes the outage swallowed first, so their slots are free for this check.
             if not await self._flush_pending():
-                return self._degraded(tenant, limits, reserve)
+                return await self._degraded(tenant, limits, reserve, quotas)
         admission_id = uuid.uuid4().hex[:16]
         keys = [f"{prefix}:req", f"{prefix}:tok", f"{prefix}:toksum", f"{prefix}:inf"]
         args: list[int | str] = [_arg(limits.rpm), _arg(limits.tpm), _arg(limits.max_concurrent)]
         args += [reserve, admission_id, _WINDOW_MS, _STALE_MS, RETRY_WALK_CAP, _RECOUNT_CAP]
+        if quotas:
+            keys.append(f"{prefix}:quota")
+            args += [_arg(quotas.tokens_per_day), _arg(quotas.tokens_per_month), KEY_TTL_S]
         try:
             reply = await self._admit_script(keys=keys, args=args)
         except _STORE_ERRORS as exc:
             # A timed-out (or failed: Redis doesn't roll a script back) script may still have recorded: queue
             # its undo (zero tokens, free the slot), so a phantom admission can't hold a slot for 15 minutes.
-            self._pending_finishes.append((prefix, admission_id, reserve, 0))
+            self._pending_finishes.append((prefix, admission_id, reserve, 0, None))
             if _tenant_local(exc):
                 # Redis answered: it is up, and the error concerns this tenant's keys. Degrade only this
                 # request; opening the circuit would degrade every tenant on this replica.
@@ -337,9 +361,15 @@ class RedisRateLimiter:
                            tenant, exc, "nothing (fail-closed)" if self._fail_closed else "by local limits")
             else:
                 self._mark_down(exc)
-            return self._degraded(tenant, limits, reserve)
+            return await self._degraded(tenant, limits, reserve, quotas)
         self._mark_up()
         usage, repaired = _usage(reply)
+        periods = None
+        if quotas:
+            which, now_ms, day, month, du, mu = (int(v) for v in reply[11:17])
+            periods = Periods(now_ms / 1000, day, month, du, mu)
+            if which and usage.admitted:  # the rate limits would admit it: the quota is what refuses
+                raise quota_exceeded(quotas, periods, reserve, "tokens_per_day" if which == 1 else "tokens_per_month")
         if repaired:
             self._warn(prefix, "Repaired malformed rate-limit state in Redis for tenant %r (keys %s:*).",
                        tenant, prefix)
@@ -348,21 +378,41 @@ class RedisRateLimiter:
 
         async def release(actual: int | None) -> None:
             # Not a finite number (a backend's odd usage figure): keep the reservation rather than guess.
-            await self._finish(prefix, admission_id, reserve, None if actual is None else _tokens(actual))
+            await self._finish(prefix, admission_id, reserve, None if actual is None else _tokens(actual), quota)
 
-        return Admission(ratelimit_headers(limits, usage), release)
+        quota = None if periods is None else (periods.day, periods.month)
+        headers = ratelimit_headers(limits, usage)
+        if quotas and periods is not None:
+            headers.update(quota_headers(quotas, periods))
+        return Admission(headers, release)
 
-    async def _finish(self, prefix: str, admission_id: str, reserved: int, actual: int | None) -> None:
+    async def _finish(self, prefix: str, admission_id: str, reserved: int, actual: int | None,
+                      quota: tuple[int, int] | None = None) -> None:
         # Queued, not dropped, while Redis is down: else a blip would hold the tenant's slot for 15 min.
-        self._pending_finishes.append((prefix, admission_id, reserved, actual))
+        self._pending_finishes.append((prefix, admission_id, reserved, actual, quota))
         if self._healthy:  # during an outage the next probe replays it
             await self._flush_pending()
 
-    def _degraded(self, tenant: str, limits: Limits, reserve: int) -> Admission:
+    async def _degraded(self, tenant: str, limits: Limits, reserve: int, quotas: Quotas | None) -> Admission:
         self.fallbacks += 1
         if self._fail_closed:
+            if quotas:
+                raise QuotaUnavailable("The quota store (Redis) is unavailable.")
             raise RateLimitUnavailable("The rate limiter's store (Redis) is unavailable.")
-        return self._fallback.admit_now(tenant, limits, reserve)
+        if not quotas:
+            return self._fallback.admit_now(tenant, limits, reserve)
+        grant = self._quota_fallback.admit_now(tenant, quotas, reserve)  # QuotaExceeded: nothing recorded
+        try:
+            admission = self._fallback.admit_now(tenant, limits, reserve)
+        except BaseException:
+            await grant.finish(0)
+            raise
+
+        async def release(actual: int | None) -> None:
+            await admission.finish(actual)
+            await grant.finish(actual)
+
+        return Admission({**admission.headers, **grant.headers}, release)
 
     def _warn(self, prefix: str, message: str, *args: object) -> None:
         now = time.monotonic()
@@ -397,10 +447,14 @@ class RedisRateLimiter:
         the head: there it would block every later finish and keep the circuit open for everyone."""
         while self._pending_finishes:
             item = self._pending_finishes.popleft()  # popped first: concurrent flushers take distinct items
-            prefix, admission_id, reserved, actual = item
+            prefix, admission_id, reserved, actual, quota = item
             keys = [f"{prefix}:tok", f"{prefix}:toksum", f"{prefix}:inf"]
+            args = _finish_args(admission_id, reserved, actual)
+            if quota is not None:
+                keys.append(f"{prefix}:quota")
+                args += list(quota)
             try:
-                await self._finish_script(keys=keys, args=_finish_args(admission_id, reserved, actual))
+                await self._finish_script(keys=keys, args=args)
             except _STORE_ERRORS as exc:
                 if _tenant_local(exc):  # Redis is up and refused this one: its slot goes stale in 15 min
                     self.script_errors += 1
@@ -438,8 +492,9 @@ def _finish_args(admission_id: str, reserved: int, actual: int | None) -> list[s
 def _usage(reply: list[int]) -> tuple[Usage, bool]:
     """The admission's Usage, and whether the script had to repair the tenant's state."""
     admitted, nreq, tokens, ninf, wait_req, wait_tok, wait_conc, too_large, reset_req, reset_tok, repaired = (
-        int(v) for v in reply
+        int(v) for v in reply[:11]
     )
+    quota_refused = int(reply[11]) != 0
 
     def wait(ms: int) -> float | None:
         return None if ms < 0 else float(ms)
@@ -455,5 +510,5 @@ def _usage(reply: list[int]) -> tuple[Usage, bool]:
         reset_requests_ms=float(reset_req),
         reset_tokens_ms=float(reset_tok),
     )
-    assert usage.admitted == bool(admitted), "admit script and Usage disagree"
+    assert usage.admitted == bool(admitted) or quota_refused, "admit script and Usage disagree"
     return usage, bool(repaired)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gateway.errors import ConfigError, field_path
 from gateway.registry import NotUtf8Error, Registry, read_config_text
 from gateway.tenancy.ratelimit import Limits
+from gateway.usage.quota import Quotas
 from gateway.wire.protocol import PRIVILEGED_EXTRAS
 
 KEY_PREFIX = "sk-gw-"
@@ -40,6 +41,9 @@ class LimitsSpec(BaseModel):
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
     max_concurrent: int | None = Field(default=None, gt=0)
+    # Token quotas over UTC calendar periods (gateway/usage/quota.py): 429 insufficient_quota past them.
+    tokens_per_day: int | None = Field(default=None, gt=0)
+    tokens_per_month: int | None = Field(default=None, gt=0)
 
 
 class TenantSpec(BaseModel):
@@ -80,6 +84,7 @@ class Tenant:
     limits: Limits
     engine_extras: frozenset[str] = frozenset()
     default_max_tokens: int | None = None
+    quotas: Quotas = Quotas()
 
     def denies(self, model_id: str) -> bool:
         return any(fnmatch.fnmatchcase(model_id, pattern) for pattern in self.deny_models)
@@ -199,6 +204,7 @@ def _directory(specs: list[TenantSpec]) -> TenantDirectory:
             limits=Limits(spec.limits.rpm, spec.limits.tpm, spec.limits.max_concurrent),
             engine_extras=frozenset(spec.engine_extras),
             default_max_tokens=spec.default_max_tokens,
+            quotas=Quotas(spec.limits.tokens_per_day, spec.limits.tokens_per_month),
         )
         tenants[spec.name] = tenant
         for key_hash in spec.api_key_hashes:

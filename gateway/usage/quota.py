@@ -1,0 +1,205 @@
+"""Token quotas per tenant: `limits.tokens_per_day` and `limits.tokens_per_month`, UTC calendar periods.
+
+The same reserve/reconcile pattern as TPM: a request reserves its worst case (prompt estimate + max_tokens)
+at admission, refused when the reservation would take a period past its quota; when the answer is complete
+the reservation is swapped for the engine's count. So a quota is never exceeded by an admitted request's
+reservation, and what stays charged is what the engines reported.
+
+Without Redis the counts live in this process (`LocalQuotas`). With `GATEWAY_REDIS_URL` they are shared
+exactly by every replica (`RedisQuotas`): one Lua script per admission and one per finish, periods decided
+on Redis' clock (TIME), one hash per tenant:
+
+  gw:rl:{t}:quota  HASH  d=<UTC day number> du=<tokens that day> m=<year*12+month-1> mu=<tokens that month>
+
+A period that ended is reset by the next admission (its number no longer matches). The key expires 32 days
+after the tenant's last admission. Both periods are always counted, so the usage API can show them.
+Only tenants with a quota pay for any of this: the pipeline calls the quota limiter for them alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from gateway.tenancy.ratelimit import format_duration
+
+DAY_S = 86_400
+KEY_TTL_S = 32 * DAY_S
+
+
+@dataclass(frozen=True)
+class Quotas:
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.tokens_per_day is not None or self.tokens_per_month is not None
+
+
+@dataclass(frozen=True)
+class Periods:
+    """A tenant's current periods and what they hold (after the admission, or unrecorded when refused)."""
+
+    now_s: float
+    day: int
+    month: int
+    day_used: int
+    month_used: int
+
+
+class QuotaExceeded(Exception):
+    def __init__(self, message: str, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers
+
+
+class QuotaUnavailable(Exception):
+    """Redis is down: the caller decides (fail open on local counts, or closed)."""
+
+
+class QuotaGrant:
+    """An admitted reservation; finish() reconciles it exactly once (None keeps the reservation)."""
+
+    def __init__(self, headers: dict[str, str], release: Callable[[int | None], Awaitable[None]]) -> None:
+        self.headers = headers
+        self._release = release
+        self._done = False
+
+    async def finish(self, actual: int | None) -> None:
+        if not self._done:
+            self._done = True
+            await self._release(actual)
+
+
+@functools.lru_cache(maxsize=64)
+def month_number(day: int) -> int:
+    d = datetime.fromtimestamp(day * DAY_S, timezone.utc)
+    return d.year * 12 + d.month - 1
+
+
+def day_reset(day: int) -> datetime:
+    return datetime.fromtimestamp((day + 1) * DAY_S, timezone.utc)
+
+
+@functools.lru_cache(maxsize=64)
+def month_reset(month: int) -> datetime:
+    year, index = divmod(month + 1, 12)
+    return datetime(year, index + 1, 1, tzinfo=timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def status(quotas: Quotas, p: Periods) -> dict:
+    """What the usage API shows of a tenant's quotas."""
+    out: dict = {}
+    if quotas.tokens_per_day is not None:
+        out["tokens_per_day"] = {"limit": quotas.tokens_per_day, "used": p.day_used,
+                                 "remaining": max(0, quotas.tokens_per_day - p.day_used),
+                                 "resets_at": _iso(day_reset(p.day))}
+    if quotas.tokens_per_month is not None:
+        out["tokens_per_month"] = {"limit": quotas.tokens_per_month, "used": p.month_used,
+                                   "remaining": max(0, quotas.tokens_per_month - p.month_used),
+                                   "resets_at": _iso(month_reset(p.month))}
+    return out
+
+
+def headers(quotas: Quotas, p: Periods) -> dict[str, str]:
+    """x-gateway-quota-remaining-tokens / -reset: of the quota with the fewest tokens left (on every
+    admitted request of a quota tenant: no dictionaries or date formatting here)."""
+    limit = remaining = reset_s = None
+    if quotas.tokens_per_day is not None:
+        limit, remaining, reset_s = quotas.tokens_per_day, quotas.tokens_per_day - p.day_used, (p.day + 1) * DAY_S
+    if quotas.tokens_per_month is not None and (remaining is None or
+                                                quotas.tokens_per_month - p.month_used < remaining):
+        limit, remaining = quotas.tokens_per_month, quotas.tokens_per_month - p.month_used
+        reset_s = month_reset(p.month).timestamp()
+    return {"x-gateway-quota-limit-tokens": str(limit),
+            "x-gateway-quota-remaining-tokens": str(max(0, remaining)),
+            "x-gateway-quota-reset": format_duration((reset_s - p.now_s) * 1000)}
+
+
+def exceeded(quotas: Quotas, p: Periods, reserve: int, which: str) -> QuotaExceeded:
+    limit = getattr(quotas, which)
+    used = p.day_used if which == "tokens_per_day" else p.month_used
+    reset = day_reset(p.day) if which == "tokens_per_day" else month_reset(p.month)
+    period = "daily" if which == "tokens_per_day" else "monthly"
+    message = (f"You exceeded your {period} token quota ({which}: {limit} tokens, {used} used, this request "
+               f"reserves {reserve}). It resets at {_iso(reset)} (UTC).")
+    out = headers(quotas, p)
+    out["x-gateway-quota-exceeded"] = which
+    return QuotaExceeded(message, out)
+
+
+def _which(quotas: Quotas, day_used: int, month_used: int, reserve: int) -> str | None:
+    if quotas.tokens_per_day is not None and day_used + reserve > quotas.tokens_per_day:
+        return "tokens_per_day"
+    if quotas.tokens_per_month is not None and month_used + reserve > quotas.tokens_per_month:
+        return "tokens_per_month"
+    return None
+
+
+class LocalQuotas:
+    """Per-process quota counts. admit() never awaits between check and record: atomic on one loop."""
+
+    shared = False
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._tenants: dict[str, list[int]] = {}  # tenant -> [day, day_used, month, month_used]
+
+    def _state(self, tenant: str) -> tuple[list[int], float]:
+        now = self._clock()
+        day = math.floor(now / DAY_S)
+        month = month_number(day)
+        state = self._tenants.setdefault(tenant, [day, 0, month, 0])
+        if state[0] != day:
+            state[0:2] = [day, 0]
+        if state[2] != month:
+            state[2:4] = [month, 0]
+        return state, now
+
+    async def admit(self, tenant: str, quotas: Quotas, reserve: int) -> QuotaGrant:
+        return self.admit_now(tenant, quotas, reserve)
+
+    def admit_now(self, tenant: str, quotas: Quotas, reserve: int) -> QuotaGrant:
+        state, now = self._state(tenant)
+        reserve = max(0, int(reserve))
+        which = _which(quotas, state[1], state[3], reserve)
+        if which is not None:
+            raise exceeded(quotas, Periods(now, state[0], state[2], state[1], state[3]), reserve, which)
+        state[1] += reserve
+        state[3] += reserve
+        day, month = state[0], state[2]
+
+        async def release(actual: int | None) -> None:
+            if actual is None:
+                return
+            delta = max(0, int(actual)) - reserve
+            if state[0] == day:
+                state[1] = max(0, state[1] + delta)
+            if state[2] == month:
+                state[3] = max(0, state[3] + delta)
+
+        return QuotaGrant(headers(quotas, Periods(now, day, month, state[1], state[3])), release)
+
+    async def periods(self, tenant: str) -> Periods:
+        state, now = self._state(tenant)
+        return Periods(now, state[0], state[2], state[1], state[3])
+
+    async def close(self) -> None:
+        self._tenants.clear()
+
+
+def make_quotas(redis_url: str | None, *, fail_closed: bool = False):
+    if not redis_url:
+        return LocalQuotas()
+    from gateway.usage.quota_redis import RedisQuotas
+
+    return RedisQuotas(redis_url, fail_closed=fail_closed)
