@@ -17,7 +17,7 @@ from gateway.cli import main
 from gateway.usage.counters import UsageCounters
 from gateway.usage.quota import DAY_S, LocalQuotas, QuotaExceeded, Quotas, month_number, month_reset
 from gateway.usage.quota_lua import PERIODS_LUA
-from gateway.tenancy.ratelimit_redis import _LUA_HELPERS
+from gateway.tenancy.ratelimit_lua import LUA_HELPERS as _LUA_HELPERS
 from gateway.usage.record import status, tokens
 from tests.support.processes import free_port
 from tests.test_ratelimit import start_redis

@@ -15,7 +15,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.tenancy.ratelimit_redis import _LUA_HELPERS, tenant_prefix
+from gateway.tenancy.ratelimit_lua import LUA_HELPERS as _LUA_HELPERS
+from gateway.tenancy.ratelimit_redis import tenant_prefix
 from gateway.usage.quota_lua import PERIODS_LUA
 from gateway.usage.quota import (KEY_TTL_S, LocalQuotas, Periods, QuotaGrant, Quotas, QuotaUnavailable,
                                  exceeded, headers)
