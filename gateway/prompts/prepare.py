@@ -21,7 +21,7 @@ from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.prompts.formats import FORMATS, PromptFormat
-from gateway.prompts.messages import Turn, refuse_control_strings, to_turns
+from gateway.prompts.messages import refuse_control_strings, to_turns
 from gateway.registry.schema import Model
 from gateway.wire.protocol import ChatCompletionRequest, CompletionRequest
 
