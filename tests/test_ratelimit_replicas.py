@@ -7,7 +7,6 @@ the rate limiter runs before any backend is tried.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import yaml
 
 from gateway.tenancy.tenants import hash_key
 from tests.conftest import ROOT, UNREACHABLE_MODEL
-from tests.support.processes import Server, free_port, start_server
+from tests.support.processes import Server, free_port, start_redis, start_server
 
 KEY = "sk-test-replica-key"
 
@@ -38,26 +37,9 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def redis(log_dir: Path) -> Iterator[Server]:
-    assert shutil.which("redis-server"), "redis-server missing: make test installs it"
-    port = free_port()
-    server = start_server("redis", ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-                          port, "", log_dir)
-    _wait_for_port(port)
+    server, _ = start_redis("redis", log_dir)
     yield server
     server.stop()
-
-
-def _wait_for_port(port: int) -> None:
-    import socket
-    import time
-
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listening on {port}")
 
 
 def _gateway(name: str, config_dir: Path, log_dir: Path, **env: str) -> Server:

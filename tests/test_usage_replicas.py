@@ -20,8 +20,7 @@ import yaml
 from gateway.tenancy.ratelimit_redis import tenant_prefix
 from gateway.tenancy.tenants import hash_key
 from tests.conftest import LLAMA2_CONDITIONS, ROOT
-from tests.support.processes import Server, free_port, start_server
-from tests.test_ratelimit_replicas import _wait_for_port
+from tests.support.processes import Server, free_port, start_redis, start_server
 
 MODEL = "llama-2-7b-chat"
 MOCK_MODEL = "mock-model"
@@ -32,11 +31,8 @@ BODY = {"model": MODEL, "prompt": "count the tokens of this prompt please", "max
 
 @pytest.fixture(scope="module")
 def redis_port(log_dir: Path) -> Iterator[int]:
-    port = free_port()
-    server = start_server("usage-redis", ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-                          port, "", log_dir)
-    _wait_for_port(port)
-    yield port
+    server, _ = start_redis("usage-redis", log_dir)
+    yield int(server.url.rsplit(":", 1)[1])
     server.stop()
 
 

@@ -9,8 +9,6 @@ when the socket closes.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,32 +19,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.tenancy.ratelimit_redis import tenant_prefix
-from tests.support.processes import Server, free_port, start_server
+from tests.support.processes import Server, free_port, start_redis, start_server, wait_for_port  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- processes ----------------------------------------------------------------------------------
-
-
-def wait_for_port(port: int, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
-
-
-def start_redis(name: str, log_dir: Path) -> tuple[Server, str]:
-    """A throwaway redis-server (no persistence); returns it and its redis:// URL."""
-    assert shutil.which("redis-server"), "redis-server missing: make test installs it"
-    port = free_port()
-    server = start_server(name, ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-                          port, "", log_dir)
-    wait_for_port(port)
-    return server, f"redis://127.0.0.1:{port}/0"
 
 
 def start_fault_upstream(name: str, log_dir: Path, served: str = "fault-model") -> Server:

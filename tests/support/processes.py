@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,3 +84,24 @@ def start_server(
         start_new_session=True,  # its own process group, so stop() takes its workers down too
     )
     return Server(name, process, f"http://127.0.0.1:{port}", ready_path, log_path)
+
+
+def wait_for_port(port: int, timeout_s: float = 20) -> None:
+    """For servers with no HTTP readiness path (redis-server): wait until the port accepts connections."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def start_redis(name: str, log_dir: Path) -> tuple[Server, str]:
+    """A throwaway redis-server (no persistence), ready; returns it and its redis:// URL."""
+    assert shutil.which("redis-server"), "redis-server missing: make test installs it"
+    port = free_port()
+    server = start_server(name, ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+                          port, "", log_dir)
+    wait_for_port(port)
+    return server, f"redis://127.0.0.1:{port}/0"
