@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from collections.abc import Awaitable
 from typing import Any, Callable
 
 import aiohttp
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from gateway.backends.dispatch import Attempts, ClientWatch, Outcome, dispatch
+from gateway.backends.dispatch import Attempts, ClientWatch, Outcome, OutcomeCallback, dispatch
 from gateway.backends.requests import EnginePayloads
 from gateway.errors import ClientGone, GatewayError, model_not_found, no_backend_available
 from gateway.lifecycle import LIFECYCLE
@@ -35,11 +36,11 @@ from gateway.settings import Settings
 from gateway.snapshot import Snapshot
 from gateway.tenancy.auth import authenticate
 from gateway.tenancy.extras import require_allowed_extras
-from gateway.tenancy.ratelimit import Admission, Limits, RateLimited, RateLimiter, RateLimitUnavailable
+from gateway.tenancy.ratelimit import Admission, RateLimited, RateLimiter, RateLimitUnavailable
 from gateway.tenancy.tenants import Caller, Environment
 from gateway.usage.counters import UsageCounters
 from gateway.usage.quota import LocalQuotas, QuotaExceeded, QuotaUnavailable
-from gateway.usage.record import recorder
+from gateway.usage.record import UsageLines, recorder
 from gateway.wire.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.wire.validation import parse_request
 
@@ -60,6 +61,7 @@ class GatewayState:
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
     quotas: Any = field(default_factory=LocalQuotas)  # LocalQuotas | RedisQuotas (gateway/usage/quota.py)
     usage: UsageCounters = field(default_factory=UsageCounters)
+    usage_lines: UsageLines = field(default_factory=UsageLines)
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
     headers = dict(admission.headers)
     if decision.verdict is Verdict.SUBSTITUTE:
         headers["x-gateway-substituted-from"] = requested.id
-    limited = caller.tenant.limits != Limits() or bool(caller.tenant.quotas)
+    limited = caller.tenant.limits.any or bool(caller.tenant.quotas)
     outcome = Outcome(on_done=[record.outcome, *([_reconcile(admission, call)] if limited else [])])
     if state.settings.usage_records:
         outcome.on_done.append(recorder(state, caller, requested, model, call, context.request_id, record.started))
@@ -152,7 +154,7 @@ async def _abandon(admission: Admission, outcome: Outcome, exc: BaseException) -
         await outcome.done()
 
 
-async def _leave(_: Outcome) -> None:
+def _leave(_: Outcome) -> None:
     LIFECYCLE.leave()
 
 
@@ -191,15 +193,15 @@ def _overloaded(state: GatewayState, why: str) -> GatewayError:
 def _attempts(state: GatewayState, context: RequestContext) -> Attempts:
     def started(backend_id: str) -> None:
         state.fleet.started(backend_id)
-        state.metrics.inflight.labels(backend_id).inc()
+        state.metrics.child(state.metrics.inflight, backend_id).inc()
 
     def finished(backend_id: str, ok: bool) -> None:
         state.fleet.finished(backend_id, ok)
-        state.metrics.inflight.labels(backend_id).dec()
+        state.metrics.child(state.metrics.inflight, backend_id).dec()
 
     def released(backend_id: str) -> None:
         state.fleet.released(backend_id)
-        state.metrics.inflight.labels(backend_id).dec()
+        state.metrics.child(state.metrics.inflight, backend_id).dec()
 
     def waited(seconds: float) -> None:
         context.upstream_s += seconds
@@ -226,7 +228,7 @@ def _audit(state: GatewayState, request_id: str, caller: Caller, model: Model, d
             request_id=request_id, tenant=caller.tenant.name, key_id=caller.key_id, model_requested=model.id,
             model_served=None, license="", decision="not_found", rule="not-found"))
         return True
-    state.metrics.policy.labels(decision.verdict.value, model.license).inc()
+    state.metrics.child(state.metrics.policy, decision.verdict.value, model.license).inc()
     return state.audit.record(AuditRecord(
         request_id=request_id, tenant=caller.tenant.name, key_id=caller.key_id, model_requested=model.id,
         model_served=decision.served_model, license=model.license, decision=decision.verdict.value,
@@ -286,11 +288,11 @@ async def _admit_rate(state: GatewayState, caller: Caller, reserve: int, quotas=
                            headers={"Retry-After": str(state.settings.retry_after_s)}) from None
 
 
-def _reconcile(admission: Admission, call: UpstreamCall) -> Callable:
-    async def finish(outcome: Outcome) -> None:
+def _reconcile(admission: Admission, call: UpstreamCall) -> OutcomeCallback:
+    def finish(outcome: Outcome) -> Awaitable[None] | None:
         actual = outcome.total_tokens
         if actual is None and outcome.watch is not None and outcome.watch.events:
             actual = call.prompt_estimate + outcome.watch.events
-        await admission.finish(actual)
+        return admission.settle(actual)  # what is left to await where the limiter needs I/O (Redis)
 
     return finish

@@ -12,14 +12,13 @@ request, which closes the engine's connection (vLLM aborts the generation).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from fastapi import FastAPI
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway import pipeline
+from gateway import deadlines, pipeline
 from gateway.api.errors import error_response
 from gateway.errors import ClientGone, GatewayError
 from gateway.observability.request_context import RequestContext
@@ -81,7 +80,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int, timeout_s: floa
     parts: list[bytes] = []
     size = 0
     try:
-        async with asyncio.timeout(timeout_s):  # a slow upload holds a connection, never for ever
+        with deadlines.timeout(timeout_s):  # a slow upload holds a connection, never for ever
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import orjson
 from starlette.responses import Response, StreamingResponse
 
+from gateway import deadlines
 from gateway.backends.relay import StreamWatch, UsageCounter, relay_stream, upstream_error
 from gateway.backends.requests import EnginePayloads, Unsupported
 from gateway.backends.translate import ChatFromCompletion, ChatWithRefusal, Passthrough, Translator
@@ -30,6 +31,7 @@ from gateway.prompts.prepare import CHAT_PATH, Reply, UpstreamCall
 from gateway.registry.schema import Role
 
 _RETRYABLE = (502, 503, 504)
+WATCH_CLIENT_AFTER_S = 0.2
 ClientWatch = Callable[[], Awaitable[None]]  # returns when the client has closed its connection
 
 
@@ -45,19 +47,32 @@ class Outcome:
     fell_back: bool = False
     engine_fault: bool = False  # the engine answered with a 5xx of its own (not an invalid-request answer)
     status: int | None = None  # the client's status where known before the callbacks (streams: see watch)
-    on_done: list[Callable[["Outcome"], Awaitable[None]]] = field(default_factory=list)
+    on_done: list["OutcomeCallback"] = field(default_factory=list)
 
     async def done(self) -> None:
-        """Run the callbacks once, to the end even when the caller is cancelled (a client that went away
-        mid-stream): in-flight counts, limiter releases and health reports must never be skipped."""
+        """Run the callbacks once, in order, to the end even when the caller is cancelled (a client that
+        went away mid-stream): in-flight counts, limiter releases and health reports must never be skipped.
+
+        A callback that needs no I/O returns None and has run when it returns: nothing can interrupt it.
+        One that must wait returns an awaitable; from there on the rest runs in a shielded task. (Always
+        shielding cost a task and a loop round trip per request: ~6 % of the gateway's CPU per request.)"""
         callbacks, self.on_done = self.on_done, []
-        if callbacks:
-            await asyncio.shield(_run_all(callbacks, self))
+        for index, callback in enumerate(callbacks):
+            pending = callback(self)
+            if pending is not None:
+                await asyncio.shield(_finish(pending, callbacks[index + 1:], self))
+                return
 
 
-async def _run_all(callbacks: list[Callable[["Outcome"], Awaitable[None]]], outcome: Outcome) -> None:
+OutcomeCallback = Callable[[Outcome], Awaitable[None] | None]
+
+
+async def _finish(pending: Awaitable[None], callbacks: list[OutcomeCallback], outcome: Outcome) -> None:
+    await pending
     for callback in callbacks:
-        await callback(outcome)
+        more = callback(outcome)
+        if more is not None:
+            await more
 
 
 @dataclass
@@ -143,10 +158,13 @@ async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, re
 async def _post_while_client_waits(upstream: OpenAIUpstream, path: str, data: bytes,
                                    client_gone: ClientWatch) -> UpstreamResponse:
     """A non-streamed call, cancelled when the client goes away: closing the engine's connection makes
-    vLLM abort a generation nobody would read. One watcher task; the call itself runs inline."""
+    vLLM abort a generation nobody would read. The call runs inline; a watcher task starts only once the
+    call has lasted `WATCH_CLIENT_AFTER_S` (a task per request was ~4 % of the gateway's CPU per request,
+    and an answer that comes sooner is not worth aborting)."""
     me = asyncio.current_task()
     assert me is not None
     gone = False
+    watcher: asyncio.Task | None = None
 
     async def watch() -> None:
         nonlocal gone
@@ -154,7 +172,11 @@ async def _post_while_client_waits(upstream: OpenAIUpstream, path: str, data: by
         gone = True
         me.cancel()
 
-    watcher = asyncio.get_running_loop().create_task(watch())
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = asyncio.get_running_loop().create_task(watch())
+
+    later = deadlines.for_loop().call_later(WATCH_CLIENT_AFTER_S, start_watching)
     try:
         return await upstream.post(path, data, stream=False)
     except asyncio.CancelledError:
@@ -163,7 +185,9 @@ async def _post_while_client_waits(upstream: OpenAIUpstream, path: str, data: by
             raise ClientGone() from None
         raise
     finally:
-        watcher.cancel()
+        later.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 def _encoded(body: dict, served_model: str) -> bytes:
@@ -173,8 +197,8 @@ def _encoded(body: dict, served_model: str) -> bytes:
         raise GatewayError(400, "The request could not be encoded for the model backend.") from None
 
 
-def _report_health(attempts: Attempts, backend_id: str) -> Callable[[Outcome], Awaitable[None]]:
-    async def report(outcome: Outcome) -> None:
+def _report_health(attempts: Attempts, backend_id: str) -> OutcomeCallback:
+    def report(outcome: Outcome) -> None:
         failed = outcome.engine_fault or (outcome.watch is not None and outcome.watch.failure is not None)
         attempts.finished(backend_id, not failed)
 

@@ -61,6 +61,25 @@ class RequestTranslator:
 
     def translate(self, call: UpstreamCall) -> dict[str, Any]:
         payload = call.payload
+        if not payload.keys().isdisjoint(_CHECKED):  # the common request has none of these: one set test
+            self._refuse_what_this_engine_cannot_do(call)
+        if payload.get("max_tokens") == 0:  # llama.cpp reads 0 as "no limit"; vLLM refuses it
+            raise Unsupported("max_tokens", "engines here generate at least one token; send 1 or more")
+        renames = self.renames
+        if "best_of" in payload or (renames and not payload.keys().isdisjoint(renames)):
+            body = {renames.get(name, name): value for name, value in payload.items() if name != "best_of"}
+            if payload.get("best_of", 1) > payload.get("n", 1):
+                body["best_of"] = payload["best_of"]
+        else:
+            body = dict(payload)
+        if call.path == COMPLETIONS_PATH and "prompt" in payload:
+            body["prompt"] = self.prompt(payload["prompt"])
+        if call.stream and self.stream_usage:  # always: rate limits reconcile with the engine's count
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    def _refuse_what_this_engine_cannot_do(self, call: UpstreamCall) -> None:
+        payload = call.payload
         for name in payload.keys() & _ALL_EXTRAS:
             if name not in self.extras:
                 raise Unsupported(name, f"the {self.name} engine serving it does not take `{name}`")
@@ -76,16 +95,6 @@ class RequestTranslator:
         if kind is not None and (call.path not in self.response_format or kind not in self.output_formats):
             raise Unsupported("response_format", f"the {self.name} engine serving it cannot constrain "
                               f"the output of this endpoint to {kind}")
-        if payload.get("max_tokens") == 0:  # llama.cpp reads 0 as "no limit"; vLLM refuses it
-            raise Unsupported("max_tokens", "engines here generate at least one token; send 1 or more")
-        body = {self.renames.get(name, name): value for name, value in payload.items() if name != "best_of"}
-        if payload.get("best_of", 1) > payload.get("n", 1):
-            body["best_of"] = payload["best_of"]
-        if call.path == COMPLETIONS_PATH and "prompt" in payload:
-            body["prompt"] = self.prompt(payload["prompt"])
-        if call.stream and self.stream_usage:  # always: rate limits reconcile with the engine's count
-            body["stream_options"] = {"include_usage": True}
-        return body
 
     def prompt(self, prompt: Any) -> Any:
         if prompt == "" or prompt == [""]:  # vLLM refuses it; llama.cpp fails an assertion (a 500)
@@ -107,6 +116,9 @@ _VLLM_EXTRAS = SAMPLING_EXTRAS | {
     "kv_transfer_params",
 }
 _ALL_EXTRAS = _VLLM_EXTRAS | {"grammar"}
+# The fields some engine cannot take (or takes only in some shapes): a request without any of them needs
+# no per-engine check.
+_CHECKED = frozenset(_ALL_EXTRAS | {"n", "best_of", "suffix", "logprobs", "top_logprobs", "response_format"})
 
 VLLM = RequestTranslator("vLLM", extras=frozenset(_VLLM_EXTRAS))
 LLAMA_CPP = RequestTranslator(

@@ -9,12 +9,12 @@ pipeline); answers come back as raw bytes or a byte stream, never parsed into mo
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
 
+from gateway import deadlines
 from gateway.backends.engines import EngineProfile, profile_of
 from gateway.backends.timeouts import CallTimeouts
 from gateway.errors import GatewayError
@@ -80,7 +80,7 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         if self.body is None:
             try:
-                async with asyncio.timeout(self._idle_s):
+                with deadlines.timeout(self._idle_s):
                     self.body = await self._response.read()
             except (TimeoutError, aiohttp.ClientError):
                 self.body = b""
@@ -93,7 +93,7 @@ class UpstreamResponse:
         content = self._response.content
         while True:
             try:
-                async with asyncio.timeout(self._idle_s):
+                with deadlines.timeout(self._idle_s):
                     data = await content.readany()
             except TimeoutError as exc:
                 raise UpstreamStalled() from exc
@@ -110,7 +110,7 @@ class UpstreamResponse:
         connection goes back to the pool instead of being dropped; give up after `wait_s`."""
         content = self._response.content
         try:
-            async with asyncio.timeout(wait_s):
+            with deadlines.timeout(wait_s):
                 while await content.readany():
                     pass
         except (TimeoutError, aiohttp.ClientError):
@@ -153,7 +153,7 @@ class OpenAIUpstream:
         timeouts = self.timeouts
         response: aiohttp.ClientResponse | None = None
         try:
-            async with asyncio.timeout(timeouts.first_byte_s if stream else timeouts.generation_s):
+            with deadlines.timeout(timeouts.first_byte_s if stream else timeouts.generation_s):
                 response = await self._client.post(self._base_url + path, data=body, headers=_JSON_HEADERS,
                                                    timeout=self._connect_timeout)
                 if stream:

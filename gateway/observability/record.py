@@ -26,8 +26,9 @@ class RequestRecord:
             return
         self._counted = True
         tenant = self.tenant if self.tenant_label else "-"
-        self.metrics.requests.labels(self.model, self.backend, str(status), tenant).inc()
-        self.metrics.duration.labels(self.model).observe(time.monotonic() - self.started)
+        m = self.metrics
+        m.child(m.requests, self.model, self.backend, str(status), tenant).inc()
+        m.child(m.duration, self.model).observe(time.monotonic() - self.started)
 
     def responded(self, response: Response) -> None:
         if isinstance(response, StreamingResponse):
@@ -35,25 +36,25 @@ class RequestRecord:
         else:
             self.finished(response.status_code)
 
-    async def outcome(self, outcome) -> None:  # gateway.backends.dispatch.Outcome
+    def outcome(self, outcome) -> None:  # gateway.backends.dispatch.Outcome
         self.backend = outcome.backend_id or "none"
         m, model = self.metrics, self.model
         if outcome.retries:
-            m.retries.labels(model).inc(outcome.retries)
+            m.child(m.retries, model).inc(outcome.retries)
         if outcome.fell_back:
-            m.fallbacks.labels(model).inc()
+            m.child(m.fallbacks, model).inc()
         usage = outcome.usage or {}
         if usage.get("prompt_tokens"):
-            m.prompt_tokens.labels(model).inc(usage["prompt_tokens"])
+            m.child(m.prompt_tokens, model).inc(usage["prompt_tokens"])
         if usage.get("completion_tokens"):
-            m.completion_tokens.labels(model).inc(usage["completion_tokens"])
+            m.child(m.completion_tokens, model).inc(usage["completion_tokens"])
         watch = outcome.watch
         if watch is not None:
             if watch.first_event_at is not None:
-                m.ttft.labels(model).observe(watch.first_event_at - self.started)
-            gaps = m.inter_token.labels(model)
+                m.child(m.ttft, model).observe(watch.first_event_at - self.started)
+            gaps = m.child(m.inter_token, model)
             for gap in watch.gaps:
                 gaps.observe(gap)
             if watch.events and not usage:
-                m.completion_tokens.labels(model).inc(watch.events)
+                m.child(m.completion_tokens, model).inc(watch.events)
             self.finished(200)

@@ -34,6 +34,11 @@ class Limits:
     tpm: int | None = None
     max_concurrent: int | None = None
 
+    @property
+    def any(self) -> bool:
+        """At least one limit is set."""
+        return self.rpm is not None or self.tpm is not None or self.max_concurrent is not None
+
 
 class RateLimited(Exception):
     """A limit refused the request; the gateway answers 429 with `headers` and `message`."""
@@ -51,18 +56,29 @@ class RateLimitUnavailable(Exception):
 
 
 class Admission:
-    """An admitted request. finish() reconciles its tokens and frees its concurrency slot, exactly once."""
+    """An admitted request. finish() reconciles its tokens and frees its concurrency slot, exactly once.
 
-    def __init__(self, headers: dict[str, str], release: Callable[[int | None], Awaitable[None]]) -> None:
+    `release` is a plain function where the limiter needs no I/O (in-process windows) and a coroutine
+    function where it does (Redis); `settle()` lets the request path skip the coroutine in the first case.
+    """
+
+    def __init__(self, headers: dict[str, str],
+                 release: Callable[[int | None], Awaitable[None] | None]) -> None:
         self.headers = headers
         self._release = release
         self._finished = False
 
-    async def finish(self, actual_tokens: int | None = None) -> None:
+    def settle(self, actual_tokens: int | None = None) -> Awaitable[None] | None:
+        """Finish what can be finished now; returns what is left to await (I/O), or None."""
         if self._finished:  # idempotent: the gateway may call it from both a finally and a stream's end
-            return
+            return None
         self._finished = True
-        await self._release(actual_tokens)
+        return self._release(actual_tokens)
+
+    async def finish(self, actual_tokens: int | None = None) -> None:
+        pending = self.settle(actual_tokens)
+        if pending is not None:
+            await pending
 
 
 class RateLimiter(Protocol):
@@ -250,7 +266,7 @@ class LocalRateLimiter:
             window.inflight[slot] = now
         headers = ratelimit_headers(limits, window.usage(Limits(), 0, now))
 
-        async def release(actual: int | None) -> None:
+        def release(actual: int | None) -> None:
             self._release(window, reservation, slot, actual)
 
         return Admission(headers, release)

@@ -11,11 +11,12 @@ events seen); no answer at all is `"none"` with zero tokens.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+from gateway.observability.timestamps import utc_now_iso
 
 if TYPE_CHECKING:  # the pipeline imports this module
     from gateway.backends.dispatch import Outcome
@@ -52,32 +53,54 @@ def status(outcome: "Outcome") -> int:
     return 200 if watch.completed else 499  # nginx's "client closed request": gone mid-stream
 
 
-def recorder(state: "GatewayState", caller: "Caller", requested: "Model", model: "Model", call: "UpstreamCall",
-             request_id: str, started: float) -> Callable[["Outcome"], Awaitable[None]]:
-    """The Outcome callback that writes the usage record, counts the tokens and exports them."""
-    license_ = state.snapshot.registry.licenses.get(model.license)
-    commercial = license_.commercial_use.value if license_ is not None else "unknown"
-    tenant = caller.tenant
-    tokens_in, tokens_out = state.metrics.license_token_counters(
-        model.license, tenant.name if state.settings.metrics_tenant_label else "-")
+class UsageLines:
+    """The parts of usage records that depend only on the configuration, per (tenant, key, requested model,
+    served model): their JSON and their token counters, made once, not per request (building and
+    encoding the whole record per request was ~10 % of the gateway's request-path CPU). Dropped when the
+    configuration is reloaded; bounded by it (tenants x keys x models)."""
 
-    async def record(outcome: "Outcome") -> None:
+    def __init__(self) -> None:
+        self._snapshot: object = None
+        self._static: dict[tuple[str, str, str, str], tuple[str, Any, Any]] = {}
+
+    def static(self, state: "GatewayState", caller: "Caller", requested: "Model", model: "Model") -> tuple[str, Any, Any]:
+        if state.snapshot is not self._snapshot:
+            self._snapshot, self._static = state.snapshot, {}
+        tenant = caller.tenant
+        key = (tenant.name, caller.key_id, requested.id, model.id)
+        found = self._static.get(key)
+        if found is None:
+            license_ = state.snapshot.registry.licenses.get(model.license)
+            fields = orjson.dumps({
+                "type": "usage", "tenant": tenant.name, "key_id": caller.key_id,
+                "environment": tenant.environment.value, "model_requested": requested.id, "model_served": model.id,
+                "license": model.license,
+                "commercial_use": license_.commercial_use.value if license_ is not None else "unknown",
+                "attestations": sorted(tenant.attestations),
+            }).decode()[1:-1]
+            found = self._static[key] = (fields, *state.metrics.license_token_counters(
+                model.license, tenant.name if state.settings.metrics_tenant_label else "-"))
+        return found
+
+
+def recorder(state: "GatewayState", caller: "Caller", requested: "Model", model: "Model", call: "UpstreamCall",
+             request_id: str, started: float) -> Callable[["Outcome"], None]:
+    """The Outcome callback that writes the usage record, counts the tokens and exports them."""
+    fields, tokens_in, tokens_out = state.usage_lines.static(state, caller, requested, model)
+
+    def record(outcome: "Outcome") -> None:
         prompt, completion, source = tokens(outcome, call)
         now = time.monotonic()
         watch = outcome.watch
         ttft = watch.first_event_at - started if watch is not None and watch.first_event_at else None
-        line = {
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "type": "usage", "request_id": request_id, "tenant": tenant.name, "key_id": caller.key_id,
-            "environment": tenant.environment.value, "model_requested": requested.id, "model_served": model.id,
-            "license": model.license, "commercial_use": commercial, "attestations": sorted(tenant.attestations),
-            "backend": outcome.backend_id, "fallback": outcome.fell_back, "stream": call.stream,
-            "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "usage_source": source, "status": status(outcome), "duration_ms": round((now - started) * 1000, 1),
-            "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
-        }
-        state.audit.record_line(orjson.dumps(line).decode())
-        state.usage.add(time.time(), tenant.name, caller.key_id, model.id, model.license, prompt, completion)
+        varying = orjson.dumps({
+            "request_id": request_id, "backend": outcome.backend_id, "fallback": outcome.fell_back,
+            "stream": call.stream, "prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion, "usage_source": source, "status": status(outcome),
+            "duration_ms": round((now - started) * 1000, 1), "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
+        }).decode()
+        state.audit.record_line(f'{{"time":"{utc_now_iso()}",{fields},{varying[1:]}')
+        state.usage.add(time.time(), caller.tenant.name, caller.key_id, model.id, model.license, prompt, completion)
         if prompt:
             tokens_in.inc(prompt)
         if completion:

@@ -15,10 +15,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
-                      StrictStr, StringConstraints, model_validator)
+                      StrictStr, StringConstraints)
 from pydantic_core import PydanticCustomError
 
-from gateway.errors import GatewayError
 
 # Free-form JSON (schemas, tool definitions, engine knobs) is bounded: deep nesting costs the engine's
 # JSON encoder and grammar compiler, and nothing legitimate nests this deep.
@@ -109,6 +108,7 @@ class ChatMessage(_Part):
 
 # Lists a request may carry, at most this long: counted before their items are validated, so a 4 MiB
 # list of numbers costs a len(), not seconds of the event loop (longer than any context here).
+# gateway.wire.validation checks them before the model is validated.
 MAX_ITEMS = {"prompt": 32_768, "messages": 2_048, "stop_token_ids": 256, "logit_bias": 1_024,
              "guided_choice": 1_024, "tools": 128, "functions": 128}
 
@@ -116,24 +116,6 @@ MAX_ITEMS = {"prompt": 32_768, "messages": 2_048, "stop_token_ids": 256, "logit_
 class _Request(BaseModel):
     # forbid: an argument the gateway does not know is a 400 naming it, as OpenAI answers.
     model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _bounded_lists(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        for name, cap in MAX_ITEMS.items():
-            value = data.get(name)
-            if isinstance(value, (list, dict)) and len(value) > cap:
-                raise GatewayError(400, f"Invalid '{name}': at most {cap} items, got {len(value)}.",
-                                   param=name, code="invalid_value")
-        prompt = data.get("prompt")
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
-            total = sum(len(p) for p in prompt if isinstance(p, list))
-            if total > MAX_ITEMS["prompt"]:
-                raise GatewayError(400, f"Invalid 'prompt': at most {MAX_ITEMS['prompt']} token ids in all, "
-                                   f"got {total}.", param="prompt", code="invalid_value")
-        return data
 
     model: Text
     frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)

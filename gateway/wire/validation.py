@@ -8,6 +8,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from gateway.errors import GatewayError
+from gateway.wire.protocol import MAX_ITEMS
 
 Request = TypeVar("Request", bound=BaseModel)
 
@@ -25,10 +26,28 @@ def parse_request(raw: bytes, schema: type[Request]) -> Request:
         ) from None
     if not isinstance(body, dict):
         raise GatewayError(400, "The request body must be a JSON object.")
+    _refuse_long_lists(body)
     try:
         return schema.model_validate(body)
     except ValidationError as exc:
         raise _to_openai_error(exc) from None
+
+
+def _refuse_long_lists(body: dict[str, Any]) -> None:
+    """MAX_ITEMS, counted before any item is validated (a plain function, not a pydantic model validator:
+    that wrapper cost more than the check)."""
+    for name, value in body.items():
+        if type(value) is list or type(value) is dict:
+            cap = MAX_ITEMS.get(name)
+            if cap is not None and len(value) > cap:
+                raise GatewayError(400, f"Invalid '{name}': at most {cap} items, got {len(value)}.",
+                                   param=name, code="invalid_value")
+    prompt = body.get("prompt")
+    if type(prompt) is list and prompt and type(prompt[0]) is list:
+        total = sum(len(p) for p in prompt if type(p) is list)
+        if total > MAX_ITEMS["prompt"]:
+            raise GatewayError(400, f"Invalid 'prompt': at most {MAX_ITEMS['prompt']} token ids in all, "
+                               f"got {total}.", param="prompt", code="invalid_value")
 
 
 def _to_openai_error(exc: ValidationError) -> GatewayError:

@@ -1,0 +1,45 @@
+"""Outcome callbacks (slot releases, limiter reconciliation, usage records, health reports) run once, in
+order, and to the end even when the request's task is cancelled while one of them waits on I/O."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.backends.dispatch import Outcome
+
+
+def test_callbacks_run_in_order_and_finish_after_the_caller_is_cancelled() -> None:
+    ran: list[str] = []
+    release_started = asyncio.Event()
+
+    async def slow_release(_: Outcome) -> None:  # a Redis round trip
+        release_started.set()
+        await asyncio.sleep(0.1)
+        ran.append("release")
+
+    outcome = Outcome(on_done=[lambda _: ran.append("metrics"), slow_release, lambda _: ran.append("leave")])
+
+    async def main() -> None:
+        request = asyncio.get_running_loop().create_task(outcome.done())
+        await release_started.wait()
+        request.cancel()  # the client went away while the limiter was being told
+        try:
+            await request
+        except asyncio.CancelledError:
+            pass
+        await asyncio.sleep(0.3)
+
+    asyncio.run(main())
+    assert ran == ["metrics", "release", "leave"]
+
+
+def test_callbacks_run_once() -> None:
+    ran: list[str] = []
+    outcome = Outcome(on_done=[lambda _: ran.append("once")])
+
+    async def main() -> None:
+        await outcome.done()
+        await outcome.done()
+
+    asyncio.run(main())
+    assert ran == ["once"]
