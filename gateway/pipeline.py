@@ -123,7 +123,7 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
     if decision.verdict is Verdict.SUBSTITUTE:
         headers["x-gateway-substituted-from"] = requested.id
     limited = caller.tenant.limits.any or bool(caller.tenant.quotas)
-    outcome = Outcome(on_done=[record.outcome, *([_reconcile(admission, call)] if limited else [])])
+    outcome = Outcome(releases=[_reconcile(admission, call)] if limited else [], on_done=[record.outcome])
     if state.settings.usage_records:
         outcome.on_done.append(recorder(state, caller, requested, model, call, context.request_id, record.started))
     LIFECYCLE.enter()

@@ -43,3 +43,21 @@ def test_callbacks_run_once() -> None:
 
     asyncio.run(main())
     assert ran == ["once"]
+
+
+def test_releases_run_before_the_bookkeeping_and_only_once() -> None:
+    ran: list[str] = []
+
+    async def redis_release(_: Outcome) -> None:
+        await asyncio.sleep(0)
+        ran.append("release")
+
+    outcome = Outcome(releases=[redis_release], on_done=[lambda _: ran.append("usage record")])
+
+    async def main() -> None:
+        await outcome.release()  # before a JSON answer is handed over
+        ran.append("answer sent")
+        await outcome.done()  # after it: the release is not run again
+
+    asyncio.run(main())
+    assert ran == ["release", "answer sent", "usage record"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import orjson
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from gateway import deadlines
 from gateway.backends.relay import StreamWatch, UsageCounter, relay_stream, upstream_error
@@ -47,24 +48,42 @@ class Outcome:
     fell_back: bool = False
     engine_fault: bool = False  # the engine answered with a 5xx of its own (not an invalid-request answer)
     status: int | None = None  # the client's status where known before the callbacks (streams: see watch)
+    # What later requests depend on (limiter slots and tokens): settled before a JSON answer is handed
+    # over, so a client's next request sees them released. Then `on_done` (health, metrics, usage record,
+    # in-flight count): for a JSON answer after its body went out (`AnswerThenReport`).
+    releases: list["OutcomeCallback"] = field(default_factory=list)
     on_done: list["OutcomeCallback"] = field(default_factory=list)
 
-    async def done(self) -> None:
-        """Run the callbacks once, in order, to the end even when the caller is cancelled (a client that
-        went away mid-stream): in-flight counts, limiter releases and health reports must never be skipped.
+    async def release(self) -> None:
+        """Run the `releases` callbacks (once)."""
+        callbacks, self.releases = self.releases, []
+        rest = _run_until_one_waits(callbacks, self)
+        if rest is not None:
+            await asyncio.shield(rest)
 
-        A callback that needs no I/O returns None and has run when it returns: nothing can interrupt it.
-        One that must wait returns an awaitable; from there on the rest runs in a shielded task. (Always
-        shielding cost a task and a loop round trip per request: ~6 % of the gateway's CPU per request.)"""
+    async def done(self) -> None:
+        """Run every callback once, in order, to the end even when the caller is cancelled (a client that
+        went away mid-stream): in-flight counts, limiter releases and health reports must never be skipped."""
+        if self.releases:
+            await self.release()
         callbacks, self.on_done = self.on_done, []
-        for index, callback in enumerate(callbacks):
-            pending = callback(self)
-            if pending is not None:
-                await asyncio.shield(_finish(pending, callbacks[index + 1:], self))
-                return
+        rest = _run_until_one_waits(callbacks, self)
+        if rest is not None:
+            await asyncio.shield(rest)
 
 
 OutcomeCallback = Callable[[Outcome], Awaitable[None] | None]
+
+
+def _run_until_one_waits(callbacks: list[OutcomeCallback], outcome: Outcome) -> Awaitable[None] | None:
+    """Run callbacks until one returns an awaitable (it must wait on I/O); return the rest of the work, to
+    be shielded, or None when all are done. A callback that returns None has run: nothing can interrupt
+    it. (Always shielding cost a task and a loop round trip per request: ~6 % of the gateway's CPU.)"""
+    for index, callback in enumerate(callbacks):
+        pending = callback(outcome)
+        if pending is not None:
+            return _finish(pending, callbacks[index + 1:], outcome)
+    return None
 
 
 async def _finish(pending: Awaitable[None], callbacks: list[OutcomeCallback], outcome: Outcome) -> None:
@@ -216,6 +235,7 @@ def _translator(call: UpstreamCall, upstream: OpenAIUpstream, requested: str) ->
 
 async def _json_response(upstream: OpenAIUpstream, response: UpstreamResponse, translator: Translator,
                          headers: dict[str, str], outcome: Outcome) -> Response:
+    answer: Response | None = None
     try:
         body = await response.read()
         if response.status != 200:
@@ -229,12 +249,34 @@ async def _json_response(upstream: OpenAIUpstream, response: UpstreamResponse, t
         outcome.usage = orjson.loads(body).get("usage")  # for token metrics and rate-limit reconciliation
         outcome.total_tokens = (outcome.usage or {}).get("total_tokens")
         outcome.status = 200
-        return Response(translator.body(body), media_type="application/json", headers=headers)
+        if outcome.releases:
+            await outcome.release()
+        answer = AnswerThenReport(outcome, translator.body(body), media_type="application/json", headers=headers)
+        return answer
     except GatewayError as exc:
         outcome.status = exc.status
         raise
     finally:
-        await outcome.done()
+        if answer is None:
+            await outcome.done()
+
+
+class AnswerThenReport(Response):
+    """A JSON answer whose outcome (usage record, metrics, health, in-flight count) is reported once the
+    body went out, not before: the client's latency does not include the bookkeeping. Reported whether or
+    not the send succeeds. The limiter's releases were settled before (`Outcome.releases`)."""
+
+    reports_when_sent = True  # RequestRecord counts it from the outcome
+
+    def __init__(self, outcome: Outcome, content: bytes, media_type: str, headers: dict[str, str]) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        self._outcome = outcome
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._outcome.done()
 
 
 async def _stream_response(upstream: OpenAIUpstream, response: UpstreamResponse, call: UpstreamCall,
@@ -259,13 +301,18 @@ async def _stream_response(upstream: OpenAIUpstream, response: UpstreamResponse,
 
 async def _finishing(events: AsyncIterator[bytes], outcome: Outcome) -> AsyncIterator[bytes]:
     """Relay, then report the outcome, also when the client went away mid-stream."""
+    relayed = False
     try:
         async for event in events:
             yield event
+        relayed = True
     finally:
-        # Shielded: a client gone mid-stream cancels this generator, and the engine's connection must
-        # still close (vLLM aborts the generation) and the outcome still be reported.
-        await asyncio.shield(_close_and_report(events, outcome))
+        if relayed:  # the engine's stream ended: nothing left to cut short (done() shields its own waits)
+            await _close_and_report(events, outcome)
+        else:
+            # Shielded: a client gone mid-stream cancels this generator, and the engine's connection must
+            # still close (vLLM aborts the generation) and the outcome still be reported.
+            await asyncio.shield(_close_and_report(events, outcome))
 
 
 async def _close_and_report(events: AsyncIterator[bytes], outcome: Outcome) -> None:

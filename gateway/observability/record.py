@@ -19,7 +19,7 @@ class RequestRecord:
     model: str = "unknown"  # only registry ids ever replace this: label values stay bounded
     backend: str = "none"
     _counted: bool = False
-    _streaming: bool = False
+    _deferred: bool = False
 
     def finished(self, status: int) -> None:
         if self._counted:
@@ -31,8 +31,8 @@ class RequestRecord:
         m.child(m.duration, self.model).observe(time.monotonic() - self.started)
 
     def responded(self, response: Response) -> None:
-        if isinstance(response, StreamingResponse):
-            self._streaming = True  # counted when the stream ends (see `outcome`)
+        if isinstance(response, StreamingResponse) or getattr(response, "reports_when_sent", False):
+            self._deferred = True  # counted when the outcome is reported (see `outcome`), with its backend
         else:
             self.finished(response.status_code)
 
@@ -58,3 +58,5 @@ class RequestRecord:
             if watch.events and not usage:
                 m.child(m.completion_tokens, model).inc(watch.events)
             self.finished(200)
+        elif self._deferred:
+            self.finished(outcome.status or 200)
