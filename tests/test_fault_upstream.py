@@ -7,7 +7,6 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -15,9 +14,7 @@ import pytest
 from tests.support.processes import Server, free_port, start_server
 
 MODEL = "tiny-llama"
-SAMPLES = Path("/tmp/vllm-samples/0.32.0-tiny-llama")
-
-# Key order of vLLM 0.32.0's answers, from the captured samples (cross-checked against them when present).
+# Key order of vLLM 0.32.0's answers (test_constants_match_real_vllm checks them against the real engine).
 COMPLETION_KEYS = ["id", "object", "created", "model", "choices", "service_tier", "system_fingerprint",
                    "usage", "kv_transfer_params", "ec_transfer_params", "metrics"]
 COMPLETION_CHOICE_KEYS = ["index", "text", "logprobs", "finish_reason", "stop_reason", "token_ids", "prompt_logprobs",
@@ -95,11 +92,11 @@ def records(client: httpx.Client) -> list[dict]:
 # ---- vLLM shapes --------------------------------------------------------------------------------------------
 
 
-def test_constants_match_the_vllm_samples() -> None:
-    if not SAMPLES.is_dir():
-        pytest.skip(f"{SAMPLES} not here")
-    completion_json = json.loads((SAMPLES / "completion.json").read_text())
-    chat_json = json.loads((SAMPLES / "chat.json").read_text())
+def test_constants_match_real_vllm(vllm_fleet: dict) -> None:
+    """The key orders above are vLLM 0.32.0's own: checked against the real engine the suite runs."""
+    engine = vllm_fleet[MODEL]
+    completion_json = httpx.post(engine.url + "/v1/completions", json=completion(), timeout=60).json()
+    chat_json = httpx.post(engine.url + "/v1/chat/completions", json=chat(), timeout=60).json()
     assert list(completion_json) == COMPLETION_KEYS
     assert list(completion_json["choices"][0]) == COMPLETION_CHOICE_KEYS
     assert list(completion_json["usage"]) == USAGE_KEYS
@@ -108,7 +105,7 @@ def test_constants_match_the_vllm_samples() -> None:
     assert list(chat_json["choices"][0]["message"]) == CHAT_MESSAGE_KEYS
 
 
-def test_normal_json_answers_have_vllm_shapes(up: httpx.Client) -> None:
+def test_normal_json_answers_have_vllm_shapes(up: httpx.Client, vllm_fleet: dict) -> None:
     body = up.post("/v1/completions", json=completion()).json()
     assert list(body) == COMPLETION_KEYS and list(body["choices"][0]) == COMPLETION_CHOICE_KEYS
     assert list(body["usage"]) == USAGE_KEYS
@@ -124,15 +121,14 @@ def test_normal_json_answers_have_vllm_shapes(up: httpx.Client) -> None:
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
     assert body["choices"][0]["message"]["content"] == " tok0 tok1 tok2 tok3"
 
-    if SAMPLES.is_dir():
-        for name, path, payload in (("completion.json", "/v1/completions", completion()),
-                                    ("chat.json", "/v1/chat/completions", chat())):
-            sample = json.loads((SAMPLES / name).read_text())
-            assert shape(up.post(path, json=payload).json()) == shape(sample)
+    real = vllm_fleet[MODEL].url  # the same requests to vLLM 0.32.0 itself: the same nested shapes
+    for path, payload in (("/v1/completions", completion()), ("/v1/chat/completions", chat())):
+        sample = httpx.post(real + path, json=payload, timeout=60).json()
+        assert shape(up.post(path, json=payload).json()) == shape(sample)
 
 
 @pytest.mark.parametrize("kind", ["completion", "chat"])
-def test_normal_streams_have_vllm_shapes(up: httpx.Client, kind: str) -> None:
+def test_normal_streams_have_vllm_shapes(up: httpx.Client, vllm_fleet: dict, kind: str) -> None:
     path, payload = ("/v1/completions", completion) if kind == "completion" else ("/v1/chat/completions", chat)
     response = up.post(path, json=payload(stream=True, stream_options={"include_usage": True}))
     assert response.headers["content-type"].startswith("text/event-stream")
@@ -157,11 +153,13 @@ def test_normal_streams_have_vllm_shapes(up: httpx.Client, kind: str) -> None:
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-2])
 
-    if SAMPLES.is_dir():  # event by event against the real thing: first, a middle one, the finish, the usage
-        sample = [json.loads(e) for e in sse_events((SAMPLES / f"{kind}.sse").read_text())[:-1]]
-        for ours, theirs in ((chunks[0], sample[0]), (chunks[2], sample[2]), (chunks[-2], sample[-2]),
+    # event by event against vLLM 0.32.0 itself: first, a middle one, the finish, the usage
+    real = httpx.post(vllm_fleet[MODEL].url + path, json=payload(stream=True, stream_options={"include_usage": True}),
+                      timeout=60)
+    sample = [json.loads(e) for e in sse_events(real.text)[:-1]]
+    for ours, theirs in ((chunks[0], sample[0]), (chunks[2], sample[2]), (chunks[-2], sample[-2]),
                              (chunks[-1], sample[-1])):
-            assert shape(ours) == shape(theirs), (ours, theirs)
+        assert shape(ours) == shape(theirs), (ours, theirs)
 
     # without include_usage: no usage chunk, the fingerprint rides on the finish chunk (vLLM 0.32's code)
     chunks = [json.loads(e) for e in sse_events(up.post(path, json=payload(stream=True)).text)[:-1]]
