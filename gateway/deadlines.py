@@ -18,11 +18,13 @@ elsewhere (then the cancellation goes on, as asyncio does it).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Callable
 from types import TracebackType
 
 RESOLUTION_S = 0.05
+log = logging.getLogger("gateway.deadlines")
 
 
 class Deadline:
@@ -128,14 +130,19 @@ class Deadlines:
                 due.extend(bucket)
         self._next_tick = max(self._next_tick, now_tick + 1)
         self._armed -= len(due)
-        for deadline in due:
-            deadline._bucket = None
-            deadline._fire()
-        if self._armed > 0:
-            self._loop.call_at(self._next_tick * self._resolution, self._tick)
-        else:
-            self._ticking = False
-            self._buckets.clear()  # only emptied buckets can be left
+        try:
+            for deadline in due:
+                deadline._bucket = None
+                try:
+                    deadline._fire()
+                except Exception:  # noqa: BLE001 (one failing callback must not stop every later deadline)
+                    log.exception("deadline callback failed")
+        finally:
+            if self._armed > 0:
+                self._loop.call_at(self._next_tick * self._resolution, self._tick)
+            else:
+                self._ticking = False
+                self._buckets.clear()  # only emptied buckets can be left
 
 
 _current: tuple[asyncio.AbstractEventLoop, Deadlines] | None = None
