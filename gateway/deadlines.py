@@ -50,8 +50,7 @@ class _Callback(Deadline):
     __slots__ = ("_callback",)
 
     def __init__(self, owner: "Deadlines", callback: Callable[[], None]) -> None:
-        self._owner = owner
-        self._bucket = None
+        super().__init__(owner)
         self._callback = callback
 
     def _fire(self) -> None:
@@ -65,8 +64,7 @@ class Timeout(Deadline):
     __slots__ = ("_delay", "_task", "_expired", "_cancelling")
 
     def __init__(self, owner: "Deadlines", delay_s: float) -> None:
-        self._owner = owner
-        self._bucket = None
+        super().__init__(owner)
         self._delay = delay_s
         self._expired = False
 

@@ -61,3 +61,31 @@ def test_releases_run_before_the_bookkeeping_and_only_once() -> None:
 
     asyncio.run(main())
     assert ran == ["release", "answer sent", "usage record"]
+
+
+def test_bookkeeping_still_runs_when_the_caller_is_cancelled_during_a_release() -> None:
+    """A request cancelled while its Redis release waits still leaves the in-flight count and writes its
+    usage record (they come after the release)."""
+    ran: list[str] = []
+    release_started = asyncio.Event()
+
+    async def redis_release(_: Outcome) -> None:
+        release_started.set()
+        await asyncio.sleep(0.1)
+        ran.append("release")
+
+    outcome = Outcome(releases=[redis_release], on_done=[lambda _: ran.append("usage record"),
+                                                         lambda _: ran.append("leave")])
+
+    async def main() -> None:
+        request = asyncio.get_running_loop().create_task(outcome.done())
+        await release_started.wait()
+        request.cancel()
+        try:
+            await request
+        except asyncio.CancelledError:
+            pass
+        await asyncio.sleep(0.3)
+
+    asyncio.run(main())
+    assert ran == ["release", "usage record", "leave"]

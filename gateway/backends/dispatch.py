@@ -62,9 +62,9 @@ class Outcome:
     async def done(self) -> None:
         """Run every callback once, in order, to the end even when the caller is cancelled (a client that
         went away mid-stream): in-flight counts, limiter releases and health reports must never be skipped."""
-        if self.releases:
-            await self.release()
-        callbacks, self.on_done = self.on_done, []
+        # One list, so that a cancel while a release waits shields the bookkeeping after it too.
+        callbacks = self.releases + self.on_done if self.releases else self.on_done
+        self.releases, self.on_done = [], []
         rest = _run_until_one_waits(callbacks, self)
         if rest is not None:
             await asyncio.shield(rest)
