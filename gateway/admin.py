@@ -59,7 +59,9 @@ async def reload_config(state: GatewayState) -> ReloadResult:
 async def _reload(state: GatewayState) -> ReloadResult:
     try:
         # File reads and validation run off the event loop: requests keep flowing meanwhile.
-        snapshot = await asyncio.to_thread(load_snapshot, state.settings, state.client)
+        # The engine pods found so far stay known across the reload (no gap in per-pod routing).
+        snapshot = await asyncio.to_thread(load_snapshot, state.settings, state.client,
+                                           state.snapshot.upstreams.addresses)
     except ConfigError as exc:
         for problem in exc.problems:  # one line each, file named: greppable, and never a silent SIGHUP
             log.error("reload refused, keeping the running configuration: %s", problem)

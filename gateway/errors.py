@@ -65,6 +65,17 @@ def model_not_found(model_id: str) -> GatewayError:
     )
 
 
+def model_not_deployed(model_id: str) -> GatewayError:
+    """A registry model this deployment does not run: not an outage (503), and retrying will not help."""
+    return GatewayError(
+        404,
+        f"The model `{model_id}` is not deployed here: this gateway serves only the models its deployment "
+        "runs (GET /v1/models lists them).",
+        param="model",
+        code="model_not_found",
+    )
+
+
 def no_backend_available(model_id: str, detail: str, retry_after_s: int) -> GatewayError:
     return GatewayError(
         503,

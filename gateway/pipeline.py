@@ -106,7 +106,7 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
     require_allowed_extras(body, caller.tenant)
     requested = snapshot.registry.model(body.model)
     if requested is None:
-        raise model_not_found(body.model)
+        raise snapshot.missing(body.model, caller.tenant)
     decision = snapshot.decide(caller.tenant, requested)
     if not _audit(state, context.request_id, caller, requested, decision) and _audit_required(state, caller):
         raise GatewayError(503, "The audit trail cannot be written right now, and this gateway serves "
@@ -174,14 +174,15 @@ def _route(state: GatewayState, snapshot: Snapshot, model: Model, call: Upstream
         raise _overloaded(state, "the gateway is at its limit of requests in flight")
     prefix = (call.prompt_text or "")[: state.settings.affinity_prefix_chars] or None
     hints = RoutingHints(prompt_prefix=prefix, session=call.session)
-    order = backends_in_try_order(model.backends, state.fleet, hints, state.routing)
+    backends = snapshot.upstreams.endpoints(model)  # each engine pod of a `discovery: dns` backend
+    order = backends_in_try_order(backends, state.fleet, hints, state.routing)
     if order:
         return [snapshot.upstreams[b.id] for b in order]
-    if model.backends and any(b.max_concurrency is not None and state.fleet.state(b.id).healthy
-                              and state.fleet.state(b.id).outstanding >= b.max_concurrency
-                              for b in model.backends):
+    if backends and any(b.max_concurrency is not None and state.fleet.state(b.id).healthy
+                        and state.fleet.state(b.id).outstanding >= b.max_concurrency for b in backends):
         raise _overloaded(state, f"every backend of `{model.id}` is at its concurrency limit")
-    why = "no healthy backend" if model.backends else "the model has no backends configured"
+    why = ("no healthy backend" if backends else "no engine pod is ready") if model.backends \
+        else "the model has no backends configured"
     raise no_backend_available(model.id, why, state.settings.retry_after_s)
 
 

@@ -98,6 +98,20 @@ class Settings(BaseSettings):
     # Off only to measure what they cost (load_tests/bench_usage.py); quotas apply either way.
     usage_records: bool = True
 
+    # Kubernetes. The deployed view (`gateway deploy render` writes it per overlay): only these backends,
+    # and the models that have one, exist for this gateway; unset: every registry backend.
+    deployed: Path | None = None
+    # Backends with `discovery: dns`: how often their host is resolved again (each address one upstream),
+    # and which name servers to ask ("ip" or "ip:port", comma-separated; unset: the system's resolv.conf).
+    dns_refresh_s: float = Field(default=5.0, gt=0)
+    dns_nameservers: str = ""
+    # Sent as `Authorization: Bearer` to every engine (vLLM --api-key, llama.cpp --api_key, the seq2seq
+    # worker's --api-key): engines refuse callers that bypass the gateway's license checks.
+    engine_api_key: str | None = None
+    # Reload when the registry, tenants or deployed file changes (checked every this many seconds; a
+    # Kubernetes Secret or ConfigMap mount is updated in place); 0: only on SIGHUP or POST /admin/reload.
+    config_watch_s: float = Field(default=0.0, ge=0)
+
     @property
     def pool_size(self) -> int:
         return self.pool_max_connections or self.max_inflight + POOL_HEADROOM
@@ -106,6 +120,10 @@ class Settings(BaseSettings):
     def inflight_cap(self) -> int:
         """Requests in flight at most: max_inflight, or fewer when the pool was set smaller."""
         return min(self.max_inflight, max(1, self.pool_size - POOL_HEADROOM))
+
+    @property
+    def nameservers(self) -> list[str]:
+        return [part.strip() for part in self.dns_nameservers.split(",") if part.strip()]
 
     @property
     def registry_paths(self) -> list[Path]:

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from gateway.backends.pool import build_upstreams
-from gateway.backends.upstream import OpenAIUpstream
+from gateway.backends.discovery import Addresses
+from gateway.backends.pool import Upstreams, build_upstreams
+from gateway.errors import GatewayError, model_not_deployed, model_not_found
 from gateway.policy.decide import Decision, decide
-from gateway.registry import Model, Registry, load_registry
+from gateway.registry import Model, Registry, deployed_view, load_registry, read_deployed
 from gateway.settings import Settings
 from gateway.tenancy.tenants import Tenant, TenantDirectory, load_tenants
 
@@ -22,7 +23,7 @@ from gateway.tenancy.tenants import Tenant, TenantDirectory, load_tenants
 class Snapshot:
     registry: Registry
     tenants: TenantDirectory | None  # None: open access
-    upstreams: dict[str, OpenAIUpstream]
+    upstreams: Upstreams
     _decisions: dict[tuple[str, str], Decision] = field(default_factory=dict, repr=False, compare=False)
 
     def decide(self, tenant: Tenant, model: Model) -> Decision:
@@ -33,14 +34,25 @@ class Snapshot:
             decision = self._decisions[key] = decide(tenant, model, self.registry)
         return decision
 
+    def missing(self, model_id: str, tenant: Tenant) -> GatewayError:
+        """The 404 for a model this gateway does not serve: one the registry has but this deployment does
+        not run says so, unless the tenant may not even know it exists (its lists, `private_to`)."""
+        model = self.registry.undeployed.get(model_id)
+        if model is not None and not decide(tenant, model, self.registry).hidden:
+            return model_not_deployed(model_id)
+        return model_not_found(model_id)
+
 
 def load_config(settings: Settings) -> tuple[Registry, TenantDirectory | None]:
-    """Read and validate every config file; raises RegistryError or TenantsError."""
+    """Read and validate every config file; raises RegistryError or TenantsError. With a deployed file
+    (GATEWAY_DEPLOYED), the registry is the deployed view; tenants are checked against the whole one."""
     registry = load_registry(settings.registry_paths)
     tenants = load_tenants(settings.tenants, registry) if settings.tenants else None
+    if settings.deployed:
+        registry = deployed_view(registry, read_deployed(settings.deployed, registry))
     return registry, tenants
 
 
-def load_snapshot(settings: Settings, client: aiohttp.ClientSession) -> Snapshot:
+def load_snapshot(settings: Settings, client: aiohttp.ClientSession, addresses: Addresses | None = None) -> Snapshot:
     registry, tenants = load_config(settings)
-    return Snapshot(registry, tenants, build_upstreams(registry, client, settings))
+    return Snapshot(registry, tenants, build_upstreams(registry, client, settings, addresses))

@@ -19,7 +19,9 @@ from gateway.api.errors import install_error_handlers
 from gateway.api.generation import GenerationRoutes
 from gateway.api.request_context import RequestContextMiddleware
 from gateway.api.routes import router
+from gateway.backends.discovery import Addresses, dns_resolver
 from gateway.backends.upstream import make_http_client
+from gateway.config_watch import watch_config
 from gateway.observability.audit import AuditTrail
 from gateway.observability.metrics import Metrics
 from gateway.lifecycle import settle_garbage_collector
@@ -42,21 +44,28 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with make_http_client(settings) as client:
-            state = _build_state(settings, client)
+            addresses = Addresses(dns_resolver(settings.nameservers), settings.dns_refresh_s)
+            state = _build_state(settings, client, addresses)
             app.state.created = int(time.time())
             app.state.gateway = state
             _reload_on_sighup(state)
+            await _first_lookup(state)
             settle_garbage_collector()
-            prober = asyncio.create_task(Prober(lambda: state.snapshot, state.fleet, state.metrics,
-                                                settings.health_probe_interval_s).run())
+            tasks = [asyncio.create_task(Prober(lambda: state.snapshot, state.fleet, state.metrics,
+                                                settings.health_probe_interval_s).run()),
+                     asyncio.create_task(addresses.run(lambda: state.snapshot.upstreams.hosts()))]
+            if settings.config_watch_s:
+                tasks.append(asyncio.create_task(watch_config(state, settings.config_watch_s)))
             try:
                 yield
             finally:
                 try:
                     asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-                    prober.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await prober
+                    for task in tasks:
+                        task.cancel()
+                    for task in tasks:
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
                     await state.limiter.close()
                     await state.quotas.close()
                     await state.usage.close()
@@ -72,8 +81,16 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     return RequestContextMiddleware(GenerationRoutes(app))
 
 
-def _build_state(settings: Settings, client) -> GatewayState:
-    snapshot = load_snapshot(settings, client)  # an invalid file stops start-up, by design
+async def _first_lookup(state: GatewayState) -> None:
+    """Find the engine pods before the first request (at most a few seconds; then the Service names
+    stand in until the next refresh)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(3.0):
+            await state.snapshot.upstreams.addresses.refresh(state.snapshot.upstreams.hosts())
+
+
+def _build_state(settings: Settings, client, addresses: Addresses | None = None) -> GatewayState:
+    snapshot = load_snapshot(settings, client, addresses)  # an invalid file stops start-up, by design
     if snapshot.tenants is None:
         warn_open_access()
     metrics = Metrics()

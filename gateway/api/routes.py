@@ -36,7 +36,9 @@ async def get_model(model_id: str, request: Request, authorization: str | None =
     snapshot = _state(request).snapshot
     caller = authenticate(authorization, snapshot.tenants)
     model = snapshot.registry.model(model_id)
-    if model is None or not snapshot.decide(caller.tenant, model).allowed:
+    if model is None:
+        raise snapshot.missing(model_id, caller.tenant)
+    if not snapshot.decide(caller.tenant, model).allowed:
         raise model_not_found(model_id)  # a forbidden model looks exactly like a missing one
     return JSONResponse(model_card(snapshot.registry, model, request.app.state.created).model_dump())
 

@@ -153,9 +153,9 @@ async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, re
             attempts.finished(upstream.id, False)
             failures.append(f"{upstream.id}: HTTP {response.status}")
             continue
-        outcome.backend_id = upstream.id
+        outcome.backend_id = upstream.name  # the registry's backend id, never a pod's address
         outcome.fell_back = upstream.backend.role is Role.FALLBACK
-        headers = {**headers, "x-gateway-backend": upstream.id}
+        headers = {**headers, "x-gateway-backend": upstream.name}
         if outcome.fell_back:
             headers["x-gateway-fallback"] = "cpu"
         outcome.on_done.insert(0, _report_health(attempts, upstream.id))

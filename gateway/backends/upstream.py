@@ -126,9 +126,16 @@ class UpstreamResponse:
 
 
 class OpenAIUpstream:
+    """One engine: a backend's URL, or one pod of a `discovery: dns` backend (then `id` is
+    `<backend id>@<address>`, and `name` the backend id clients and usage records see)."""
+
     def __init__(self, backend: Backend, model_id: str, client: aiohttp.ClientSession,
-                 timeouts: CallTimeouts) -> None:
+                 timeouts: CallTimeouts, *, name: str | None = None, address: str = "",
+                 api_key: str | None = None) -> None:
         self.backend = backend
+        self.model_id = model_id
+        self.name = name or backend.id
+        self.address = address
         self.timeouts = timeouts  # by role, with the model's overrides
         # aiohttp bounds only the socket connect (its `connect` would also count the wait for a pooled
         # connection: backpressure, not an engine fault); reading is bounded here.
@@ -137,6 +144,9 @@ class OpenAIUpstream:
         self.served_model_name = backend.served_model_name or model_id
         self._client = client
         self._base_url = backend.base_url
+        # Engines started with an API key (--api-key) refuse anyone else: no license check is bypassed.
+        self._headers = {**_JSON_HEADERS, "Authorization": f"Bearer {api_key}"} if api_key else _JSON_HEADERS
+        self._probe_headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
 
     @property
     def id(self) -> str:
@@ -154,7 +164,7 @@ class OpenAIUpstream:
         response: aiohttp.ClientResponse | None = None
         try:
             with deadlines.timeout(timeouts.first_byte_s if stream else timeouts.generation_s):
-                response = await self._client.post(self._base_url + path, data=body, headers=_JSON_HEADERS,
+                response = await self._client.post(self._base_url + path, data=body, headers=self._headers,
                                                    timeout=self._connect_timeout)
                 if stream:
                     return UpstreamResponse(response, None, timeouts.idle_s)
@@ -185,7 +195,7 @@ class OpenAIUpstream:
         payload = {"model": self.served_model_name, self.profile.tokenize_field: text}
         try:
             async with self._client.post(self._base_url + path, data=orjson.dumps(payload),
-                                         headers=_JSON_HEADERS, timeout=_TOKENIZE_TIMEOUT) as response:
+                                         headers=self._headers, timeout=_TOKENIZE_TIMEOUT) as response:
                 if response.status != 200:
                     return None
                 data = orjson.loads(await response.read())
@@ -196,7 +206,7 @@ class OpenAIUpstream:
 
     async def is_healthy(self) -> bool:
         try:
-            async with self._client.get(self._base_url + self.profile.health_path,
+            async with self._client.get(self._base_url + self.profile.health_path, headers=self._probe_headers,
                                         timeout=_PROBE_TIMEOUT) as response:
                 await response.read()
                 return response.status == 200

@@ -2,7 +2,10 @@
 
 GKE: its own GPU driver installation runs no GPU Feature Discovery, so the `nvidia.com/gpu.memory`
 affinity the base renders would match no node. The component replaces it, per GPU backend, with GKE's
-accelerator label for the registry's GPU class (derived, like everything else, from `min_gpu`).
+accelerator label for the registry's GPU class (derived, like everything else, from `min_gpu`). It
+adds no runtime class: GKE's GPU nodes run containers with the NVIDIA runtime by default (the
+gpu-operator component's `runtimeClassName: nvidia` would be rejected there: no such RuntimeClass).
+Patches for backends an overlay does not run match nothing (kustomize leaves them out).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def gke_component(placements: list[Placement], addresses: dict[str, ServiceAddre
         affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
             "nodeSelectorTerms": [{"matchExpressions": [term]}]}}}
         patches.append({
-            "target": {"kind": "Deployment", "name": address.name, "namespace": address.namespace},
+            "target": {"kind": "StatefulSet", "name": address.name, "namespace": address.namespace},
             "patch": _json_patch([{"op": "replace", "path": "/spec/template/spec/affinity", "value": affinity}]),
         })
     return {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component", "patches": patches}

@@ -1,4 +1,5 @@
-"""Facts derived from one registry backend: its Service address, its GPU class, its sizes.
+"""Facts derived from one registry backend: its Service address, its GPU class, its sizes, how long
+its longest request may run (and so how long its pods must be given to drain).
 
 Each is a small pure function, so the tests can hold the rendered manifests against the same facts.
 """
@@ -10,7 +11,9 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from gateway.registry.schema import Backend, Model
+from gateway.backends.timeouts import timeouts_for
+from gateway.registry.schema import Backend, Engine, Model
+from gateway.settings import Settings
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 DEFAULT_NAMESPACE = "llm-models"
@@ -81,12 +84,22 @@ def shm_gib(model: Model) -> int:
     return max(1, model.hardware.tensor_parallel_size)
 
 
-def weights_pvc_gib(model: Model, backend: Backend) -> int:
-    """Disk for the downloaded weights. A full repo download: many 2023 repos hold both .bin and
-    .safetensors copies, hence twice the fp16 size; a GGUF 4-bit file is about a quarter of it."""
+def weights_bytes(model: Model, backend: Backend) -> float | None:
+    """What the downloader fetches: the GGUF file, or the checkpoint in its one stored format and dtype
+    (params x bytes per parameter); None when the registry does not say (the renderer refuses)."""
     if backend.gguf is not None:
-        return math.ceil(model.hardware.fp16_weight_gb / 3) + 1
-    return math.ceil(model.hardware.fp16_weight_gb * 2.2) + 2
+        # A 4-bit GGUF is about a third of the fp16 size where the registry gives no file size.
+        return (backend.gguf.size_gb or model.hardware.fp16_weight_gb / 3.3) * 1e9
+    if model.weights is None:
+        return None
+    return model.params_b * 1e9 * model.weights.bytes_per_param
+
+
+def weights_volume_gib(model: Model, backend: Backend) -> int:
+    """The weights volume of one pod: the files, 10 % for the filesystem, 1 GiB for tokenizer and configs."""
+    size = weights_bytes(model, backend)
+    assert size is not None, f"{model.id}: no weights format (checked by the renderer)"
+    return math.ceil(size * 1.1 / 2**30) + 1
 
 
 def startup_budget_s(model: Model, backend: Backend) -> int:
@@ -97,12 +110,39 @@ def startup_budget_s(model: Model, backend: Backend) -> int:
 
 
 def engine_memory_gib(model: Model, backend: Backend) -> int:
-    """Host memory for the engine process (without /dev/shm, added by the caller)."""
+    """Host memory for the engine processes (without /dev/shm, added by the caller)."""
     if backend.engine.value == "vllm":
-        # Python + CUDA libraries + one safetensors shard in flight while loading onto the GPU.
-        return 16
+        # The API server and engine core (Python, CUDA libraries, a shard in flight while loading), plus
+        # one worker process per tensor-parallel rank, each with its own CUDA context and libraries.
+        return 10 + 6 * model.hardware.tensor_parallel_size
     if backend.engine.value == "llama.cpp":
         # A 4-bit GGUF is mapped into memory (~fp16/3.5), plus the KV cache and the server.
         return math.ceil(model.hardware.fp16_weight_gb / 3.5) + 1
     # seq2seq: float32 on CPU (T5 must not run in float16): twice the fp16 size, plus the runtime.
     return math.ceil(model.hardware.fp16_weight_gb * 2) + 2
+
+
+# Draining. The Inference Extension's vLLM manifest gives a pod (worst request + preStop) x 1.5 to go;
+# the same rule here, with the worst request read from the registry's timeouts (role defaults, model
+# overrides), so a rollout never cuts a generation that was allowed to run.
+ENGINE_PRESTOP_S = 15  # the gateway's DNS refresh (5 s) + cluster DNS TTL (5 s) + a probe: no new requests
+GATEWAY_PRESTOP_S = 10  # Service endpoints, kube-proxy and ingress controllers drop the pod meanwhile
+DRAIN_FACTOR = 1.5
+_DEFAULTS = Settings.model_construct()  # the settings' defaults, never this process's environment
+
+
+def worst_request_s(model: Model, backend: Backend) -> int:
+    """The longest a request to this backend may run: a stream's total timeout, or a non-streamed
+    answer's generation timeout, whichever is longer."""
+    timeouts = timeouts_for(_DEFAULTS, backend, model.timeouts)
+    return math.ceil(max(timeouts.total_s, timeouts.generation_s))
+
+
+def grace_s(worst_s: int, prestop_s: int) -> int:
+    return math.ceil((worst_s + prestop_s) * DRAIN_FACTOR)
+
+
+def shuts_down_gracefully(backend: Backend) -> bool:
+    """Engines told how long to drain on SIGTERM (vLLM's --shutdown-timeout, our worker's); llama.cpp's
+    server (uvicorn) finishes its requests on SIGTERM with no bound but the pod's grace period."""
+    return backend.engine in (Engine.VLLM, Engine.SEQ2SEQ)

@@ -1,4 +1,5 @@
-"""`deploy/fleet.yaml`: which backends each Kubernetes overlay runs, how many replicas, extra engine args.
+"""`deploy/fleet.yaml`: which backends each Kubernetes overlay runs, how many replicas, extra engine args,
+which images, and where its monitoring stack is.
 
 Everything else about a backend's pods comes from the registry's hardware tags (see `manifests.py`).
 """
@@ -29,12 +30,35 @@ class FleetEntry(_Strict):
     args: tuple[str, ...] = ()
     # CPU cores for CPU engines (llama.cpp threads = this limit); GPU engines ignore it.
     cpus: int = Field(default=4, ge=1)
+    # The KEDA component's upper bound on pods (default: twice `replicas`, at least 2).
+    max_replicas: int | None = Field(default=None, ge=1)
+
+
+class ImageRef(_Strict):
+    """Where one image placeholder points: a repository (`name`), and a `tag` or a `digest` (a digest
+    wins: the bytes cannot change under the same reference)."""
+
+    name: str | None = None
+    tag: str | None = None
+    digest: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
+
+
+class Monitoring(_Strict):
+    # The label kube-prometheus-stack's Prometheus selects ServiceMonitors, PodMonitors and rules by
+    # (its Helm release name).
+    release: str = "kube-prometheus-stack"
+    # The Prometheus that KEDA's triggers query (the keda component).
+    prometheus_url: str = "http://kube-prometheus-stack-prometheus.monitoring.svc:9090"
 
 
 class Overlay(_Strict):
     # Registry overlays this overlay's gateway loads after model_registry.yaml (paths from the repo root).
     registry_overlays: tuple[str, ...] = ()
     models: tuple[FleetEntry, ...] = ()
+    # Image placeholder (gateway, seq2seq-0.1.0, vllm-0.32.0, llamacpp-0.3.36, redis, postgres) -> image.
+    # The only place images are set: one kustomize `images` list per overlay reaches every container.
+    images: dict[str, ImageRef] = {}
+    monitoring: Monitoring = Monitoring()
 
 
 class FleetFile(_Strict):

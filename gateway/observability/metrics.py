@@ -1,8 +1,9 @@
 """Prometheus metrics (`GET /metrics`), all prefixed `gateway_`.
 
 Label values are bounded: models come from the registry (a name a client made up counts as
-`unknown`), backends from the registry, tenants from the tenants file (label can be turned off),
-statuses are HTTP codes. No request ids or free text ever become labels.
+`unknown`), backends from the registry (an engine pod of a `discovery: dns` backend is
+`<backend>@<address>`; a pod's series go when it does), tenants from the tenants file (label can be
+turned off), statuses are HTTP codes. No request ids or free text ever become labels.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ class Metrics:
                                          ["model"], registry=r)
         self.license_tokens = Counter("gateway_license_tokens", "Tokens by license and direction (input/output)",
                                       ["license", "direction", "tenant"], registry=r)
-        self.inflight = Gauge("gateway_backend_inflight_requests", "Requests in flight per backend", ["backend"],
-                              registry=r)
+        self.inflight = Gauge("gateway_backend_inflight_requests", "Requests in flight per backend (engine pod)",
+                              ["backend"], registry=r)
         self.backend_up = Gauge("gateway_backend_up", "1 if the backend's last health probe passed", ["backend"],
                                 registry=r)
         self.retries = Counter("gateway_retries", "Requests retried on another backend", ["model"], registry=r)
@@ -100,6 +101,17 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def forget_backend(self, upstream_id: str) -> None:
+        """Drop the per-backend series of an upstream that is gone (an engine pod replaced by a rollout):
+        pod addresses change with every rollout, and their series must not pile up nor stay at their
+        last value (a gone pod's `backend_up` 0 would page someone for ever)."""
+        for metric in (self.inflight, self.backend_up, self.ejections):
+            self._children.pop((metric, (upstream_id,)), None)
+            try:
+                metric.remove(upstream_id)
+            except KeyError:
+                pass
 
     def license_token_counters(self, license_: str, tenant: str) -> tuple:
         """The (input, output) children of gateway_license_tokens_total."""

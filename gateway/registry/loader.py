@@ -47,6 +47,8 @@ class Registry:
     licenses: dict[str, License]
     models: dict[str, Model]
     sources: tuple[Path, ...] = ()
+    # Models of the registry files that this deployment does not run (`gateway.registry.deployed`).
+    undeployed: dict[str, Model] = field(default_factory=dict)
 
     def model(self, model_id: str) -> Model | None:
         return self.models.get(model_id)

@@ -6,6 +6,7 @@ duplicate ids, engine support) live in `validate.py`, because they need the whol
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Literal
 
@@ -98,12 +99,46 @@ class EngineSupport(_Strict):
         return value
 
 
+# A Hugging Face repo revision a deployment may download: a full commit hash. A branch (`main`) or a tag
+# moves: the same manifest would download other bytes tomorrow, and a replica started later would serve
+# other weights than its siblings.
+COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _commit_hash(value: str | None) -> str | None:
+    if value is not None and not COMMIT_HASH.match(value):
+        raise ValueError(f"not a commit hash: {value!r} (40 hex digits; a branch or tag moves)")
+    return value
+
+
 class GgufSource(_Strict):
     """Where a llama.cpp backend's quantized weights come from (a file in a Hugging Face repo)."""
 
     repo: str
     file: str = Field(pattern=r"^[^/]+\.gguf$")
-    revision: str = Field(min_length=1, description="a commit hash, or a branch name when none is known")
+    revision: str = Field(description="the repo's commit hash")
+    # The file's size (decimal GB, as the repo lists it): the weights volume is sized from it.
+    size_gb: float | None = Field(default=None, gt=0)
+
+    @field_validator("revision")
+    @classmethod
+    def _is_pinned(cls, value: str) -> str:
+        return _commit_hash(value)
+
+
+class WeightFiles(_Strict):
+    """The checkpoint files an engine loads from `hf_repo`: what a deployment downloads, and their size.
+
+    Many 2023 repos hold the same weights twice (PyTorch .bin and .safetensors): a download limited to
+    one format fetches half the bytes. `dtype` is the stored precision (FLAN-T5 and Stable Beluga 2 are
+    stored in float32: twice their fp16 size)."""
+
+    format: Literal["safetensors", "bin"]
+    dtype: Literal["float16", "bfloat16", "float32"]
+
+    @property
+    def bytes_per_param(self) -> int:
+        return 4 if self.dtype == "float32" else 2
 
 
 class Backend(_Strict):
@@ -117,8 +152,12 @@ class Backend(_Strict):
     )
     # llama.cpp backends: the GGUF file the deployment downloads (the Kubernetes renderer needs it).
     gguf: GgufSource | None = None
-    # Requests in flight to this backend at most; beyond it the router skips it (None: no cap).
+    # Requests in flight to this backend at most; beyond it the router skips it (None: no cap). With
+    # `discovery: dns`, per engine process (pod).
     max_concurrency: int | None = Field(default=None, gt=0)
+    # url: the URL is one upstream. dns: its host names a headless Service; every address it resolves to
+    # is an upstream of its own (one engine pod each), routed, capped, probed and ejected on its own.
+    discovery: Literal["url", "dns"] = "url"
     # TEST FIXTURES ONLY. One engine model (url + served model name) serves one set of weights, so it
     # may back several model ids only under one license: otherwise non-commercial weights could be
     # served under a commercial model id, and validation refuses it. A test fixture that stands one
@@ -162,8 +201,11 @@ class Model(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     family: str
     hf_repo: str
-    # The repo revision a deployment downloads (commit hash; a branch name only where no hash is known).
-    hf_revision: str | None = Field(default=None, min_length=1)
+    # The repo revision a deployment downloads: a commit hash. Unset where none was verified; such a
+    # model's weights downloader refuses to run until one is pinned (gateway/deploy).
+    hf_revision: str | None = None
+    # The files of `hf_repo` an engine loads (format and stored dtype); needed to deploy it.
+    weights: WeightFiles | None = None
     params_b: float = Field(gt=0, description="parameters, in billions")
     architecture: str
     context_length: int = Field(gt=0)
@@ -191,6 +233,11 @@ class Model(_Strict):
     engines: tuple[EngineSupport, ...] = Field(min_length=1)
     backends: tuple[Backend, ...] = ()
     notes: str = ""
+
+    @field_validator("hf_revision")
+    @classmethod
+    def _is_pinned(cls, value: str | None) -> str | None:
+        return _commit_hash(value)
 
 
 class RegistryFile(_Strict):

@@ -1,4 +1,5 @@
-"""Active health probes: each backend on its own interval with jitter, at its engine's health path.
+"""Active health probes: each backend (each engine pod of a `discovery: dns` backend) on its own
+interval with jitter, at its engine's health path.
 
 vLLM and our seq2seq worker answer `GET /health`; llama.cpp's server has none, so it is probed at
 `GET /v1/models` (see `gateway.backends.engines`). A failed probe takes the backend out of routing
@@ -36,6 +37,7 @@ class Prober:
         self._interval_s = interval_s
         self._dns_slots = asyncio.Semaphore(_PARALLEL_DNS_PROBES)
         self._loops: dict[str, asyncio.Task] = {}
+        self._retiring: set[str] = set()  # gone upstreams whose state and series are dropped once idle
 
     async def run(self) -> None:
         """Keep one probe loop per backend of the current snapshot (reloads add and remove backends)."""
@@ -44,6 +46,8 @@ class Prober:
                 upstreams = self._current().upstreams
                 for backend_id in self._loops.keys() - upstreams.keys():
                     self._loops.pop(backend_id).cancel()
+                    self._retiring.add(backend_id)
+                self._retire(upstreams)
                 for backend_id, upstream in upstreams.items():
                     if backend_id not in self._loops:
                         self._loops[backend_id] = asyncio.create_task(self._probe_forever(backend_id))
@@ -54,6 +58,17 @@ class Prober:
             for task in self._loops.values():
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    def _retire(self, upstreams) -> None:
+        """Forget upstreams that left the configuration or the DNS answer (pods of a rollout), once no
+        request is in flight to them: their health state and metric series would otherwise pile up."""
+        for backend_id in list(self._retiring):
+            if backend_id in upstreams:  # back (a pod that came back at the same address)
+                self._retiring.discard(backend_id)
+            elif self._fleet.state(backend_id).outstanding == 0:
+                self._fleet.states.pop(backend_id, None)
+                self._metrics.forget_backend(backend_id)
+                self._retiring.discard(backend_id)
 
     async def _probe_forever(self, backend_id: str) -> None:
         while True:

@@ -3,18 +3,22 @@ llama.cpp's server cannot run its encoder.
 
     python -m gateway.workers.seq2seq --model DIR --served-model-name NAME --port P \
         [--host 127.0.0.1] [--max-concurrency 2] [--threads T] [--dtype float32|bfloat16] \
-        [--max-new-tokens 512] [--prompt-format flan-t5]
+        [--max-new-tokens 512] [--prompt-format flan-t5] [--api-key KEY] [--shutdown-timeout S]
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream or
 not, vLLM's wire format), POST /tokenize (vLLM's). The model loads before the port opens, so /health
 answering means ready. At most --max-concurrency generations run at once; beyond that a request gets
-429 with Retry-After at once, never a queue that grows without bound.
+429 with Retry-After at once, never a queue that grows without bound. With --api-key (or the
+WORKER_API_KEY variable) every route but /health wants `Authorization: Bearer KEY`, as vLLM's
+--api-key: only the gateway may call it. On SIGTERM it stops taking connections and lets the
+generations in flight finish for at most --shutdown-timeout seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import logging
 import os
 import time
@@ -29,7 +33,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import GatewayError, model_not_found
 from gateway.prompts.formats import FORMATS
@@ -180,6 +184,23 @@ def _json(payload: object, status: int = 200, headers: dict[str, str] | None = N
     return Response(orjson.dumps(payload), status_code=status, headers=headers, media_type="application/json")
 
 
+class RequireKey:
+    """Pure ASGI: 401 (OpenAI's error shape) for any request but /health without the bearer key."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                error = GatewayError(401, "Missing or wrong API key.", code="invalid_api_key")
+                await _json(error.body(), 401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     async def gateway_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
@@ -212,6 +233,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="never float16 for T5")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="largest max_tokens accepted")
     parser.add_argument("--prompt-format", default="flan-t5", help="gateway prompt format id for chat")
+    parser.add_argument("--api-key", default=os.environ.get("WORKER_API_KEY"),
+                        help="required bearer key on every route but /health (default: $WORKER_API_KEY)")
+    parser.add_argument("--shutdown-timeout", type=float, default=5.0,
+                        help="on SIGTERM, seconds the generations in flight may take to finish")
     args = parser.parse_args(argv)
     if args.max_concurrency < 1 or args.max_new_tokens < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--max-concurrency, --max-new-tokens and --threads must be at least 1")
@@ -235,8 +260,11 @@ def main(argv: list[str] | None = None) -> None:
     log.info("loaded %s as %r in %.2fs (%s, %d torch threads, max input %d tokens)", args.model,
              args.served_model_name, time.monotonic() - started, args.dtype, torch.get_num_threads(),
              engine.max_model_len)
-    app = create_app(engine, args.served_model_name, args.max_new_tokens, args.prompt_format)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    app: ASGIApp = create_app(engine, args.served_model_name, args.max_new_tokens, args.prompt_format)
+    if args.api_key:
+        app = RequireKey(app, args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=args.shutdown_timeout)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,5 @@
+import sys
+
+from gateway.weights.download import main
+
+sys.exit(main())
