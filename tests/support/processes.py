@@ -72,15 +72,17 @@ class Server:
 
 
 def start_server(
-    name: str, argv: list[str], port: int, ready_path: str, log_dir: Path, env: dict[str, str] | None = None
+    name: str, argv: list[str], port: int, ready_path: str, log_dir: Path, env: dict[str, str] | None = None,
+    inherit_env: bool = True,
 ) -> Server:
+    """`inherit_env=False`: the process gets `env` only (a container's environment)."""
     log_path = log_dir / f"{name}.log"
     log = log_path.open("wb")
     process = subprocess.Popen(
         argv,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
+        env={**(os.environ if inherit_env else {}), **(env or {})},
         start_new_session=True,  # its own process group, so stop() takes its workers down too
     )
     return Server(name, process, f"http://127.0.0.1:{port}", ready_path, log_path)
