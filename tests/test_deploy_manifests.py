@@ -18,7 +18,8 @@ from gateway.deploy.facts import engine_memory_gib, gpu_class, service_address
 from gateway.registry import load_registry
 from gateway.registry.engines import why_engine_cannot_serve
 from gateway.registry.schema import Engine
-from tests.support.deploy import OVERLAYS, ROOT, arg, containers, objects, of_kind, quantity
+from tests.support.deploy import (OVERLAYS, ROOT, WORKLOAD_KINDS, arg, containers, engine_workloads, objects, of_kind,
+                                  pod_spec, quantity, workloads)
 
 DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -31,8 +32,7 @@ SERVED_FLAG = {Engine.VLLM: "--served-model-name", Engine.LLAMA_CPP: "--model_al
 
 
 def _engine_deployments(overlay: str) -> list[dict]:
-    return [d for d in of_kind(overlay, "Deployment")
-            if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "engine"]
+    return engine_workloads(objects(overlay))
 
 
 def _backend_of(deployment: dict):
@@ -47,10 +47,10 @@ def test_names_labels_and_port_names_are_what_an_api_server_accepts(overlay: str
         name, kind = obj["metadata"]["name"], obj["kind"]
         pattern = DNS_1035_LABEL if kind in ("Service", "Namespace") else DNS_1123_SUBDOMAIN
         assert pattern.match(name) and len(name) <= (63 if kind in ("Service", "Namespace") else 253), (kind, name)
-        if kind == "Deployment":  # pod names add a hash suffix: keep the name a label
-            assert DNS_1123_LABEL.match(name) and len(name) <= 63, name
+        if kind in WORKLOAD_KINDS:  # pod names add a hash or an ordinal: keep the name a label
+            assert DNS_1123_LABEL.match(name) and len(name) <= 63 - 6, name
         labelled = [obj["metadata"].get("labels") or {}]
-        if kind == "Deployment":
+        if kind in WORKLOAD_KINDS:
             labelled.append(obj["spec"]["template"]["metadata"]["labels"])
             for container in containers(obj):
                 assert DNS_1123_LABEL.match(container["name"]) and len(container["name"]) <= 63
@@ -65,7 +65,7 @@ def test_names_labels_and_port_names_are_what_an_api_server_accepts(overlay: str
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_selectors_match_the_pod_template_labels(overlay: str) -> None:
-    deployments = of_kind(overlay, "Deployment")
+    deployments = workloads(overlay)
     for deployment in deployments:
         pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -73,14 +73,14 @@ def test_selectors_match_the_pod_template_labels(overlay: str) -> None:
         ns, selector = svc["metadata"]["namespace"], svc["spec"]["selector"].items()
         matched = [d for d in deployments if d["metadata"]["namespace"] == ns
                    and selector <= d["spec"]["template"]["metadata"]["labels"].items()]
-        assert len(matched) == 1, f"Service {svc['metadata']['name']} selects {len(matched)} Deployments"
+        assert len(matched) == 1, f"Service {svc['metadata']['name']} selects {len(matched)} workloads"
         ports = {p["name"] for c in containers(matched[0]) for p in c.get("ports", [])}
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= ports
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_resources_gpu_request_equals_limit_and_memory_counts_dev_shm(overlay: str) -> None:
-    for deployment in of_kind(overlay, "Deployment"):
+    for deployment in workloads(overlay):
         spec = deployment["spec"]["template"]["spec"]
         memory_volumes = sum(quantity(v["emptyDir"].get("sizeLimit", 0)) for v in spec.get("volumes", [])
                              if v.get("emptyDir", {}).get("medium") == "Memory")
@@ -124,7 +124,7 @@ def test_every_backend_url_resolves_to_exactly_one_service_on_the_right_port(ove
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_engines_serve_the_name_the_gateway_sends_at_a_version_that_serves_the_model(overlay: str) -> None:
     images = yaml.safe_load((ROOT / f"deploy/overlays/{overlay}/models/kustomization.yaml").read_text())["images"]
-    tags = {i["newName"] + ":" + i["newTag"] for i in images}
+    tags = {i["newName"] + ":" + i["newTag"] for i in images if "newTag" in i}
     for deployment in _engine_deployments(overlay):
         model, backend = _backend_of(deployment)
         engine = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -149,12 +149,14 @@ def test_render_check_names_every_drifting_file(tmp_path: Path, capsys: pytest.C
     root = _copy_inputs(tmp_path)
     assert main(["deploy", "render", "--root", str(root)]) == 0
     (root / "deploy/models/vllm-llama-2-7b-chat/service.yaml").write_text("edited by hand\n")
+    (root / "deploy/overlays/prod/models/deployed.yaml").write_text("overlay: prod\nbackends: []\n")
     (root / "deploy/models/stale/deployment.yaml").parent.mkdir()
     (root / "deploy/models/stale/deployment.yaml").write_text("left over\n")
     capsys.readouterr()
     assert main(["deploy", "render", "--check", "--root", str(root)]) == 1
     err = capsys.readouterr().err
     assert "deploy/models/vllm-llama-2-7b-chat/service.yaml" in err and "deploy/models/stale/deployment.yaml" in err
+    assert "deploy/overlays/prod/models/deployed.yaml" in err
 
 
 def test_bad_input_is_one_line_per_problem_naming_file_entry_and_field(tmp_path: Path,
@@ -184,7 +186,7 @@ def test_bad_input_is_one_line_per_problem_naming_file_entry_and_field(tmp_path:
 def _copy_inputs(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
     (root / "deploy/overlays/dev/registry").mkdir(parents=True)
-    for rel in ("model_registry.yaml", "deploy/fleet.yaml", "deploy/overlays/dev/registry/smollm2.yaml"):
+    for rel in ("model_registry.yaml", "pyproject.toml", "deploy/fleet.yaml", "deploy/overlays/dev/registry/smollm2.yaml"):
         (root / rel).write_text((ROOT / rel).read_text())
     (root / "deploy/models").mkdir()
     return root
@@ -192,7 +194,7 @@ def _copy_inputs(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_pod_is_locked_down_and_its_scratch_space_fits_its_limits(overlay: str) -> None:
-    for deployment in of_kind(overlay, "Deployment"):
+    for deployment in workloads(overlay):
         spec = deployment["spec"]["template"]["spec"]
         assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
         disk = sum(quantity(v["emptyDir"].get("sizeLimit", 0)) for v in spec.get("volumes", [])

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.deploy import OVERLAYS, ROOT, built, tool
+from tests.support.deploy import OVERLAYS, ROOT, build, built, tool
 
 OLDEST_KUBERNETES = "1.30.0"  # preStop `sleep` (beta, on by default since 1.30) sets the floor
-CRD_KINDS = ("ServiceMonitor", "PrometheusRule")  # Prometheus Operator: no schema in kubernetes-validate
+# No schema in kubernetes-validate: checked against tests/support/crd_schemas.py (test_deploy_crds.py).
+CRD_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule", "Cluster", "ScaledObject", "InferencePool",
+             "Certificate", "Issuer", "Gateway", "HTTPRoute")
 
 
 def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -52,22 +54,31 @@ def test_hadolint_passes_on_the_dockerfile() -> None:
 
 def test_the_gke_component_swaps_gpu_feature_discovery_for_gke_accelerator_labels(tmp_path: Path) -> None:
     """Optional components build on top of prod (kustomize wants relative paths to reach them)."""
-    overlay = tmp_path / "gke"
-    overlay.mkdir()
-    up = os.path.relpath(ROOT, overlay)
-    (overlay / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources: [{up}/deploy/overlays/prod]\ncomponents: [{up}/deploy/components/gke]\n")
-    result = _run([tool("kubectl"), "kustomize", str(overlay)])
-    assert result.returncode == 0, result.stderr
-    deployments = [d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "Deployment"]
-    gpu_pods = [d for d in deployments if d["metadata"]["labels"].get("llm-gateway/engine") == "vllm"]
+    docs = build(ROOT, tmp_path, "prod", ("deploy/components/gke",))
+    gpu_pods = [d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["labels"].get("llm-gateway/engine") == "vllm"]
     assert gpu_pods
-    for deployment in gpu_pods:
-        terms = deployment["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+    for workload in gpu_pods:
+        terms = workload["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
             "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
         assert [e["key"] for t in terms for e in t["matchExpressions"]] == ["cloud.google.com/gke-accelerator"]
     manifest = tmp_path / "gke.yaml"
-    manifest.write_text(result.stdout)
+    manifest.write_text(yaml.safe_dump_all(docs))
     validated = _run([tool("kubernetes-validate"), "--strict", "-k", OLDEST_KUBERNETES, "--quiet", str(manifest)])
     assert validated.returncode == 0, validated.stdout + validated.stderr
+
+
+# Every optional component, on the overlay it is meant for: each must build and validate strictly.
+OPTIONAL = {"prod": ("deploy/components/gke", "deploy/components/gpu-operator", "deploy/components/redis-tls",
+                     "deploy/components/gateway-api", "deploy/overlays/prod/keda", "deploy/overlays/prod/inference-pool"),
+            "dev": ("deploy/components/redis-tls", "deploy/components/ingress")}
+
+
+@pytest.mark.parametrize("overlay", sorted(OPTIONAL))
+def test_every_optional_component_builds_and_validates_strictly(overlay: str, tmp_path: Path) -> None:
+    for component in OPTIONAL[overlay]:
+        manifest = tmp_path / f"{Path(component).name}.yaml"
+        manifest.write_text(yaml.safe_dump_all(build(ROOT, tmp_path, overlay, (component,))))
+        result = _run([tool("kubernetes-validate"), "--strict", "-k", OLDEST_KUBERNETES, "--quiet", str(manifest)])
+        assert result.returncode == 0, (component, result.stdout + result.stderr)
+        for line in (result.stdout + result.stderr).splitlines():
+            assert any(kind in line for kind in CRD_KINDS), (component, line)

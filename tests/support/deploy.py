@@ -13,6 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ("dev", "prod")
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 CACHE = Path(os.environ.get("LLMGW_CACHE", Path.home() / ".cache" / "llm-gateway"))
 
 
@@ -50,6 +51,35 @@ def objects(overlay: str) -> list[dict]:
 
 def of_kind(overlay: str, kind: str) -> list[dict]:
     return [doc for doc in objects(overlay) if doc["kind"] == kind]
+
+
+def workloads(overlay: str) -> list[dict]:
+    return [doc for doc in objects(overlay) if doc["kind"] in WORKLOAD_KINDS]
+
+
+def engine_workloads(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d["kind"] in WORKLOAD_KINDS
+            and d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "engine"]
+
+
+def build(root: Path, tmp: Path, overlay: str, components: tuple[str, ...] = (), patches: str = "") -> list[dict]:
+    """`kubectl kustomize` of an overlay under `root` with optional components on top (kustomize wants
+    relative paths to reach them)."""
+    where = tmp / f"with-{overlay}-{len(list(tmp.glob('with-*')))}"
+    where.mkdir(parents=True)
+    up = os.path.relpath(root, where)
+    text = (f"apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+            f"resources: [{up}/deploy/overlays/{overlay}]\n")
+    if components:
+        text += "components: [" + ", ".join(f"{up}/{c}" for c in components) + "]\n"
+    (where / "kustomization.yaml").write_text(text + patches)
+    result = subprocess.run([tool("kubectl"), "kustomize", str(where)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def pod_spec(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
 
 
 def containers(deployment: dict) -> list[dict]:

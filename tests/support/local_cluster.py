@@ -30,8 +30,9 @@ WEIGHTS = {
 # same first-start work).
 EXECUTABLES = {"python": [sys.executable], "python3": [sys.executable], "gateway": [sys.executable, "-m", "gateway"],
                "docker-entrypoint.sh": [sys.executable, str(Path(__file__).with_name("pg_entrypoint.py"))]}
-# Container UIDs that must name a user here (initdb wants one): the image's postgres user -> this machine's.
-LOCAL_USERS = {999: "postgres"}
+# Containers whose program wants its UID to be a named user (initdb): the postgres image gives its
+# unnamed UID a passwd entry (nss_wrapper); here this machine's postgres user stands in.
+LOCAL_USERS = {"postgres": "postgres"}
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
@@ -163,8 +164,8 @@ class Cluster:
 
         ctx = {**workload["spec"]["template"]["spec"].get("securityContext", {}), **container.get("securityContext", {})}
         uid, gid = ctx["runAsUser"], ctx.get("runAsGroup", ctx["runAsUser"])
-        if uid in LOCAL_USERS:
-            user = pwd.getpwnam(LOCAL_USERS[uid])
+        if container["name"] in LOCAL_USERS:
+            user = pwd.getpwnam(LOCAL_USERS[container["name"]])
             uid, gid = user.pw_uid, user.pw_gid
         volumes = self.volumes(workload)
         writable, over = [], {}
