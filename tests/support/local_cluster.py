@@ -149,7 +149,7 @@ class Cluster:
         own_port = str(container["ports"][0]["containerPort"]) if container.get("ports") else None
         local = str(self.local_port.get(deployment["metadata"]["name"], own_port))
         for index, value in enumerate(argv[:-1]):  # the container's own port flag -> its local port
-            if value in ("--port", "--port=", "port") and argv[index + 1] == own_port:
+            if value in ("--port", "--tls-port") and argv[index + 1] == own_port:
                 argv[index + 1] = local
         argv = ["127.0.0.1" if a == "0.0.0.0" else a for a in argv]
         argv = [f"port={local}" if a == f"port={own_port}" else a for a in argv]  # postgres -c port=...
@@ -197,10 +197,14 @@ def _lay_out(source: Path, target: Path) -> None:
 
 
 def _under(path: str, mounts: dict[str, Path]) -> str:
-    """A path inside a mount -> the same path in its local directory (the longest mount wins, once)."""
+    """A path inside a mount -> the same path in its local directory (the longest mount wins, once); also
+    a path given as a URL query value (`?ssl_ca_certs=/etc/...`)."""
     for mount_path in sorted(mounts, key=len, reverse=True):
         if path == mount_path or path.startswith(mount_path.rstrip("/") + "/"):
             return str(mounts[mount_path]) + path[len(mount_path):]
+        inside = "=" + mount_path.rstrip("/") + "/"
+        if inside in path:
+            return path.replace(inside, "=" + str(mounts[mount_path]) + "/")
     return path
 
 

@@ -40,7 +40,7 @@ def main() -> None:
             os.unlink(pw.name)
         with (data / "pg_hba.conf").open("a") as hba:
             hba.write("host all all all scram-sha-256\n")
-        if db and db != user:
+        if db and db != "postgres":  # as the image: POSTGRES_DB is created unless it is the default one
             subprocess.run([_bin("postgres"), "--single", "-D", str(data), "postgres"], check=True,
                            input=f'CREATE DATABASE "{db}";\n', text=True, stdout=subprocess.DEVNULL)
     os.execv(_bin("postgres"), [_bin("postgres"), "-D", str(data), *args[1:]])
