@@ -88,7 +88,7 @@ class Cluster:
             if "configMap" in volume or "secret" in volume:
                 for file, text in self._files(volume).items():
                     (local / file).write_text(self.rewrite(text, {}))
-            elif "persistentVolumeClaim" in volume:
+            elif "persistentVolumeClaim" in volume and mount.get("readOnly"):  # what the engine reads
                 for file, source in WEIGHTS.get(name, dict)().items():  # none: an empty volume
                     _lay_out(source, local / file)
             found[mount["mountPath"]] = local
