@@ -252,10 +252,10 @@ def test_the_last_reload_started_is_the_one_applied(tmp_path: Path, monkeypatch:
     newer_loaded = threading.Event()
     calls = 0
 
-    def load(settings: Settings, client: aiohttp.ClientSession):
+    def load(settings: Settings, client: aiohttp.ClientSession, addresses=None):
         nonlocal calls
         calls += 1
-        snapshot = real_load(settings, client)
+        snapshot = real_load(settings, client, addresses)
         if calls == 1:  # the first reload read the older file, then is slow (a big registry, a busy host)
             first_read.set()
             newer_loaded.wait(timeout=1.0)
