@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from gateway.deploy.facts import DRAIN_FACTOR, ENGINE_PRESTOP_S, worst_request_s
 from gateway.registry import load_registry
 from tests.support.deploy import (OVERLAYS, ROOT, WORKLOAD_KINDS, arg, build, containers, engine_workloads, objects,
                                   of_kind, pod_spec)
@@ -81,6 +80,8 @@ def test_every_var_reference_names_an_env_entry_above_it(overlay: str, tmp_path:
 def test_the_gateway_and_engines_drain_for_as_long_as_their_longest_request(overlay: str) -> None:
     """Why: the gateway drained for 30 s within a 45 s grace period (engines 60 s) while generations may
     run 600-1,800 s: every rollout cut long streams."""
+    from gateway.deploy.facts import DRAIN_FACTOR, ENGINE_PRESTOP_S, worst_request_s
+
     docs = objects(overlay)
     engines = engine_workloads(docs)
     worst = {}
@@ -184,6 +185,8 @@ def test_both_images_run_as_65532_and_the_gateway_image_carries_no_torch() -> No
 @pytest.mark.parametrize("component", ["ingress", "gateway-api"])
 def test_clients_reach_it_over_tls_with_timeouts_longer_than_any_stream(component: str, tmp_path: Path) -> None:
     """Why: no Ingress, HTTPRoute or TLS."""
+    from gateway.deploy.facts import worst_request_s
+
     docs = build(ROOT, tmp_path, "dev", (f"deploy/components/{component}",))
     longest = max(worst_request_s(m, b) for m in REGISTRY.models.values() for b in m.backends)
     if component == "ingress":

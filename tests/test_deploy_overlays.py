@@ -12,9 +12,7 @@ import pytest
 import yaml
 
 from gateway.cli import main
-from gateway.deploy.facts import engine_memory_gib, weights_bytes
 from gateway.registry import load_registry
-from gateway.registry.schema import COMMIT_HASH
 from tests.support.deploy import (OVERLAYS, ROOT, arg, build, containers, engine_workloads, objects, of_kind, pod_spec,
                                   quantity, workloads)
 
@@ -45,11 +43,16 @@ def test_every_container_runs_an_image_its_overlay_maps(overlay: str) -> None:
     assert images and not [i for i in images if i.startswith("llm-gateway/")], "placeholders left unmapped"
     for image in images:
         assert re.fullmatch(r"[a-z0-9./-]+(:[\w.-]+|@sha256:[0-9a-f]{64})", image), image
-    ours = {ref["name"] for ref in (FLEET["overlays"][overlay].get("images") or {}).values() if ref.get("name")}
-    for image in images:  # every image of ours comes from the registry the overlay names
-        name = image.split("@")[0].rsplit(":", 1)[0]
-        if name.split("/")[-1].startswith("llm-gateway"):
-            assert not ours or name in ours, f"{overlay}: {image} is not from {sorted(ours)}"
+    # The gateway's image also runs every weights downloader: one override must reach them all.
+    gateway = pod_spec(next(w for w in workloads(overlay) if w["metadata"]["name"] == "gateway"))["containers"][0]
+    downloaders = {c["image"] for w in engine_workloads(objects(overlay)) for c in pod_spec(w)["initContainers"]}
+    assert downloaders == {gateway["image"]}, (gateway["image"], downloaders)
+    # Our images (gateway, worker) come from the same registry as the gateway's, wherever the overlay puts it.
+    registry = gateway["image"].rsplit("/", 1)[0] if "/" in gateway["image"] else ""
+    ours = [i for i in images if re.search(r"(^|/)llm-gateway[-\w]*[:@]", i)]
+    assert {i.rsplit("/", 1)[0] if "/" in i else "" for i in ours} == {registry}, ours
+    named = {ref["name"] for ref in (FLEET["overlays"][overlay].get("images") or {}).values() if ref.get("name")}
+    assert {i.split("@")[0].rsplit(":", 1)[0] for i in ours} <= named or not named, ours
 
 
 def test_a_digest_pins_one_engine_version_and_not_the_other(tmp_path: Path) -> None:
@@ -135,6 +138,8 @@ def test_every_engine_replica_gets_a_weights_volume_of_its_own(overlay: str) -> 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_downloads_fetch_the_engine_files_at_a_pinned_commit_or_refuse(overlay: str) -> None:
     """Why: weight downloads fetched whole repos at revision `main` (silent changes, 2-3x the bytes)."""
+    from gateway.registry.schema import COMMIT_HASH
+
     for workload in engine_workloads(objects(overlay)):
         model, backend = _model_and_backend(workload)
         (download,) = pod_spec(workload)["initContainers"]
@@ -155,6 +160,8 @@ def test_downloads_fetch_the_engine_files_at_a_pinned_commit_or_refuse(overlay: 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_weights_volumes_are_sized_from_the_stored_files(overlay: str) -> None:
     """Why: volumes were sized for whole repos (twice the fp16 size), whatever the files and dtype."""
+    from gateway.deploy.facts import weights_bytes
+
     for workload in engine_workloads(objects(overlay)):
         model, backend = _model_and_backend(workload)
         size = quantity(workload["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"])
@@ -166,6 +173,8 @@ def test_weights_volumes_are_sized_from_the_stored_files(overlay: str) -> None:
 
 def test_vllm_memory_grows_with_tensor_parallel_size(tmp_path: Path) -> None:
     """Why: vLLM's memory request was 16 GiB whatever the tensor-parallel size (Falcon-180B on 8 GPUs: 24 GiB)."""
+    from gateway.deploy.facts import engine_memory_gib
+
     falcon = REGISTRY.model("falcon-180b")
     assert falcon.hardware.tensor_parallel_size == 8
     small = REGISTRY.model("llama-2-7b-chat")
