@@ -98,6 +98,7 @@ class Tenant:
 class Caller:
     tenant: Tenant
     key_id: str
+    key_hash: str = ""  # how the caller is found again in a reloaded directory ("" in open access)
 
 
 class TenantsError(ConfigError):
@@ -208,5 +209,5 @@ def _directory(specs: list[TenantSpec]) -> TenantDirectory:
         )
         tenants[spec.name] = tenant
         for key_hash in spec.api_key_hashes:
-            by_key[key_hash] = Caller(tenant, key_id(key_hash))
+            by_key[key_hash] = Caller(tenant, key_id(key_hash), key_hash)
     return TenantDirectory(tenants, by_key)
