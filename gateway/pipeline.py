@@ -36,6 +36,7 @@ from gateway.settings import Settings
 from gateway.snapshot import Snapshot
 from gateway.tenancy.auth import authenticate
 from gateway.tenancy.extras import require_allowed_extras
+from gateway.tenancy.holds import Hold, Holds
 from gateway.tenancy.ratelimit import Admission, RateLimited, RateLimiter, RateLimitUnavailable
 from gateway.tenancy.tenants import Caller, Environment
 from gateway.usage.counters import UsageCounters
@@ -62,6 +63,7 @@ class GatewayState:
     quotas: Any = field(default_factory=LocalQuotas)  # LocalQuotas | RedisQuotas (gateway/usage/quota.py)
     usage: UsageCounters = field(default_factory=UsageCounters)
     usage_lines: UsageLines = field(default_factory=UsageLines)
+    holds: Holds = field(default_factory=Holds)  # each tenant's open requests here, uploads included
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,25 @@ def identify(state: GatewayState, authorization: str | None) -> Caller:
     return authenticate(authorization, state.snapshot.tenants)
 
 
+def hold(state: GatewayState, caller: Caller) -> Hold | None:
+    """The second step, still before the body: the request counts against its tenant's concurrency on
+    this replica from now on (429 at once past it). Released when its outcome is reported."""
+    try:
+        return state.holds.take(caller.tenant)
+    except GatewayError:
+        state.metrics.rate_limited.labels(caller.tenant.name, "concurrency").inc()
+        raise
+
+
 async def serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: bytes,
-                context: RequestContext, client_gone: ClientWatch | None = None) -> Response:
+                context: RequestContext, client_gone: ClientWatch | None = None,
+                held: Hold | None = None) -> Response:
+    """`held`: the caller's hold (`hold()`); it passes to the request's outcome once there is one, and the
+    caller releases it when this raises before (releasing is idempotent)."""
     record = RequestRecord(state.metrics, state.settings.metrics_tenant_label, time.monotonic())
     record.tenant = caller.tenant.name
     try:
-        response = await _serve(state, endpoint, caller, raw, context, record, client_gone)
+        response = await _serve(state, endpoint, caller, raw, context, record, client_gone, held)
     except GatewayError as exc:
         record.finished(exc.status)
         raise
@@ -99,9 +114,10 @@ async def serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: by
     return response
 
 
-async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: bytes,
-                 context: RequestContext, record: RequestRecord, client_gone: ClientWatch | None) -> Response:
+async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: bytes, context: RequestContext,
+                 record: RequestRecord, client_gone: ClientWatch | None, held: Hold | None) -> Response:
     snapshot = state.snapshot  # one consistent configuration for the whole request
+    caller = snapshot.current(caller)  # a reload during the upload: judged by the new rules, or a 401
     body = parse_request(raw, endpoint.schema)
     require_allowed_extras(body, caller.tenant)
     requested = snapshot.registry.model(body.model)
@@ -118,16 +134,20 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
     call = endpoint.prepare(model, body, caller.tenant.default_max_tokens or model.default_max_tokens)
     payloads = EnginePayloads(call, model.id)
     payloads.require_some(backend.engine for backend in model.backends)  # a 400 before it costs a slot
-    admission = await _admit(state, caller, call.reservation(model.context_length))  # counts, answered or not
+    reserve = call.reservation(model.context_length)
+    admission = await _admit(state, caller, reserve)  # counts, answered or not
     headers = dict(admission.headers)
     if decision.verdict is Verdict.SUBSTITUTE:
         headers["x-gateway-substituted-from"] = requested.id
     limited = caller.tenant.limits.any or bool(caller.tenant.quotas)
-    outcome = Outcome(releases=[_reconcile(admission, call)] if limited else [], on_done=[record.outcome])
+    outcome = Outcome(releases=[_reconcile(admission, call, reserve)] if limited else [], on_done=[record.outcome])
     if state.settings.usage_records:
-        outcome.on_done.append(recorder(state, caller, requested, model, call, context.request_id, record.started))
+        outcome.on_done.append(recorder(state, snapshot, caller, requested, model, call, context.request_id,
+                                        record.started))
     LIFECYCLE.enter()
     outcome.on_done.append(_leave)
+    if held is not None:
+        outcome.on_done.append(held.release)
     try:
         upstreams = _route(state, snapshot, model, call)
         await ensure_prompt_fits(model, call, upstreams[0].count_tokens)
@@ -266,7 +286,7 @@ def _quota_error(state: GatewayState, caller: Caller, exc: Exception) -> Gateway
         state.metrics.rate_limited.labels(caller.tenant.name, "quota").inc()
         return GatewayError(429, exc.message, type="insufficient_quota", code="insufficient_quota",
                             headers=exc.headers)
-    return GatewayError(503, "Token quotas are unavailable and the gateway is set to fail closed.",
+    return GatewayError(503, f"{exc} Token quotas cannot be checked right now; retry shortly.",
                         type="service_unavailable_error", code="rate_limiter_unavailable",
                         headers={"Retry-After": str(state.settings.retry_after_s)})
 
@@ -288,11 +308,12 @@ async def _admit_rate(state: GatewayState, caller: Caller, reserve: int, quotas=
                            headers={"Retry-After": str(state.settings.retry_after_s)}) from None
 
 
-def _reconcile(admission: Admission, call: UpstreamCall) -> OutcomeCallback:
+def _reconcile(admission: Admission, call: UpstreamCall, reserved: int) -> OutcomeCallback:
     def finish(outcome: Outcome) -> Awaitable[None] | None:
         actual = outcome.total_tokens
         if actual is None and outcome.watch is not None and outcome.watch.events:
-            actual = call.prompt_estimate + outcome.watch.events
+            # Broken off before the engine's usage: charged by the prompt's bound, never beyond the reservation.
+            actual = min(reserved, call.prompt_bound + outcome.watch.events)
         return admission.settle(actual)  # what is left to await where the limiter needs I/O (Redis)
 
     return finish

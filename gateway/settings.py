@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +65,10 @@ class Settings(BaseSettings):
     # 4 MiB is ~1M tokens of text, far beyond any context here; a parse of it stays in the tens of MB.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     body_read_timeout_s: float = Field(default=30.0, gt=0)
+    # ... and a body that declares its length must arrive within grace + length / rate (at most the
+    # timeout above): 300 bytes get ~5 s, not 30.
+    body_read_grace_s: float = Field(default=5.0, gt=0)
+    body_read_min_bytes_per_s: int = Field(default=64 * 1024, gt=0)
     # JSON objects and arrays in one body at most: `[{},{},...]` costs ~30x its size to parse.
     max_json_containers: int = Field(default=20_000, gt=0)
     # Items (commas) in one body at most: longer than any token-id prompt a context here takes.
@@ -94,6 +99,11 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     # When Redis is unreachable: keep serving on local limits (default) or refuse with 503.
     ratelimit_fail_closed: bool = False
+    # While Redis is unreachable, token quotas continue on each replica from the last totals it saw in
+    # Redis (and what was spent is written back when it returns). A quota tenant this replica has seen no
+    # total for is refused with 503 ("refuse"), or admitted from zero ("admit": an outage may then grant
+    # it up to one more quota per replica).
+    quota_outage_unknown_tenants: Literal["refuse", "admit"] = "refuse"
     # A usage record per finished request (audit trail), usage counters and tokens-by-license metrics.
     # Off only to measure what they cost (load_tests/bench_usage.py); quotas apply either way.
     usage_records: bool = True

@@ -84,7 +84,8 @@ def _build_state(settings: Settings, client) -> GatewayState:
     metrics.watch_audit(audit)
     return GatewayState(
         settings, client, snapshot,
-        limiter=make_rate_limiter(settings.redis_url, fail_closed=settings.ratelimit_fail_closed),
+        limiter=make_rate_limiter(settings.redis_url, fail_closed=settings.ratelimit_fail_closed,
+                                  admit_unknown_quotas=settings.quota_outage_unknown_tenants == "admit"),
         audit=audit,
         quotas=make_quotas(settings.redis_url, fail_closed=settings.ratelimit_fail_closed),
         usage=UsageCounters(settings.redis_url),

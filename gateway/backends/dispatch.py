@@ -24,7 +24,8 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.backends.relay import StreamWatch, UsageCounter, relay_stream, upstream_error
 from gateway.backends.requests import EnginePayloads, Unsupported
-from gateway.backends.translate import ChatFromCompletion, ChatWithRefusal, Passthrough, Translator
+from gateway.backends.translate import (ChatFromCompletion, ChatWithRefusal, CompletionLogprobs, Passthrough,
+                                        Translator)
 from gateway.backends.upstream import GenerationTimedOut, OpenAIUpstream, UpstreamResponse, UpstreamUnavailable
 from gateway.errors import ClientGone, GatewayError, no_backend_available
 from gateway.prompts.prepare import CHAT_PATH, Reply, UpstreamCall
@@ -219,6 +220,8 @@ def _translator(call: UpstreamCall, upstream: OpenAIUpstream, requested: str) ->
     passthrough = Passthrough(served=upstream.served_model_name, requested=requested)
     if call.path == CHAT_PATH and not upstream.profile.chat_has_refusal:
         return ChatWithRefusal(passthrough)
+    if call.path != CHAT_PATH and call.payload.get("logprobs") is not None:
+        return CompletionLogprobs(passthrough)
     return passthrough
 
 
@@ -317,4 +320,4 @@ async def _close_and_report(events: AsyncIterator[bytes], outcome: Outcome) -> N
 async def _count_prompt(upstream: OpenAIUpstream, call: UpstreamCall) -> int:
     text = call.prompt_text or ""
     counted = await upstream.count_tokens(text) if text else None
-    return counted if counted is not None else max(1, call.prompt_estimate)
+    return counted if counted is not None else max(1, call.prompt_bound)

@@ -145,8 +145,8 @@ def _serve(host: str | None, port: int | None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     config = uvicorn.Config("gateway.api.app:create_app", factory=True, host=bind,
                             port=port or settings.port, log_level=settings.log_level, loop="uvloop",
-                            http=http_protocol(settings.header_timeout_s), timeout_graceful_shutdown=5,
-                            limit_concurrency=settings.max_connections,  # beyond: 503, before any work
+                            http=http_protocol(settings.header_timeout_s, settings.max_connections),
+                            timeout_graceful_shutdown=5,  # GATEWAY_MAX_CONNECTIONS: the protocol's 503
                             timeout_keep_alive=settings.keepalive_timeout_s,
                             access_log=False)  # ours is JSON, with the request id (gateway.access)
     DrainingServer(config, settings.drain_timeout_s).run()
