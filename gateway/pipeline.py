@@ -263,7 +263,7 @@ async def _admit(state: GatewayState, caller: Caller, reserve: int) -> Admission
 
 def _quota_error(state: GatewayState, caller: Caller, exc: Exception) -> GatewayError:
     if isinstance(exc, QuotaExceeded):
-        state.metrics.rate_limited.labels(caller.tenant.name, "quota").inc()
+        state.metrics.rejected(caller.tenant.name, "quota")
         return GatewayError(429, exc.message, type="insufficient_quota", code="insufficient_quota",
                             headers=exc.headers)
     return GatewayError(503, "Token quotas are unavailable and the gateway is set to fail closed.",
@@ -279,7 +279,7 @@ async def _admit_rate(state: GatewayState, caller: Caller, reserve: int, quotas=
     except (QuotaExceeded, QuotaUnavailable) as exc:
         raise _quota_error(state, caller, exc) from None
     except RateLimited as exc:
-        state.metrics.rate_limited.labels(caller.tenant.name, exc.limit).inc()
+        state.metrics.rejected(caller.tenant.name, exc.limit)
         raise GatewayError(429, exc.message, type="rate_limit_error", code="rate_limit_exceeded",
                            headers=exc.headers) from None
     except RateLimitUnavailable:

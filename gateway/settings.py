@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     # When Redis is unreachable: keep serving on local limits (default) or refuse with 503.
     ratelimit_fail_closed: bool = False
+    # GET /v1/organization/usage/completions, per tenant and replica: requests per minute, calls at once
+    # (429 rate_limit_exceeded beyond), and counter entries one call may read (a page stops early beyond,
+    # with has_more and next_page). It reads counters, not engines: its own limits, not the tenant's.
+    usage_api_rpm: int = Field(default=60, gt=0)
+    usage_api_max_concurrent: int = Field(default=2, gt=0)
+    usage_api_max_rows: int = Field(default=20_000, gt=0)
     # A usage record per finished request (audit trail), usage counters and tokens-by-license metrics.
     # Off only to measure what they cost (load_tests/bench_usage.py); quotas apply either way.
     usage_records: bool = True

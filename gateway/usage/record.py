@@ -79,14 +79,16 @@ class UsageLines:
                 "attestations": sorted(tenant.attestations),
             }).decode()[1:-1]
             found = self._static[key] = (fields, *state.metrics.license_token_counters(
-                model.license, tenant.name if state.settings.metrics_tenant_label else "-"))
+                model.license, state.metrics.tenant(tenant.name)))
         return found
 
 
 def recorder(state: "GatewayState", caller: "Caller", requested: "Model", model: "Model", call: "UpstreamCall",
-             request_id: str, started: float) -> Callable[["Outcome"], None]:
-    """The Outcome callback that writes the usage record, counts the tokens and exports them."""
+             request_id: str, started: float, client_request_id: str | None = None) -> Callable[["Outcome"], None]:
+    """The Outcome callback that writes the usage record, counts the tokens and exports them.
+    `request_id` is the gateway's (the decision record's); `client_request_id` the client's, if it sent one."""
     fields, tokens_in, tokens_out = state.usage_lines.static(state, caller, requested, model)
+    ids = orjson.dumps({"request_id": request_id, "client_request_id": client_request_id}).decode()[1:-1]
 
     def record(outcome: "Outcome") -> None:
         prompt, completion, source = tokens(outcome, call)
@@ -94,12 +96,12 @@ def recorder(state: "GatewayState", caller: "Caller", requested: "Model", model:
         watch = outcome.watch
         ttft = watch.first_event_at - started if watch is not None and watch.first_event_at else None
         varying = orjson.dumps({
-            "request_id": request_id, "backend": outcome.backend_id, "fallback": outcome.fell_back,
+            "backend": outcome.backend_id, "fallback": outcome.fell_back,
             "stream": call.stream, "prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion, "usage_source": source, "status": status(outcome),
             "duration_ms": round((now - started) * 1000, 1), "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
         }).decode()
-        state.audit.record_line(f'{{"time":"{utc_now_iso()}",{fields},{varying[1:]}')
+        state.audit.record_line(f'{{"time":"{utc_now_iso()}",{fields},{ids},{varying[1:]}')
         state.usage.add(time.time(), caller.tenant.name, caller.key_id, model.id, model.license, prompt, completion)
         if prompt:
             tokens_in.inc(prompt)
