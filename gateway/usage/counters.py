@@ -63,6 +63,26 @@ return 1
 """
 
 
+# KEYS: bucket hashes, oldest first; ARGV[1]: entries to read at most (a bucket costs its fields + 1; the
+# first bucket is read whatever it holds). Returns the number of buckets covered, then (index, HGETALL) of
+# each non-empty one: the buckets are sized in Redis (HLEN is O(1)), so the replica parses only what fits.
+READ_PAGE_LUA = """
+local budget = tonumber(ARGV[1])
+local spent, out = 0, {0}
+for i, key in ipairs(KEYS) do
+  local n = redis.call('HLEN', key)
+  spent = spent + n + 1
+  if spent > budget and i > 1 then break end
+  out[1] = i
+  if n > 0 then
+    out[#out + 1] = i
+    out[#out + 1] = redis.call('HGETALL', key)
+  end
+end
+return out
+"""
+
+
 def _empty() -> Buckets:
     return {width: {} for width in WIDTHS}
 
@@ -91,6 +111,7 @@ class UsageCounters:
             self._redis = Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=timeout_s,
                                          retry=Retry(NoBackoff(), 0))
             self._apply = self._redis.register_script(APPLY_BATCH_LUA)
+            self._read_page = self._redis.register_script(READ_PAGE_LUA)
 
     def add(self, when: float, tenant: str, key_id: str, model: str, license_: str, inp: int, out: int) -> None:
         """On the request path: dictionary updates only."""
@@ -185,32 +206,27 @@ class UsageCounters:
             taken = _fitting([len(buckets.get(s, ())) for s in starts], max_entries)
             return {s: buckets[s] for s in starts[:taken] if s in buckets}, taken
         await self.flush()
-        names = [f"gw:use:{width}:{start}" for start in starts]
-        taken = len(starts)
-        if max_entries is not None:
-            pipe = self._redis.pipeline(transaction=False)
-            for name in names:
-                pipe.hlen(name)
-            taken = _fitting(await pipe.execute(), max_entries)
-        pipe = self._redis.pipeline(transaction=False)
-        for name in names[:taken]:
-            pipe.hgetall(name)
+        if not starts:
+            return {}, 0
+        reply = await self._read_page(keys=[f"gw:use:{width}:{start}" for start in starts],
+                                      args=[max_entries if max_entries is not None else 2**53])
         out: dict[int, dict[Key, list[int]]] = {}
-        for start, fields in zip(starts, await pipe.execute()):
+        for i in range(1, len(reply), 2):
+            fields = reply[i + 1]
             rows: dict[Key, list[int]] = {}
-            for field, value in fields.items():
-                kind, _, raw = field.decode().partition("|")
+            for j in range(0, len(fields), 2):
+                kind, _, raw = fields[j].decode().partition("|")
                 try:
                     key = tuple(orjson.loads(raw))
                     index = "ion".index(kind)
-                    count = int(value)
+                    count = int(fields[j + 1])
                 except (ValueError, orjson.JSONDecodeError):
                     continue  # not ours: skip
                 if len(key) == 4:
                     rows.setdefault(key, [0, 0, 0])[index] += count
             if rows:
-                out[start] = rows
-        return out, taken
+                out[starts[reply[i] - 1]] = rows
+        return out, reply[0]
 
     async def close(self) -> None:
         if self._task is not None:
