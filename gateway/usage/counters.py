@@ -21,6 +21,10 @@ cancels the flush loop) keeps its batch and sends it again, with the same number
 the script applies a batch only if its number is above the replica's last one (checked and written in the
 same script, atomically), so a batch whose reply was lost after Redis applied it is not counted twice, and
 one that never arrived is not lost. Flushes of one replica run one at a time, so numbers arrive in order.
+
+The usage API reads a page of buckets in one script too (READ_PAGE_LUA): Redis sizes the buckets, and the
+replica parses only those that fit the page's bound (parsing is what costs here: ~10-20 us a field in
+redis-py). Both scripts name keys of many buckets, so they need one Redis, not a Redis Cluster.
 """
 
 from __future__ import annotations

@@ -88,7 +88,6 @@ def recorder(state: "GatewayState", caller: "Caller", requested: "Model", model:
     """The Outcome callback that writes the usage record, counts the tokens and exports them.
     `request_id` is the gateway's (the decision record's); `client_request_id` the client's, if it sent one."""
     fields, tokens_in, tokens_out = state.usage_lines.static(state, caller, requested, model)
-    ids = orjson.dumps({"request_id": request_id, "client_request_id": client_request_id}).decode()[1:-1]
 
     def record(outcome: "Outcome") -> None:
         prompt, completion, source = tokens(outcome, call)
@@ -96,12 +95,13 @@ def recorder(state: "GatewayState", caller: "Caller", requested: "Model", model:
         watch = outcome.watch
         ttft = watch.first_event_at - started if watch is not None and watch.first_event_at else None
         varying = orjson.dumps({
-            "backend": outcome.backend_id, "fallback": outcome.fell_back,
+            "request_id": request_id, "client_request_id": client_request_id, "backend": outcome.backend_id,
+            "fallback": outcome.fell_back,
             "stream": call.stream, "prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion, "usage_source": source, "status": status(outcome),
             "duration_ms": round((now - started) * 1000, 1), "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
         }).decode()
-        state.audit.record_line(f'{{"time":"{utc_now_iso()}",{fields},{ids},{varying[1:]}')
+        state.audit.record_line(f'{{"time":"{utc_now_iso()}",{fields},{varying[1:]}')
         state.usage.add(time.time(), caller.tenant.name, caller.key_id, model.id, model.license, prompt, completion)
         if prompt:
             tokens_in.inc(prompt)
