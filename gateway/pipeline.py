@@ -91,7 +91,7 @@ def hold(state: GatewayState, caller: Caller) -> Hold | None:
     try:
         return state.holds.take(caller.tenant)
     except GatewayError:
-        state.metrics.rate_limited.labels(caller.tenant.name, "concurrency").inc()
+        state.metrics.rejected(caller.tenant.name, "concurrency")
         raise
 
 
@@ -124,7 +124,7 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
     if requested is None:
         raise model_not_found(body.model)
     decision = snapshot.decide(caller.tenant, requested)
-    if not _audit(state, context.request_id, caller, requested, decision) and _audit_required(state, caller):
+    if not _audit(state, context, caller, requested, decision) and _audit_required(state, caller):
         raise GatewayError(503, "The audit trail cannot be written right now, and this gateway serves "
                            f"{caller.tenant.environment.value} tenants only with an audit record. Retry shortly.",
                            type="service_unavailable_error", code="audit_unavailable",
@@ -143,7 +143,7 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
     outcome = Outcome(releases=[_reconcile(admission, call, reserve)] if limited else [], on_done=[record.outcome])
     if state.settings.usage_records:
         outcome.on_done.append(recorder(state, snapshot, caller, requested, model, call, context.request_id,
-                                        record.started))
+                                        record.started, context.client_request_id))
     LIFECYCLE.enter()
     outcome.on_done.append(_leave)
     if held is not None:
@@ -241,18 +241,20 @@ def _audit_required(state: GatewayState, caller: Caller) -> bool:
     return state.settings.audit_fail_closed and caller.tenant.environment in _AUDITED_ENVIRONMENTS
 
 
-def _audit(state: GatewayState, request_id: str, caller: Caller, model: Model, decision: Decision) -> bool:
+def _audit(state: GatewayState, context: RequestContext, caller: Caller, model: Model, decision: Decision) -> bool:
     """Record the decision; False when the trail refused it or cannot currently be written."""
+    request_id, client_request_id = context.request_id, context.client_request_id
     if decision.hidden:  # answered as a missing model (404 either way): nothing may tell that it exists
         state.audit.record(AuditRecord(
             request_id=request_id, tenant=caller.tenant.name, key_id=caller.key_id, model_requested=model.id,
-            model_served=None, license="", decision="not_found", rule="not-found"))
+            model_served=None, license="", decision="not_found", rule="not-found",
+            client_request_id=client_request_id))
         return True
     state.metrics.child(state.metrics.policy, decision.verdict.value, model.license).inc()
     return state.audit.record(AuditRecord(
         request_id=request_id, tenant=caller.tenant.name, key_id=caller.key_id, model_requested=model.id,
         model_served=decision.served_model, license=model.license, decision=decision.verdict.value,
-        rule=decision.rule,
+        rule=decision.rule, client_request_id=client_request_id,
     )) and state.audit.healthy
 
 
@@ -283,7 +285,7 @@ async def _admit(state: GatewayState, caller: Caller, reserve: int) -> Admission
 
 def _quota_error(state: GatewayState, caller: Caller, exc: Exception) -> GatewayError:
     if isinstance(exc, QuotaExceeded):
-        state.metrics.rate_limited.labels(caller.tenant.name, "quota").inc()
+        state.metrics.rejected(caller.tenant.name, "quota")
         return GatewayError(429, exc.message, type="insufficient_quota", code="insufficient_quota",
                             headers=exc.headers)
     return GatewayError(503, f"{exc} Token quotas cannot be checked right now; retry shortly.",
@@ -299,7 +301,7 @@ async def _admit_rate(state: GatewayState, caller: Caller, reserve: int, quotas=
     except (QuotaExceeded, QuotaUnavailable) as exc:
         raise _quota_error(state, caller, exc) from None
     except RateLimited as exc:
-        state.metrics.rate_limited.labels(caller.tenant.name, exc.limit).inc()
+        state.metrics.rejected(caller.tenant.name, exc.limit)
         raise GatewayError(429, exc.message, type="rate_limit_error", code="rate_limit_exceeded",
                            headers=exc.headers) from None
     except RateLimitUnavailable:

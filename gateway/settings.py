@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     # total for is refused with 503 ("refuse"), or admitted from zero ("admit": an outage may then grant
     # it up to one more quota per replica).
     quota_outage_unknown_tenants: Literal["refuse", "admit"] = "refuse"
+    # GET /v1/organization/usage/completions, per tenant and replica: requests per minute, calls at once
+    # (429 rate_limit_exceeded beyond), and counter entries one call may read (a page stops early beyond,
+    # with has_more and next_page). It reads counters, not engines: its own limits, not the tenant's.
+    # An entry costs the replica ~10-20 us (redis-py's parser, on one core), so a full page ~20-40 ms.
+    usage_api_rpm: int = Field(default=60, gt=0)
+    usage_api_max_concurrent: int = Field(default=2, gt=0)
+    usage_api_max_rows: int = Field(default=2_000, gt=0)
     # A usage record per finished request (audit trail), usage counters and tokens-by-license metrics.
     # Off only to measure what they cost (load_tests/bench_usage.py); quotas apply either way.
     usage_records: bool = True

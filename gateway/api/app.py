@@ -32,6 +32,7 @@ from gateway.settings import Settings, get_settings
 from gateway.snapshot import load_snapshot
 from gateway.tenancy.auth import warn_open_access
 from gateway.tenancy.ratelimit import make_rate_limiter
+from gateway.usage.api import UsageApi
 from gateway.usage.counters import UsageCounters
 from gateway.usage.quota import make_quotas
 
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
             state = _build_state(settings, client)
             app.state.created = int(time.time())
             app.state.gateway = state
+            app.state.usage_api = UsageApi(settings)
             _reload_on_sighup(state)
             settle_garbage_collector()
             prober = asyncio.create_task(Prober(lambda: state.snapshot, state.fleet, state.metrics,
@@ -76,7 +78,7 @@ def _build_state(settings: Settings, client) -> GatewayState:
     snapshot = load_snapshot(settings, client)  # an invalid file stops start-up, by design
     if snapshot.tenants is None:
         warn_open_access()
-    metrics = Metrics()
+    metrics = Metrics(tenant_label=settings.metrics_tenant_label)
     fleet = Fleet(OutlierPolicy(settings.outlier_consecutive_errors, settings.outlier_base_cooldown_s),
                   on_eject=lambda backend_id: metrics.ejections.labels(backend_id).inc())
     audit = AuditTrail(settings.audit_sink, max_pending=settings.audit_max_pending,

@@ -45,7 +45,8 @@ async def get_model(model_id: str, request: Request, authorization: str | None =
 async def usage_completions(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
     caller = authenticate(authorization, state.snapshot.tenants)
-    return JSONResponse(await usage_api.completions(state, caller, request.query_params))
+    api: usage_api.UsageApi = request.app.state.usage_api
+    return JSONResponse(await api.completions(state, caller, request.query_params))
 
 
 @router.post("/admin/reload")

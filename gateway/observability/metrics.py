@@ -1,7 +1,8 @@
 """Prometheus metrics (`GET /metrics`), all prefixed `gateway_`.
 
 Label values are bounded: models come from the registry (a name a client made up counts as
-`unknown`), backends from the registry, tenants from the tenants file (label can be turned off),
+`unknown`), backends from the registry, tenants from the tenants file (the label can be turned off:
+GATEWAY_METRICS_TENANT_LABEL=false makes every tenant label "-", through `Metrics.tenant`),
 statuses are HTTP codes. No request ids or free text ever become labels.
 """
 
@@ -55,7 +56,9 @@ class _AuditCollector:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, tenant_label: bool = True) -> None:
+        """`tenant_label`: GATEWAY_METRICS_TENANT_LABEL; off, every tenant label reads "-" (`tenant()`)."""
+        self.tenant_label = tenant_label
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("gateway_requests", "Requests answered", ["model", "backend", "status", "tenant"],
@@ -100,6 +103,14 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def tenant(self, name: str) -> str:
+        """The value of a `tenant` label: the name, or "-" when tenant labels are off."""
+        return name if self.tenant_label else "-"
+
+    def rejected(self, tenant: str, limit: str) -> None:
+        """Count one request refused by a rate limit or quota (gateway_rate_limit_rejections_total)."""
+        self.child(self.rate_limited, self.tenant(tenant), limit).inc()
 
     def license_token_counters(self, license_: str, tenant: str) -> tuple:
         """The (input, output) children of gateway_license_tokens_total."""

@@ -90,13 +90,14 @@ class UsageLines:
             "commercial_use": license_.commercial_use.value if license_ is not None else "unknown",
             "attestations": sorted(tenant.attestations),
         }).decode()[1:-1]
-        return (fields, *state.metrics.license_token_counters(
-            model.license, tenant.name if state.settings.metrics_tenant_label else "-"))
+        return (fields, *state.metrics.license_token_counters(model.license, state.metrics.tenant(tenant.name)))
 
 
 def recorder(state: "GatewayState", snapshot: Any, caller: "Caller", requested: "Model", model: "Model",
-             call: "UpstreamCall", request_id: str, started: float) -> Callable[["Outcome"], None]:
-    """The Outcome callback that writes the usage record, counts the tokens and exports them."""
+             call: "UpstreamCall", request_id: str, started: float,
+             client_request_id: str | None = None) -> Callable[["Outcome"], None]:
+    """The Outcome callback that writes the usage record, counts the tokens and exports them.
+    `request_id` is the gateway's (the decision record's); `client_request_id` the client's, if it sent one."""
     fields, tokens_in, tokens_out = state.usage_lines.static(state, snapshot, caller, requested, model)
 
     def record(outcome: "Outcome") -> None:
@@ -105,7 +106,8 @@ def recorder(state: "GatewayState", snapshot: Any, caller: "Caller", requested: 
         watch = outcome.watch
         ttft = watch.first_event_at - started if watch is not None and watch.first_event_at else None
         varying = orjson.dumps({
-            "request_id": request_id, "backend": outcome.backend_id, "fallback": outcome.fell_back,
+            "request_id": request_id, "client_request_id": client_request_id, "backend": outcome.backend_id,
+            "fallback": outcome.fell_back,
             "stream": call.stream, "prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion, "usage_source": source, "status": status(outcome),
             "duration_ms": round((now - started) * 1000, 1), "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
