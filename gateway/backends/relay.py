@@ -232,6 +232,10 @@ _MAX_MESSAGE = 400
 
 
 def clean_engine_message(message: str) -> str:
+    head, marker, trace = message.partition("Traceback (most recent call last):")
+    if marker:  # keep what the traceback says went wrong (its last line), never its frames
+        said = [line.strip() for line in trace.splitlines() if line.strip() and not line.strip().startswith("File ")]
+        message = f"{head} {said[-1]}" if said else head
     message = _PATH.sub("<path>", _TRACEBACK.sub("", message))
     message = " ".join(message.split())
     return message[:_MAX_MESSAGE] + ("..." if len(message) > _MAX_MESSAGE else "") or "no detail"
