@@ -25,8 +25,9 @@ from starlette.types import Receive, Scope, Send
 from gateway.backends.relay import StreamWatch, UsageCounter, relay_stream, upstream_error
 from gateway.backends.requests import EnginePayloads, Unsupported
 from gateway.backends.translate import ChatFromCompletion, ChatWithRefusal, Passthrough, Translator
-from gateway.backends.upstream import GenerationTimedOut, OpenAIUpstream, UpstreamResponse, UpstreamUnavailable
-from gateway.errors import ClientGone, GatewayError, no_backend_available
+from gateway.backends.upstream import (GenerationTimedOut, OpenAIUpstream, Unreachable, UpstreamResponse,
+                                       UpstreamUnavailable, for_how_long, looks_lasting)
+from gateway.errors import BackendFailure, ClientGone, GatewayError, no_backend_available
 from gateway.prompts.prepare import CHAT_PATH, Reply, UpstreamCall
 from gateway.registry.schema import Role
 
@@ -102,6 +103,10 @@ class Attempts:
     finished: Callable[[str, bool], None]
     released: Callable[[str], None]  # the call says nothing about the backend's health
     waited: Callable[[float], None]  # time spent waiting on an engine (excluded from the gateway's overhead)
+    # Seconds since the backend's health probes started failing (None: passing): with this long of
+    # refused connections, a 503 says the failure looks permanent.
+    failing_for: Callable[[str], float | None] = lambda _backend_id: None
+    lasting_after_s: float = 60.0
 
 
 async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, requested: str,
@@ -109,7 +114,7 @@ async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, re
                    client_gone: ClientWatch | None = None) -> Response:
     call = payloads.call
     stream = call.stream
-    failures: list[str] = []
+    failures: list[BackendFailure] = []
     refusal: Unsupported | None = None
     timed_out = False
     tried = 0
@@ -133,7 +138,7 @@ async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, re
         except UpstreamUnavailable as exc:
             attempts.waited(time.perf_counter() - sent)
             attempts.finished(upstream.id, False)
-            failures.append(str(exc))
+            failures.append(_failure(exc, attempts))
             timed_out = timed_out or exc.timed_out
             continue
         except GenerationTimedOut:
@@ -151,7 +156,7 @@ async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, re
         if response.status in _RETRYABLE:  # engine up but not serving: try the next one
             response.close()
             attempts.finished(upstream.id, False)
-            failures.append(f"{upstream.id}: HTTP {response.status}")
+            failures.append(BackendFailure(upstream.id, upstream.backend.base_url, f"answered HTTP {response.status}"))
             continue
         outcome.backend_id = upstream.id
         outcome.fell_back = upstream.backend.role is Role.FALLBACK
@@ -166,10 +171,18 @@ async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, re
     if not tried and refusal is not None:
         raise refusal.to_client_error(requested)
     if timed_out:
-        raise GatewayError(504, f"No backend for `{requested}` answered in time ({'; '.join(failures)}).",
+        raise GatewayError(504, f"No backend for `{requested}` answered in time ({'; '.join(map(str, failures))}).",
                            type="upstream_error", code="upstream_timeout")
-    detail = "; ".join(failures) if failures else "no healthy backend"
-    raise no_backend_available(requested, detail, retry_after_s)
+    raise no_backend_available(requested, failures or "no healthy backend", retry_after_s)
+
+
+def _failure(exc: UpstreamUnavailable, attempts: Attempts) -> BackendFailure:
+    failing_for = attempts.failing_for(exc.backend_id)
+    reason = exc.reason
+    if exc.kind is Unreachable.REFUSED and failing_for is not None:
+        reason += f" ({for_how_long(failing_for)}, by the health probes)"
+    return BackendFailure(exc.backend_id, exc.url, reason,
+                          looks_lasting(exc.kind, failing_for, attempts.lasting_after_s))
 
 
 async def _post_while_client_waits(upstream: OpenAIUpstream, path: str, data: bytes,

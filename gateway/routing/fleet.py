@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gateway.backends.upstream import UpstreamUnavailable
+
 
 @dataclass
 class BackendState:
@@ -23,6 +25,9 @@ class BackendState:
     ejected_until: float = 0.0
     trial_in_flight: bool = False
     last_probe: float | None = None
+    # The last probe's failure (None: it passed), and since when probes have failed without a pass.
+    probe_failure: UpstreamUnavailable | None = None
+    failing_since: float | None = None
 
 
 @dataclass
@@ -44,6 +49,22 @@ class Fleet:
         if state is None:
             state = self.states[backend_id] = BackendState(backend_id)
         return state
+
+    def probed(self, backend_id: str, failure: UpstreamUnavailable | None) -> None:
+        """An active probe's verdict: None when the backend answered its health path."""
+        state = self.state(backend_id)
+        state.healthy = failure is None
+        state.last_probe = self.clock()
+        state.probe_failure = failure
+        if failure is None:
+            state.failing_since = None
+        elif state.failing_since is None:
+            state.failing_since = state.last_probe
+
+    def failing_for(self, backend_id: str) -> float | None:
+        """Seconds since the backend's probes started failing (None: its last probe passed, or none ran)."""
+        since = self.state(backend_id).failing_since
+        return None if since is None else self.clock() - since
 
     def is_ejected(self, backend_id: str) -> bool:
         """Ejected, unless the cooldown is over and no trial request is out yet (half-open)."""
