@@ -70,7 +70,7 @@ def connect_failure(exc: aiohttp.ClientError) -> tuple[str, Unreachable]:
         # Anything else (a DNS server that timed out or failed) may pass.
         os_error = exc.os_error
         if os_error.errno == socket.EAI_NONAME or "not found" in str(os_error.strerror or "").lower():
-            return f"its host name {exc.host} does not resolve", Unreachable.UNRESOLVABLE
+            return "its host name does not resolve", Unreachable.UNRESOLVABLE
         return f"the DNS lookup of {exc.host} failed ({os_error.strerror or os_error})", Unreachable.OTHER
     if isinstance(exc, aiohttp.ClientConnectorError):
         if exc.os_error.errno == errno.ECONNREFUSED:
