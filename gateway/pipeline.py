@@ -213,7 +213,7 @@ def _attempts(state: GatewayState, context: RequestContext) -> Attempts:
         finished=finished,
         released=released,
         waited=waited,
-        failing_for=state.fleet.failing_for,
+        probe_verdict=state.fleet.probe_verdict,
         lasting_after_s=state.settings.unreachable_lasting_after_s,
     )
 

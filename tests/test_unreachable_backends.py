@@ -17,6 +17,8 @@ import openai
 import pytest
 import yaml
 
+from gateway.backends.upstream import Unreachable, UpstreamUnavailable, looks_lasting
+from gateway.routing.fleet import Fleet
 from tests.conftest import ROOT
 from tests.support.processes import Server, free_port, start_server
 
@@ -172,3 +174,32 @@ def test_retrieving_a_license_denied_model_is_the_403_its_chat_gets(gateway: Ser
         client.chat.completions.create(model="alpaca-7b", messages=[{"role": "user", "content": "hi"}])
     assert retrieved.value.response.json() == chatted.value.response.json()
     assert retrieved.value.response.json()["error"]["code"] == "model_license_forbidden"
+
+
+def test_a_dns_server_that_fails_to_answer_does_not_make_a_missing_name_exist() -> None:
+    clock = [100.0]
+    fleet = Fleet(clock=lambda: clock[0])
+    missing = UpstreamUnavailable("b", "its host name does not resolve", url="http://x.invalid",
+                                  kind=Unreachable.UNRESOLVABLE)
+    fleet.probed("b", missing)
+    clock[0] += 5
+    fleet.probed("b", UpstreamUnavailable("b", "the DNS lookup failed", kind=Unreachable.LOOKUP_FAILED))
+    fleet.probed("b", UpstreamUnavailable("b", "no answer to the health probe within 2 s", timed_out=True))
+    verdict = fleet.probe_verdict("b")
+    assert verdict is not None and verdict.failure is missing and verdict.failing_for_s == 5
+    # The request's own lookup timed out: still the missing name the probes found, so no retry helps.
+    assert looks_lasting(Unreachable.LOOKUP_FAILED, verdict, lasting_after_s=60)
+    assert not looks_lasting(Unreachable.LOOKUP_FAILED, None, lasting_after_s=60)
+    fleet.probed("b", None)  # deployed after all
+    assert fleet.probe_verdict("b") is None and fleet.state("b").healthy
+
+
+def test_refused_connections_look_lasting_only_after_the_set_time() -> None:
+    clock = [0.0]
+    fleet = Fleet(clock=lambda: clock[0])
+    fleet.probed("b", UpstreamUnavailable("b", "connection refused", kind=Unreachable.REFUSED))
+    clock[0] = 59
+    assert not looks_lasting(Unreachable.REFUSED, fleet.probe_verdict("b"), lasting_after_s=60)
+    clock[0] = 61
+    assert looks_lasting(Unreachable.REFUSED, fleet.probe_verdict("b"), lasting_after_s=60)
+    assert not looks_lasting(Unreachable.OTHER, fleet.probe_verdict("b"), lasting_after_s=60)

@@ -25,8 +25,8 @@ from starlette.types import Receive, Scope, Send
 from gateway.backends.relay import StreamWatch, UsageCounter, relay_stream, upstream_error
 from gateway.backends.requests import EnginePayloads, Unsupported
 from gateway.backends.translate import ChatFromCompletion, ChatWithRefusal, Passthrough, Translator
-from gateway.backends.upstream import (GenerationTimedOut, OpenAIUpstream, Unreachable, UpstreamResponse,
-                                       UpstreamUnavailable, for_how_long, looks_lasting)
+from gateway.backends.upstream import (GenerationTimedOut, OpenAIUpstream, ProbeVerdict, Unreachable,
+                                       UpstreamResponse, UpstreamUnavailable, for_how_long, looks_lasting)
 from gateway.errors import BackendFailure, ClientGone, GatewayError, no_backend_available
 from gateway.prompts.prepare import CHAT_PATH, Reply, UpstreamCall
 from gateway.registry.schema import Role
@@ -103,9 +103,9 @@ class Attempts:
     finished: Callable[[str, bool], None]
     released: Callable[[str], None]  # the call says nothing about the backend's health
     waited: Callable[[float], None]  # time spent waiting on an engine (excluded from the gateway's overhead)
-    # Seconds since the backend's health probes started failing (None: passing): with this long of
-    # refused connections, a 503 says the failure looks permanent.
-    failing_for: Callable[[str], float | None] = lambda _backend_id: None
+    # What the health probes know of a failing backend (None: passing): a name that does not resolve,
+    # or `lasting_after_s` of refused connections, and the 503 says the failure looks permanent.
+    probe_verdict: Callable[[str], ProbeVerdict | None] = lambda _backend_id: None
     lasting_after_s: float = 60.0
 
 
@@ -177,12 +177,13 @@ async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, re
 
 
 def _failure(exc: UpstreamUnavailable, attempts: Attempts) -> BackendFailure:
-    failing_for = attempts.failing_for(exc.backend_id)
+    probes = attempts.probe_verdict(exc.backend_id)
     reason = exc.reason
-    if exc.kind is Unreachable.REFUSED and failing_for is not None:
-        reason += f" ({for_how_long(failing_for)}, by the health probes)"
-    return BackendFailure(exc.backend_id, exc.url, reason,
-                          looks_lasting(exc.kind, failing_for, attempts.lasting_after_s))
+    if probes is not None and exc.kind is Unreachable.REFUSED:
+        reason += f" ({for_how_long(probes.failing_for_s)}, by the health probes)"
+    elif probes is not None and exc.kind is Unreachable.LOOKUP_FAILED:
+        reason += f"; at its last health probe: {probes.failure.reason}"
+    return BackendFailure(exc.backend_id, exc.url, reason, looks_lasting(exc.kind, probes, attempts.lasting_after_s))
 
 
 async def _post_while_client_waits(upstream: OpenAIUpstream, path: str, data: bytes,

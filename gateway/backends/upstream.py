@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from enum import Enum
 
 import aiohttp
@@ -34,8 +35,9 @@ class Unreachable(str, Enum):
     """Why nothing reached an engine, as far as the gateway can tell."""
 
     UNRESOLVABLE = "unresolvable"  # DNS says the host name does not exist: a wrong or undeployed backend
+    LOOKUP_FAILED = "lookup_failed"  # the DNS server did not answer (or failed): says nothing about the name
     REFUSED = "refused"  # nothing listens there (yet): an engine down, starting, or a wrong port
-    OTHER = "other"  # a timeout, a reset, a DNS server that did not answer, an HTTP 5xx: transient
+    OTHER = "other"  # a timeout, a reset, an HTTP 5xx: transient
 
 
 class UpstreamUnavailable(Exception):
@@ -51,12 +53,25 @@ class UpstreamUnavailable(Exception):
         self.kind = kind
 
 
-def looks_lasting(kind: Unreachable, failing_for_s: float | None, lasting_after_s: float) -> bool:
-    """A host name that does not resolve, or nothing listening for `lasting_after_s` of probes: an
-    operator's problem (not deployed here, a wrong URL or port), not a blip worth retrying."""
+@dataclass(frozen=True)
+class ProbeVerdict:
+    """What the health probes know of a failing backend: their last failure, and for how long they have
+    failed without a pass."""
+
+    failure: UpstreamUnavailable
+    failing_for_s: float
+
+
+def looks_lasting(kind: Unreachable, probes: ProbeVerdict | None, lasting_after_s: float) -> bool:
+    """A host name that does not resolve (a DNS server failing to answer for a name that did not resolve
+    at the last probe counts too), or nothing listening for `lasting_after_s` of probes: an operator's
+    problem (not deployed here, a wrong URL or port), not a blip worth retrying."""
+    probed = probes.failure.kind if probes is not None else None
     if kind is Unreachable.UNRESOLVABLE:
         return True
-    return kind is Unreachable.REFUSED and failing_for_s is not None and failing_for_s >= lasting_after_s
+    if kind is Unreachable.LOOKUP_FAILED:
+        return probed is Unreachable.UNRESOLVABLE
+    return kind is Unreachable.REFUSED and probes is not None and probes.failing_for_s >= lasting_after_s
 
 
 def for_how_long(seconds: float) -> str:
@@ -71,7 +86,7 @@ def connect_failure(exc: aiohttp.ClientError) -> tuple[str, Unreachable]:
         os_error = exc.os_error
         if os_error.errno == socket.EAI_NONAME or "not found" in str(os_error.strerror or "").lower():
             return "its host name does not resolve", Unreachable.UNRESOLVABLE
-        return f"the DNS lookup of {exc.host} failed ({os_error.strerror or os_error})", Unreachable.OTHER
+        return f"the DNS lookup of {exc.host} failed ({os_error.strerror or os_error})", Unreachable.LOOKUP_FAILED
     if isinstance(exc, aiohttp.ClientConnectorError):
         if exc.os_error.errno == errno.ECONNREFUSED:
             return "connection refused: nothing listens there", Unreachable.REFUSED
@@ -251,5 +266,6 @@ class OpenAIUpstream:
         except aiohttp.ClientError as exc:
             reason, kind = connect_failure(exc)
         except TimeoutError:
-            reason, kind = f"no answer to the health probe within {_PROBE_TIMEOUT.total:g} s", Unreachable.OTHER
+            return UpstreamUnavailable(self.id, f"no answer to the health probe within {_PROBE_TIMEOUT.total:g} s",
+                                       url=self._base_url, timed_out=True)
         return UpstreamUnavailable(self.id, reason, url=self._base_url, kind=kind)

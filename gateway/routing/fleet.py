@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.backends.upstream import UpstreamUnavailable
+from gateway.backends.upstream import ProbeVerdict, Unreachable, UpstreamUnavailable
 
 
 @dataclass
@@ -55,16 +55,24 @@ class Fleet:
         state = self.state(backend_id)
         state.healthy = failure is None
         state.last_probe = self.clock()
-        state.probe_failure = failure
         if failure is None:
-            state.failing_since = None
-        elif state.failing_since is None:
+            state.probe_failure = state.failing_since = None
+            return
+        if state.failing_since is None:
             state.failing_since = state.last_probe
+        # A DNS server that did not answer, or a probe that ran out of time (perhaps in the lookup), says
+        # nothing about a name that did not resolve the probe before: that answer stands.
+        known = state.probe_failure
+        if not (known is not None and known.kind is Unreachable.UNRESOLVABLE
+                and (failure.kind is Unreachable.LOOKUP_FAILED or failure.timed_out)):
+            state.probe_failure = failure
 
-    def failing_for(self, backend_id: str) -> float | None:
-        """Seconds since the backend's probes started failing (None: its last probe passed, or none ran)."""
-        since = self.state(backend_id).failing_since
-        return None if since is None else self.clock() - since
+    def probe_verdict(self, backend_id: str) -> ProbeVerdict | None:
+        """The probes' last failure and for how long they have failed; None while they pass (or none ran)."""
+        state = self.state(backend_id)
+        if state.probe_failure is None or state.failing_since is None:
+            return None
+        return ProbeVerdict(state.probe_failure, self.clock() - state.failing_since)
 
     def is_ejected(self, backend_id: str) -> bool:
         """Ejected, unless the cooldown is over and no trial request is out yet (half-open)."""

@@ -19,13 +19,13 @@ def backend_report(state) -> list[dict]:  # gateway.pipeline.GatewayState
         backend = upstream.backend
         health = state.fleet.state(backend.id)
         ejected_for = max(0.0, health.ejected_until - now) if health.ejected_until else 0.0
-        failing_for = state.fleet.failing_for(backend.id)
+        probes = state.fleet.probe_verdict(backend.id)
         rows.append({
             # `model` is the id clients send; `served_model_name` what the gateway sends the engine.
             "id": backend.id, "model": upstream.model_id, "served_model_name": upstream.served_model_name,
             "engine": backend.engine.value, "role": backend.role.value, "url": backend.base_url,
             "healthy": health.healthy, "probe_failure": health.probe_failure.reason if health.probe_failure else None,
-            "failing_for_s": None if failing_for is None else round(failing_for, 1),
+            "failing_for_s": None if probes is None else round(probes.failing_for_s, 1),
             "ejected": state.fleet.is_ejected(backend.id), "ejected_for_s": round(ejected_for, 1),
             "ejections": health.ejections, "consecutive_errors": health.consecutive_errors,
             "outstanding": health.outstanding, "max_concurrency": backend.max_concurrency,
@@ -52,15 +52,13 @@ def unusable_backends(backends: Sequence[Backend], fleet: Fleet, lasting_after_s
     failures = []
     for backend in backends:
         state = fleet.state(backend.id)
-        probe = state.probe_failure
-        failing_for = fleet.failing_for(backend.id)
+        probes = fleet.probe_verdict(backend.id)
         reasons = []
         if fleet.is_ejected(backend.id):
             reasons.append(f"ejected after {state.consecutive_errors} failed requests in a row")
-        if probe is not None:
-            since = f" ({for_how_long(failing_for)})" if failing_for is not None else ""
-            reasons.append(f"its health probe fails: {probe.reason}{since}")
-        lasting = probe is not None and looks_lasting(probe.kind, failing_for, lasting_after_s)
+        if probes is not None:
+            reasons.append(f"its health probe fails: {probes.failure.reason} ({for_how_long(probes.failing_for_s)})")
+        lasting = probes is not None and looks_lasting(probes.failure.kind, probes, lasting_after_s)
         failures.append(BackendFailure(backend.id, backend.base_url, "; ".join(reasons) or "not usable right now",
                                        lasting))
     return failures
