@@ -57,7 +57,7 @@ README = ROOT / "README.md"
 MARKER = re.compile(r"^<!--\s*readme-test:\s*(?P<spec>.*?)\s*-->$")
 FENCE = re.compile(r"^```(?P<lang>[\w-]*)\s*$")
 COMPARISONS = ("compare-text", "compare-json", "compare-json-keys")
-BLOCK_TIMEOUT_S = 300  # SmolLM2 streaming 64 tokens on a busy 2-core machine took ~50 s
+BLOCK_TIMEOUT_S = 600  # SmolLM2's 96 tokens of hello.py took 50 s to over 300 s on a busy 2-core machine
 READY_TIMEOUT_S = 240
 
 
@@ -206,10 +206,13 @@ def run_block(block: Block, clone: Path, ports: dict[str, str]) -> tuple[int, st
     script = rewrite(block.text, ports)
     argv = [".venv/bin/python", "-c", script] if block.lang == "python" else ["bash", "-e", "-o", "pipefail", "-c", script]
     try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, cwd=clone, env=clone_env(clone), stdout=subprocess.PIPE,
+        # PYTHONUNBUFFERED: stdout and stderr interleave as on a terminal, not as a pipe's buffers do.
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, cwd=clone, env=clone_env(clone, PYTHONUNBUFFERED="1"),
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=BLOCK_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
-        return -1, f"(timed out after {BLOCK_TIMEOUT_S} s)\n{exc.stdout or ''}"
+        partial = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        return -1, f"(timed out after {BLOCK_TIMEOUT_S} s)\n{partial}"
     return done.returncode, done.stdout
 
 

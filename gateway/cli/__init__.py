@@ -96,8 +96,6 @@ def _report(args: argparse.Namespace, registry: Registry, tenants: TenantDirecto
         return 0
     if args.command == "models" and args.tenant is None:
         print(format_model_table(registry))
-        if tenants is not None:
-            print("(--tenant NAME: only the models that tenant may see, with its decision)", file=sys.stderr)
         return 0
     if tenants is None:
         print(f"gateway {args.command}: needs a tenants file: --tenants FILE or GATEWAY_TENANTS", file=sys.stderr)
