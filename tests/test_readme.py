@@ -204,7 +204,8 @@ def rewrite(text: str, ports: dict[str, str]) -> str:
 
 def run_block(block: Block, clone: Path, ports: dict[str, str]) -> tuple[int, str]:
     script = rewrite(block.text, ports)
-    argv = [".venv/bin/python", "-c", script] if block.lang == "python" else ["bash", "-e", "-o", "pipefail", "-c", script]
+    shell = ["bash", "-e", "-o", "pipefail", "-c", script]
+    argv = [".venv/bin/python", "-c", script] if block.lang == "python" else shell
     try:
         # PYTHONUNBUFFERED: stdout and stderr interleave as on a terminal, not as a pipe's buffers do.
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, cwd=clone, env=clone_env(clone, PYTHONUNBUFFERED="1"),

@@ -57,7 +57,8 @@ def registry_file(tmp_path_factory: pytest.TempPathFactory, llama_cpp: Server) -
 def gateway(registry_file: Path, log_dir: Path) -> Iterator[Server]:
     port = free_port()
     env = {"GATEWAY_REGISTRY": str(registry_file),
-           "GATEWAY_TENANTS": str(ROOT / "deploy/local/tenants.yaml"), "GATEWAY_AUDIT_SINK": str(log_dir / "unreachable-audit.jsonl"),
+           "GATEWAY_TENANTS": str(ROOT / "deploy/local/tenants.yaml"),
+           "GATEWAY_AUDIT_SINK": str(log_dir / "unreachable-audit.jsonl"),
            "GATEWAY_HEALTH_PROBE_INTERVAL_S": "0.3", "GATEWAY_UNREACHABLE_LASTING_AFTER_S": str(LASTING_AFTER_S)}
     server = start_server("gateway-unreachable", [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
                           port, "/ready", log_dir, env)

@@ -95,6 +95,9 @@ def _report(args: argparse.Namespace, registry: Registry, tenants: TenantDirecto
         print(format_formats(registry))
         return 0
     if args.command == "models" and args.tenant is None:
+        if args.tenants is not None:  # asked for by name: say what it is used for
+            print("gateway models: the tenants file is checked; --tenant NAME shows one tenant's view",
+                  file=sys.stderr)
         print(format_model_table(registry))
         return 0
     if tenants is None:
