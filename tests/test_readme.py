@@ -28,8 +28,8 @@ saying how it is checked; a block without one fails `test_every_fenced_block_say
 
 How blocks run: in order, in one fresh clone (`tests/support/checkout.py`: `git clone` plus the
 uncommitted changes to tracked files, its `.venv` a link to the virtualenv running the tests), with
-`PYTHONPATH` = the clone and no `GATEWAY_*` variable but GATEWAY_PORT and LLAMA_PORT for `start`
-blocks. The README's ports, 8080 (the gateway) and 8081 (llama.cpp), are rewritten in every block and
+`PYTHONPATH` = the clone, PYTHONUNBUFFERED (stdout and stderr interleave as on a terminal) and no
+`GATEWAY_*` variable but GATEWAY_PORT and LLAMA_PORT for `start` blocks. The README's ports, 8080 (the gateway) and 8081 (llama.cpp), are rewritten in every block and
 expected output to the test's free ports, and in `start` blocks `make run` becomes
 `make -o .venv/.installed run`: the clone installs nothing. Blocks share state (`make run`'s gateway,
 its audit trail), so a block may rely on the ones before it, as a reader would.
