@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from gateway.backends.dispatch import Attempts, ClientWatch, Outcome, OutcomeCallback, dispatch
 from gateway.backends.requests import EnginePayloads
-from gateway.errors import ClientGone, GatewayError, model_not_found, no_backend_available
+from gateway.errors import ClientGone, GatewayError, license_forbidden, model_not_found, no_backend_available
 from gateway.lifecycle import LIFECYCLE
 from gateway.observability.audit import AuditRecord, AuditTrail
 from gateway.observability.metrics import Metrics
@@ -32,6 +32,7 @@ from gateway.registry import Model
 from gateway.routing.budget import RetryBudget
 from gateway.routing.fleet import Fleet
 from gateway.routing.picker import RoutingHints, RoutingPolicy, backends_in_try_order
+from gateway.routing.report import unusable_backends
 from gateway.settings import Settings
 from gateway.snapshot import Snapshot
 from gateway.tenancy.auth import authenticate
@@ -185,8 +186,7 @@ def _served_model(snapshot: Snapshot, requested: Model, decision: Decision) -> M
         return snapshot.registry.models[decision.served_model]
     if decision.hidden:
         raise model_not_found(requested.id)
-    raise GatewayError(403, decision.reason, type="permission_error", param="model",
-                       code="model_license_forbidden")
+    raise license_forbidden(decision.reason)
 
 
 def _route(state: GatewayState, snapshot: Snapshot, model: Model, call: UpstreamCall) -> list:
@@ -201,8 +201,8 @@ def _route(state: GatewayState, snapshot: Snapshot, model: Model, call: Upstream
                               and state.fleet.state(b.id).outstanding >= b.max_concurrency
                               for b in model.backends):
         raise _overloaded(state, f"every backend of `{model.id}` is at its concurrency limit")
-    why = "no healthy backend" if model.backends else "the model has no backends configured"
-    raise no_backend_available(model.id, why, state.settings.retry_after_s)
+    failures = unusable_backends(model.backends, state.fleet, state.settings.unreachable_lasting_after_s)
+    raise no_backend_available(model.id, failures, state.settings.retry_after_s)
 
 
 def _overloaded(state: GatewayState, why: str) -> GatewayError:
@@ -233,6 +233,8 @@ def _attempts(state: GatewayState, context: RequestContext) -> Attempts:
         finished=finished,
         released=released,
         waited=waited,
+        probe_verdict=state.fleet.probe_verdict,
+        lasting_after_s=state.settings.unreachable_lasting_after_s,
     )
 
 

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     max_inflight: int = Field(default=4096, gt=0)
 
     health_probe_interval_s: float = Field(default=5.0, gt=0)
+    # A backend whose probes have found nothing listening for this long is reported as down for good:
+    # its 503 says so, without Retry-After and with `x-should-retry: false` (a host name that does not
+    # resolve is reported so at once).
+    unreachable_lasting_after_s: float = Field(default=60.0, ge=0)
     outlier_consecutive_errors: int = Field(default=3, ge=1)
     outlier_base_cooldown_s: float = Field(default=5.0, gt=0)
     prefix_affinity: bool = False

@@ -54,9 +54,9 @@ def test_model_list_differs_by_tenant(gateway: Server) -> None:
     assert "alpaca-7b" in research and "alpaca-7b" not in production
     assert "llama-2-7b-chat" not in production  # conditional license, nothing attested
     assert "falcon-7b" in production and production < research
-    with pytest.raises(openai.NotFoundError) as caught:
+    with pytest.raises(openai.PermissionDeniedError) as caught:  # as a chat with it: the 403 says why
         client_for(gateway, PROD_KEY).models.retrieve("alpaca-7b")
-    assert caught.value.response.json()["error"]["code"] == "model_not_found"
+    assert caught.value.response.json()["error"]["code"] == "model_license_forbidden"
 
 
 def test_audit_trail_records_each_decision(gateway: Server, log_dir: Path) -> None:

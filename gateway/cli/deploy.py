@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from gateway.deploy import drift, render, write
+from gateway.deploy.fleet import replica_warnings
 from gateway.errors import ConfigError
 
 
@@ -28,10 +29,14 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    for warning in replica_warnings(fleet):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.check:
         changed = drift(root, files)
         for rel in changed:
             print(f"{rel}: differs from `gateway deploy render` (run it and commit the result)", file=sys.stderr)
+        if not changed:
+            print(f"ok: the {len(files)} generated files match the registry and {args.fleet}")
         return 1 if changed else 0
     changed = write(root, files)
     print(f"rendered {len(files)} files, {len(changed)} changed")

@@ -90,3 +90,17 @@ def placements(path: Path, fleet: FleetFile, registry: Registry, problems: list[
                 names = (*before.overlays, overlay_name) if before else (overlay_name,)
                 found[backend.id] = Placement(model, backend, entry, names)
     return [found[key] for key in sorted(found)]
+
+
+def replica_warnings(path: Path) -> list[str]:
+    """What fleet.yaml's comment promises: a backend run by more than one pod shares one ReadWriteOnce
+    weights volume, which pods on different nodes cannot mount together."""
+    fleet = read_fleet(path, [])
+    if fleet is None:
+        return []  # render() has reported why
+    return [f"{path}: overlays.{name}.models[{index}] ({entry.model}): replicas: {entry.replicas} share one "
+            "ReadWriteOnce weights volume (deploy/models/*/pvc.yaml): a pod on another node cannot attach it "
+            "(Multi-Attach error) and never starts; give that volume a ReadWriteMany storage class, or run "
+            "one replica"
+            for name, overlay in sorted(fleet.overlays.items())
+            for index, entry in enumerate(overlay.models) if entry.replicas > 1]
