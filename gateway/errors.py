@@ -5,6 +5,9 @@ It carries OpenAI's error fields; `gateway.api.errors` turns it into the `{"erro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 
 class ConfigError(Exception):
     """A configuration file is invalid; `problems` holds one line per problem, each naming the file,
@@ -76,7 +79,44 @@ def model_not_deployed(model_id: str) -> GatewayError:
     )
 
 
-def no_backend_available(model_id: str, detail: str, retry_after_s: int) -> GatewayError:
+def license_forbidden(reason: str) -> GatewayError:
+    """The license rules refuse this tenant the model (which it may know exists); `reason` says why and
+    what would permit it."""
+    return GatewayError(403, reason, type="permission_error", param="model", code="model_license_forbidden")
+
+
+@dataclass(frozen=True)
+class BackendFailure:
+    """Why one backend of a model could not answer: named in the 503, with its URL."""
+
+    backend_id: str
+    url: str
+    reason: str
+    lasting: bool = False  # looks permanent (a name that does not resolve, refused for long): no retry helps
+
+    def __str__(self) -> str:
+        return f"`{self.backend_id}` at {self.url}: {self.reason}"
+
+
+def no_backend_available(model_id: str, failures: Sequence[BackendFailure] | str, retry_after_s: int) -> GatewayError:
+    """503. Transient failures carry Retry-After; failures that look permanent say so and carry OpenAI's
+    `x-should-retry: false`, so that the SDKs do not spend their retries (and the caller's time) on them."""
+    if isinstance(failures, str):
+        detail, lasting = failures, False
+    else:
+        detail = "; ".join(map(str, failures)) or "the registry configures no backend for it"
+        lasting = all(failure.lasting for failure in failures)
+    if lasting:
+        return GatewayError(
+            503,
+            f"No backend can serve model `{model_id}` ({detail}). This does not look like a passing failure: "
+            "the model is not deployed where this gateway can reach it, or its backend URL in the registry is "
+            "wrong. Retrying will not help until an operator fixes that (GET /admin/backends shows every "
+            "backend's state).",
+            type="service_unavailable_error",
+            code="backend_unreachable",
+            headers={"x-should-retry": "false"},
+        )
     return GatewayError(
         503,
         f"No backend for model `{model_id}` is reachable right now ({detail}). Retry later.",

@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from gateway.backends.dispatch import Attempts, ClientWatch, Outcome, OutcomeCallback, dispatch
 from gateway.backends.requests import EnginePayloads
-from gateway.errors import ClientGone, GatewayError, model_not_found, no_backend_available
+from gateway.errors import ClientGone, GatewayError, license_forbidden, model_not_found, no_backend_available
 from gateway.lifecycle import LIFECYCLE
 from gateway.observability.audit import AuditRecord, AuditTrail
 from gateway.observability.metrics import Metrics
@@ -32,10 +32,12 @@ from gateway.registry import Model
 from gateway.routing.budget import RetryBudget
 from gateway.routing.fleet import Fleet
 from gateway.routing.picker import RoutingHints, RoutingPolicy, backends_in_try_order
+from gateway.routing.report import no_ready_pods, unusable_backends
 from gateway.settings import Settings
 from gateway.snapshot import Snapshot
 from gateway.tenancy.auth import authenticate
 from gateway.tenancy.extras import require_allowed_extras
+from gateway.tenancy.holds import Hold, Holds
 from gateway.tenancy.ratelimit import Admission, RateLimited, RateLimiter, RateLimitUnavailable
 from gateway.tenancy.tenants import Caller, Environment
 from gateway.usage.counters import UsageCounters
@@ -62,6 +64,7 @@ class GatewayState:
     quotas: Any = field(default_factory=LocalQuotas)  # LocalQuotas | RedisQuotas (gateway/usage/quota.py)
     usage: UsageCounters = field(default_factory=UsageCounters)
     usage_lines: UsageLines = field(default_factory=UsageLines)
+    holds: Holds = field(default_factory=Holds)  # each tenant's open requests here, uploads included
 
 
 @dataclass(frozen=True)
@@ -83,12 +86,25 @@ def identify(state: GatewayState, authorization: str | None) -> Caller:
     return authenticate(authorization, state.snapshot.tenants)
 
 
+def hold(state: GatewayState, caller: Caller) -> Hold | None:
+    """The second step, still before the body: the request counts against its tenant's concurrency on
+    this replica from now on (429 at once past it). Released when its outcome is reported."""
+    try:
+        return state.holds.take(caller.tenant)
+    except GatewayError:
+        state.metrics.rejected(caller.tenant.name, "concurrency")
+        raise
+
+
 async def serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: bytes,
-                context: RequestContext, client_gone: ClientWatch | None = None) -> Response:
+                context: RequestContext, client_gone: ClientWatch | None = None,
+                held: Hold | None = None) -> Response:
+    """`held`: the caller's hold (`hold()`); it passes to the request's outcome once there is one, and the
+    caller releases it when this raises before (releasing is idempotent)."""
     record = RequestRecord(state.metrics, state.settings.metrics_tenant_label, time.monotonic())
     record.tenant = caller.tenant.name
     try:
-        response = await _serve(state, endpoint, caller, raw, context, record, client_gone)
+        response = await _serve(state, endpoint, caller, raw, context, record, client_gone, held)
     except GatewayError as exc:
         record.finished(exc.status)
         raise
@@ -99,16 +115,17 @@ async def serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: by
     return response
 
 
-async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: bytes,
-                 context: RequestContext, record: RequestRecord, client_gone: ClientWatch | None) -> Response:
+async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: bytes, context: RequestContext,
+                 record: RequestRecord, client_gone: ClientWatch | None, held: Hold | None) -> Response:
     snapshot = state.snapshot  # one consistent configuration for the whole request
+    caller = snapshot.current(caller)  # a reload during the upload: judged by the new rules, or a 401
     body = parse_request(raw, endpoint.schema)
     require_allowed_extras(body, caller.tenant)
     requested = snapshot.registry.model(body.model)
     if requested is None:
         raise snapshot.missing(body.model, caller.tenant)
     decision = snapshot.decide(caller.tenant, requested)
-    if not _audit(state, context.request_id, caller, requested, decision) and _audit_required(state, caller):
+    if not _audit(state, context, caller, requested, decision) and _audit_required(state, caller):
         raise GatewayError(503, "The audit trail cannot be written right now, and this gateway serves "
                            f"{caller.tenant.environment.value} tenants only with an audit record. Retry shortly.",
                            type="service_unavailable_error", code="audit_unavailable",
@@ -118,16 +135,20 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
     call = endpoint.prepare(model, body, caller.tenant.default_max_tokens or model.default_max_tokens)
     payloads = EnginePayloads(call, model.id)
     payloads.require_some(backend.engine for backend in model.backends)  # a 400 before it costs a slot
-    admission = await _admit(state, caller, call.reservation(model.context_length))  # counts, answered or not
+    reserve = call.reservation(model.context_length)
+    admission = await _admit(state, caller, reserve)  # counts, answered or not
     headers = dict(admission.headers)
     if decision.verdict is Verdict.SUBSTITUTE:
         headers["x-gateway-substituted-from"] = requested.id
     limited = caller.tenant.limits.any or bool(caller.tenant.quotas)
-    outcome = Outcome(releases=[_reconcile(admission, call)] if limited else [], on_done=[record.outcome])
+    outcome = Outcome(releases=[_reconcile(admission, call, reserve)] if limited else [], on_done=[record.outcome])
     if state.settings.usage_records:
-        outcome.on_done.append(recorder(state, caller, requested, model, call, context.request_id, record.started))
+        outcome.on_done.append(recorder(state, snapshot, caller, requested, model, call, context.request_id,
+                                        record.started, context.client_request_id))
     LIFECYCLE.enter()
     outcome.on_done.append(_leave)
+    if held is not None:
+        outcome.on_done.append(held.release)
     try:
         upstreams = _route(state, snapshot, model, call)
         await ensure_prompt_fits(model, call, upstreams[0].count_tokens)
@@ -165,8 +186,7 @@ def _served_model(snapshot: Snapshot, requested: Model, decision: Decision) -> M
         return snapshot.registry.models[decision.served_model]
     if decision.hidden:
         raise model_not_found(requested.id)
-    raise GatewayError(403, decision.reason, type="permission_error", param="model",
-                       code="model_license_forbidden")
+    raise license_forbidden(decision.reason)
 
 
 def _route(state: GatewayState, snapshot: Snapshot, model: Model, call: UpstreamCall) -> list:
@@ -181,9 +201,9 @@ def _route(state: GatewayState, snapshot: Snapshot, model: Model, call: Upstream
     if backends and any(b.max_concurrency is not None and state.fleet.state(b.id).healthy
                         and state.fleet.state(b.id).outstanding >= b.max_concurrency for b in backends):
         raise _overloaded(state, f"every backend of `{model.id}` is at its concurrency limit")
-    why = ("no healthy backend" if backends else "no engine pod is ready") if model.backends \
-        else "the model has no backends configured"
-    raise no_backend_available(model.id, why, state.settings.retry_after_s)
+    failures = (unusable_backends(backends, state.fleet, state.settings.unreachable_lasting_after_s) if backends
+                else no_ready_pods(model.backends))
+    raise no_backend_available(model.id, failures, state.settings.retry_after_s)
 
 
 def _overloaded(state: GatewayState, why: str) -> GatewayError:
@@ -214,6 +234,8 @@ def _attempts(state: GatewayState, context: RequestContext) -> Attempts:
         finished=finished,
         released=released,
         waited=waited,
+        probe_verdict=state.fleet.probe_verdict,
+        lasting_after_s=state.settings.unreachable_lasting_after_s,
     )
 
 
@@ -222,18 +244,20 @@ def _audit_required(state: GatewayState, caller: Caller) -> bool:
     return state.settings.audit_fail_closed and caller.tenant.environment in _AUDITED_ENVIRONMENTS
 
 
-def _audit(state: GatewayState, request_id: str, caller: Caller, model: Model, decision: Decision) -> bool:
+def _audit(state: GatewayState, context: RequestContext, caller: Caller, model: Model, decision: Decision) -> bool:
     """Record the decision; False when the trail refused it or cannot currently be written."""
+    request_id, client_request_id = context.request_id, context.client_request_id
     if decision.hidden:  # answered as a missing model (404 either way): nothing may tell that it exists
         state.audit.record(AuditRecord(
             request_id=request_id, tenant=caller.tenant.name, key_id=caller.key_id, model_requested=model.id,
-            model_served=None, license="", decision="not_found", rule="not-found"))
+            model_served=None, license="", decision="not_found", rule="not-found",
+            client_request_id=client_request_id))
         return True
     state.metrics.child(state.metrics.policy, decision.verdict.value, model.license).inc()
     return state.audit.record(AuditRecord(
         request_id=request_id, tenant=caller.tenant.name, key_id=caller.key_id, model_requested=model.id,
         model_served=decision.served_model, license=model.license, decision=decision.verdict.value,
-        rule=decision.rule,
+        rule=decision.rule, client_request_id=client_request_id,
     )) and state.audit.healthy
 
 
@@ -264,10 +288,10 @@ async def _admit(state: GatewayState, caller: Caller, reserve: int) -> Admission
 
 def _quota_error(state: GatewayState, caller: Caller, exc: Exception) -> GatewayError:
     if isinstance(exc, QuotaExceeded):
-        state.metrics.rate_limited.labels(caller.tenant.name, "quota").inc()
+        state.metrics.rejected(caller.tenant.name, "quota")
         return GatewayError(429, exc.message, type="insufficient_quota", code="insufficient_quota",
                             headers=exc.headers)
-    return GatewayError(503, "Token quotas are unavailable and the gateway is set to fail closed.",
+    return GatewayError(503, f"{exc} Token quotas cannot be checked right now; retry shortly.",
                         type="service_unavailable_error", code="rate_limiter_unavailable",
                         headers={"Retry-After": str(state.settings.retry_after_s)})
 
@@ -280,7 +304,7 @@ async def _admit_rate(state: GatewayState, caller: Caller, reserve: int, quotas=
     except (QuotaExceeded, QuotaUnavailable) as exc:
         raise _quota_error(state, caller, exc) from None
     except RateLimited as exc:
-        state.metrics.rate_limited.labels(caller.tenant.name, exc.limit).inc()
+        state.metrics.rejected(caller.tenant.name, exc.limit)
         raise GatewayError(429, exc.message, type="rate_limit_error", code="rate_limit_exceeded",
                            headers=exc.headers) from None
     except RateLimitUnavailable:
@@ -289,11 +313,12 @@ async def _admit_rate(state: GatewayState, caller: Caller, reserve: int, quotas=
                            headers={"Retry-After": str(state.settings.retry_after_s)}) from None
 
 
-def _reconcile(admission: Admission, call: UpstreamCall) -> OutcomeCallback:
+def _reconcile(admission: Admission, call: UpstreamCall, reserved: int) -> OutcomeCallback:
     def finish(outcome: Outcome) -> Awaitable[None] | None:
         actual = outcome.total_tokens
         if actual is None and outcome.watch is not None and outcome.watch.events:
-            actual = call.prompt_estimate + outcome.watch.events
+            # Broken off before the engine's usage: charged by the prompt's bound, never beyond the reservation.
+            actual = min(reserved, call.prompt_bound + outcome.watch.events)
         return admission.settle(actual)  # what is left to await where the limiter needs I/O (Redis)
 
     return finish

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +44,10 @@ class Settings(BaseSettings):
     max_inflight: int = Field(default=4096, gt=0)
 
     health_probe_interval_s: float = Field(default=5.0, gt=0)
+    # A backend whose probes have found nothing listening for this long is reported as down for good:
+    # its 503 says so, without Retry-After and with `x-should-retry: false` (a host name that does not
+    # resolve is reported so at once).
+    unreachable_lasting_after_s: float = Field(default=60.0, ge=0)
     outlier_consecutive_errors: int = Field(default=3, ge=1)
     outlier_base_cooldown_s: float = Field(default=5.0, gt=0)
     prefix_affinity: bool = False
@@ -64,6 +69,10 @@ class Settings(BaseSettings):
     # 4 MiB is ~1M tokens of text, far beyond any context here; a parse of it stays in the tens of MB.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     body_read_timeout_s: float = Field(default=30.0, gt=0)
+    # ... and a body that declares its length must arrive within grace + length / rate (at most the
+    # timeout above): 300 bytes get ~5 s, not 30.
+    body_read_grace_s: float = Field(default=5.0, gt=0)
+    body_read_min_bytes_per_s: int = Field(default=64 * 1024, gt=0)
     # JSON objects and arrays in one body at most: `[{},{},...]` costs ~30x its size to parse.
     max_json_containers: int = Field(default=20_000, gt=0)
     # Items (commas) in one body at most: longer than any token-id prompt a context here takes.
@@ -94,6 +103,18 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     # When Redis is unreachable: keep serving on local limits (default) or refuse with 503.
     ratelimit_fail_closed: bool = False
+    # While Redis is unreachable, token quotas continue on each replica from the last totals it saw in
+    # Redis (and what was spent is written back when it returns). A quota tenant this replica has seen no
+    # total for is refused with 503 ("refuse"), or admitted from zero ("admit": an outage may then grant
+    # it up to one more quota per replica).
+    quota_outage_unknown_tenants: Literal["refuse", "admit"] = "refuse"
+    # GET /v1/organization/usage/completions, per tenant and replica: requests per minute, calls at once
+    # (429 rate_limit_exceeded beyond), and counter entries one call may read (a page stops early beyond,
+    # with has_more and next_page). It reads counters, not engines: its own limits, not the tenant's.
+    # An entry costs the replica ~10-20 us (redis-py's parser, on one core), so a full page ~20-40 ms.
+    usage_api_rpm: int = Field(default=60, gt=0)
+    usage_api_max_concurrent: int = Field(default=2, gt=0)
+    usage_api_max_rows: int = Field(default=2_000, gt=0)
     # A usage record per finished request (audit trail), usage counters and tokens-by-license metrics.
     # Off only to measure what they cost (load_tests/bench_usage.py); quotas apply either way.
     usage_records: bool = True

@@ -16,7 +16,8 @@ from gateway.errors import GatewayError, model_not_deployed, model_not_found
 from gateway.policy.decide import Decision, decide
 from gateway.registry import Model, Registry, deployed_view, load_registry, read_deployed
 from gateway.settings import Settings
-from gateway.tenancy.tenants import Tenant, TenantDirectory, load_tenants
+from gateway.tenancy.auth import ANONYMOUS, invalid_api_key
+from gateway.tenancy.tenants import Caller, Tenant, TenantDirectory, load_tenants
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,16 @@ class Snapshot:
     _decisions: dict[tuple[str, str], Decision] = field(default_factory=dict, repr=False, compare=False)
 
     def decide(self, tenant: Tenant, model: Model) -> Decision:
-        """The policy decision, computed once per (tenant, model) for this snapshot: O(1) per request."""
+        """The policy decision, computed once per (tenant, model) for this snapshot: O(1) per request.
+
+        Cached only for this snapshot's own tenant objects: a decision made for a tenant of another
+        snapshot (a reload between authentication and judgement) must never be served to later requests."""
         key = (tenant.name, model.id)
         decision = self._decisions.get(key)
         if decision is None:
-            decision = self._decisions[key] = decide(tenant, model, self.registry)
+            decision = decide(tenant, model, self.registry)
+            if self.owns(tenant):
+                self._decisions[key] = decision
         return decision
 
     def missing(self, model_id: str, tenant: Tenant) -> GatewayError:
@@ -41,6 +47,21 @@ class Snapshot:
         if model is not None and not decide(tenant, model, self.registry).hidden:
             return model_not_deployed(model_id)
         return model_not_found(model_id)
+
+    def owns(self, tenant: Tenant) -> bool:
+        return self.tenants is None or self.tenants.tenants.get(tenant.name) is tenant
+
+    def current(self, caller: Caller) -> Caller:
+        """The caller as this snapshot knows it: the same object when it was authenticated against this
+        snapshot, else looked up again by its key (a reload between the headers and the body). A key that
+        the reload removed is refused (401), and a tenant it changed is judged by its new rules."""
+        tenants = self.tenants
+        if tenants is None:
+            return caller if not caller.key_hash else ANONYMOUS
+        found = tenants.by_key_hash.get(caller.key_hash)
+        if found is None:
+            raise invalid_api_key()
+        return found
 
 
 def load_config(settings: Settings) -> tuple[Registry, TenantDirectory | None]:

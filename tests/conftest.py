@@ -162,7 +162,10 @@ def gateway(llama_cpp: Server, vllm_fleet_launched: dict[str, Server], seq2seq_w
     tenants.write_text(yaml.safe_dump(tenants_document()))
     port = free_port()
     env = {"GATEWAY_REGISTRY": f"{ROOT / 'model_registry.yaml'},{overlay}", "GATEWAY_TENANTS": str(tenants),
-           "GATEWAY_AUDIT_SINK": str(log_dir / "audit.jsonl"), "GATEWAY_HEALTH_PROBE_INTERVAL_S": "1"}
+           "GATEWAY_AUDIT_SINK": str(log_dir / "audit.jsonl"), "GATEWAY_HEALTH_PROBE_INTERVAL_S": "1",
+           # UNREACHABLE_MODEL's closed port stays a passing failure however long the session has run
+           # (tests/test_unreachable_backends.py covers the turn to permanent).
+           "GATEWAY_UNREACHABLE_LASTING_AFTER_S": "86400"}
     argv = [sys.executable, "-m", "gateway", "serve", "--port", str(port)]
     server = start_server("gateway", argv, port, "/ready", log_dir, env)
     try:

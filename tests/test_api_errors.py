@@ -96,16 +96,19 @@ def test_unknown_api_key_is_401_without_echoing_it(gateway: Server) -> None:
 
 def test_every_response_carries_a_request_id(gateway: Server) -> None:
     mine = httpx.get(gateway.url + "/v1/models", headers={"authorization": AUTH, "x-request-id": "req-abc.123"})
-    assert mine.headers["x-request-id"] == "req-abc.123"
+    assert len(mine.headers["x-request-id"]) == 32  # always the gateway's own; the client's is beside it
+    assert mine.headers["x-client-request-id"] == "req-abc.123"
     generated = httpx.get(gateway.url + "/v1/nowhere", headers={"authorization": AUTH})
-    assert len(generated.headers["x-request-id"]) == 32
+    assert len(generated.headers["x-request-id"]) == 32 and "x-client-request-id" not in generated.headers
 
 
 def test_json_access_log_carries_the_request_id(gateway: Server) -> None:
-    httpx.get(gateway.url + "/v1/models", headers={"authorization": AUTH, "x-request-id": "req-access-log-1"})
-    lines = gateway.log_lines_with("req-access-log-1")
+    response = httpx.get(gateway.url + "/v1/models", headers={"authorization": AUTH,
+                                                              "x-client-request-id": "req-access-log-1"})
+    lines = gateway.log_lines_with(response.headers["x-request-id"])
     record = json.loads(lines[-1].split("gateway.access: ", 1)[1])
     assert record["path"] == "/v1/models" and record["status"] == 200 and record["method"] == "GET"
+    assert record["client_request_id"] == "req-access-log-1"
 
 
 def test_unreachable_backend_is_503_with_retry_after(client: openai.OpenAI) -> None:

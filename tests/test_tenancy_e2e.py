@@ -54,29 +54,32 @@ def test_model_list_differs_by_tenant(gateway: Server) -> None:
     assert "alpaca-7b" in research and "alpaca-7b" not in production
     assert "llama-2-7b-chat" not in production  # conditional license, nothing attested
     assert "falcon-7b" in production and production < research
-    with pytest.raises(openai.NotFoundError) as caught:
+    with pytest.raises(openai.PermissionDeniedError) as caught:  # as a chat with it: the 403 says why
         client_for(gateway, PROD_KEY).models.retrieve("alpaca-7b")
-    assert caught.value.response.json()["error"]["code"] == "model_not_found"
+    assert caught.value.response.json()["error"]["code"] == "model_license_forbidden"
 
 
 def test_audit_trail_records_each_decision(gateway: Server, log_dir: Path) -> None:
-    with pytest.raises(openai.PermissionDeniedError):
+    with pytest.raises(openai.PermissionDeniedError) as denied:
         client_for(gateway, PROD_KEY).completions.create(model="mpt-7b-chat", prompt="x",
-                                                         extra_headers={"x-request-id": "audit-deny-1"})
-    client_for(gateway, SUBST_KEY).completions.create(model="vicuna-7b-v1.3", prompt="x", max_tokens=1,
-                                                      extra_headers={"x-request-id": "audit-subst-1"})
+                                                         extra_headers={"x-client-request-id": "audit-deny-1"})
+    subst_raw = client_for(gateway, SUBST_KEY).completions.with_raw_response.create(
+        model="vicuna-7b-v1.3", prompt="x", max_tokens=1, extra_headers={"x-request-id": "audit-subst-1"})
+    # Records are keyed by the gateway's own id (the response's x-request-id), never by the client's.
+    deny_id, subst_id = denied.value.response.headers["x-request-id"], subst_raw.headers["x-request-id"]
     records = {}
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and len(records) < 2:
         lines = (log_dir / "audit.jsonl").read_text().splitlines()
         records = {r["request_id"]: r for r in map(json.loads, lines)  # decision records (usage: own test)
-                   if r["request_id"] in {"audit-deny-1", "audit-subst-1"} and r.get("type") != "usage"}
+                   if r["request_id"] in {deny_id, subst_id} and r.get("type") != "usage"}
         time.sleep(0.1)
-    deny, subst = records["audit-deny-1"], records["audit-subst-1"]
+    deny, subst = records[deny_id], records[subst_id]
     assert deny | {"time": None} == {
-        "time": None, "request_id": "audit-deny-1", "tenant": "prod-app", "key_id": hash_key(PROD_KEY)[7:15],
+        "time": None, "request_id": deny_id, "tenant": "prod-app", "key_id": hash_key(PROD_KEY)[7:15],
         "model_requested": "mpt-7b-chat", "model_served": None, "license": "cc-by-nc-sa-4.0",
-        "decision": "deny", "rule": "non-commercial-license-in-production"}
+        "decision": "deny", "rule": "non-commercial-license-in-production", "client_request_id": "audit-deny-1"}
+    assert subst["client_request_id"] == "audit-subst-1"  # a legacy x-request-id is kept as the client's
     assert (subst["decision"], subst["model_served"], subst["rule"]) == (
         "substitute", "vicuna-7b-v1.5", "substitute-commercial-twin")
 

@@ -69,6 +69,22 @@ def test_unknown_attestation_and_raw_key_instead_of_hash(tmp_path: Path) -> None
     assert not any("sk-plain-key-by-mistake" in p for p in problems)  # never print what may be a key
 
 
+def test_key_hash_with_a_trailing_newline_is_refused_at_load(tmp_path: Path) -> None:
+    """YAML's `- |` block keeps the line break: `^...$` matched such a hash, which then never matched a key."""
+    key_hash = hash_key("sk-test-newline-key")
+    path = tmp_path / "tenants.yaml"
+    path.write_text("tenants:\n  - name: newline-team\n    environment: research\n    api_key_hashes:\n"
+                    f"      - |\n        {key_hash}\n")
+    assert yaml.safe_load(path.read_text())["tenants"][0]["api_key_hashes"] == [key_hash + "\n"]
+    with pytest.raises(TenantsError) as caught:
+        load_tenants(path, REGISTRY)
+    assert caught.value.problems == [
+        f"{path}: tenant 'newline-team': field 'api_key_hashes.0': has whitespace or a line break around it "
+        "(YAML's `- |` keeps one; write the hash as a plain value)"]
+    path.write_text(path.read_text().replace("- |\n        ", "- "))  # the same hash as a plain value
+    assert load_tenants(path, REGISTRY).caller_for_key("sk-test-newline-key").tenant.name == "newline-team"
+
+
 def test_gateway_refuses_to_start_with_a_bad_tenants_file(tmp_path: Path) -> None:
     document = tenants_document()
     document["tenants"][0]["environment"] = "qa"

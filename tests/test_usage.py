@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from gateway.cli import main
+from gateway.backends.relay import StreamWatch
 from gateway.usage.counters import UsageCounters
 from gateway.usage.quota import DAY_S, LocalQuotas, QuotaExceeded, Quotas, month_number, month_reset
 from gateway.usage.quota_lua import PERIODS_LUA
@@ -81,16 +82,18 @@ def _outcome(**fields: object) -> SimpleNamespace:
 
 
 def test_usage_source_and_status() -> None:
-    call = SimpleNamespace(prompt_estimate=9)
+    call = SimpleNamespace(prompt_bound=9)
     engine = _outcome(usage={"prompt_tokens": 3, "completion_tokens": 4}, status=200)
     assert tokens(engine, call) == (3, 4, "engine") and status(engine) == 200
     counted = _outcome(usage={"prompt_tokens": 3, "completion_tokens": 4},
-                       watch=SimpleNamespace(usage_by_gateway=True, events=4, failure=None, completed=True))
+                       watch=StreamWatch(0.0, usage_by_gateway=True, events=4, completed=True))
     assert tokens(counted, call) == (3, 4, "gateway") and status(counted) == 200
-    gone = _outcome(watch=SimpleNamespace(usage_by_gateway=False, events=2, failure=None, completed=False))
+    gone = _outcome(watch=StreamWatch(0.0, events=2))
     assert tokens(gone, call) == (9, 2, "gateway_estimate") and status(gone) == 499
-    broken = _outcome(watch=SimpleNamespace(usage_by_gateway=False, events=0, failure="stalled", completed=False))
+    broken = _outcome(watch=StreamWatch(0.0, failure="stalled"))
     assert tokens(broken, call) == (0, 0, "none") and status(broken) == 502
+    refused = _outcome(watch=StreamWatch(0.0, events=3, engine_error="bad request mid-stream"))
+    assert status(refused) == 502 and refused.watch.failure is None  # a 502, the backend not blamed
 
 
 def test_process_counters_bucket_by_width() -> None:
@@ -148,7 +151,11 @@ def test_redis_down_keeps_quotas_per_replica_or_fails_closed() -> None:
 
     async def run() -> None:
         url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-        open_limiter = RedisRateLimiter(url, connect_timeout_s=0.2)
+        # A quota tenant this replica never saw in Redis has no known total: refused by default ...
+        with pytest.raises(QuotaUnavailable):
+            await RedisRateLimiter(url, connect_timeout_s=0.2).admit("t", Limits(), 60, Quotas(tokens_per_day=100))
+        # ... or, where the operator chose it, counted from zero on this replica.
+        open_limiter = RedisRateLimiter(url, connect_timeout_s=0.2, admit_unknown_quotas=True)
         admission = await open_limiter.admit("t", Limits(), 60, Quotas(tokens_per_day=100))
         assert admission.headers["x-gateway-quota-remaining-tokens"] == "40"
         with pytest.raises(QuotaExceeded):

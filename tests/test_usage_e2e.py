@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 
 import openai
@@ -37,13 +36,13 @@ def _record(log_dir: Path, request_id: str) -> dict:
 def test_usage_record_equals_the_engines_usage(gateway: Server, vllm_fleet: dict[str, Server], log_dir: Path,
                                                model: str, stream_source: str) -> None:
     api: openai.OpenAI = client_for(gateway, RESEARCH_KEY)
-    plain_id, stream_id = f"usage-{uuid.uuid4().hex[:8]}", f"usage-{uuid.uuid4().hex[:8]}"
-    answer = api.chat.completions.create(model=model, messages=CHAT, max_tokens=8,
-                                         extra_headers={"x-request-id": plain_id})
-    chunks = list(api.chat.completions.create(model=model, messages=CHAT, max_tokens=8, stream=True,
-                                              stream_options={"include_usage": True},
-                                              extra_headers={"x-request-id": stream_id}))
+    answer = api.chat.completions.create(model=model, messages=CHAT, max_tokens=8)
+    stream = api.chat.completions.create(model=model, messages=CHAT, max_tokens=8, stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
     streamed = next(chunk.usage for chunk in chunks if chunk.usage)
+    plain_id, stream_id = answer._request_id, stream.response.headers["x-request-id"]  # the gateway's ids
+    assert plain_id and stream_id and plain_id != stream_id
     plain, stream = _record(log_dir, plain_id), _record(log_dir, stream_id)
     for record, usage, source, is_stream in ((plain, answer.usage, "engine", False),
                                              (stream, streamed, stream_source, True)):

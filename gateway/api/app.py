@@ -34,6 +34,7 @@ from gateway.settings import Settings, get_settings
 from gateway.snapshot import load_snapshot
 from gateway.tenancy.auth import warn_open_access
 from gateway.tenancy.ratelimit import make_rate_limiter
+from gateway.usage.api import UsageApi
 from gateway.usage.counters import UsageCounters
 from gateway.usage.quota import make_quotas
 
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
             state = _build_state(settings, client, addresses)
             app.state.created = int(time.time())
             app.state.gateway = state
+            app.state.usage_api = UsageApi(settings)
             _reload_on_sighup(state)
             await _first_lookup(state)
             settle_garbage_collector()
@@ -93,7 +95,7 @@ def _build_state(settings: Settings, client, addresses: Addresses | None = None)
     snapshot = load_snapshot(settings, client, addresses)  # an invalid file stops start-up, by design
     if snapshot.tenants is None:
         warn_open_access()
-    metrics = Metrics()
+    metrics = Metrics(tenant_label=settings.metrics_tenant_label)
     fleet = Fleet(OutlierPolicy(settings.outlier_consecutive_errors, settings.outlier_base_cooldown_s),
                   on_eject=lambda backend_id: metrics.ejections.labels(backend_id).inc())
     audit = AuditTrail(settings.audit_sink, max_pending=settings.audit_max_pending,
@@ -101,7 +103,8 @@ def _build_state(settings: Settings, client, addresses: Addresses | None = None)
     metrics.watch_audit(audit)
     return GatewayState(
         settings, client, snapshot,
-        limiter=make_rate_limiter(settings.redis_url, fail_closed=settings.ratelimit_fail_closed),
+        limiter=make_rate_limiter(settings.redis_url, fail_closed=settings.ratelimit_fail_closed,
+                                  admit_unknown_quotas=settings.quota_outage_unknown_tenants == "admit"),
         audit=audit,
         quotas=make_quotas(settings.redis_url, fail_closed=settings.ratelimit_fail_closed),
         usage=UsageCounters(settings.redis_url),

@@ -57,15 +57,24 @@ class GenerationRoutes:
                                code="method_not_allowed", headers={"Allow": "POST"})
         state = self.app.state.gateway
         caller = pipeline.identify(state, _header(scope, b"authorization"))
-        settings = state.settings
-        raw = await _read_body(scope, receive, settings.max_body_bytes, settings.body_read_timeout_s)
-        # Cheap scans before any parse: `[{},{},...]` costs ~30x its size to parse, and a list of a million
-        # numbers holds the event loop for a tenth of a second even in orjson.
-        if (raw.count(b"{") + raw.count(b"[") > settings.max_json_containers
-                or raw.count(b",") > settings.max_json_items):
-            raise GatewayError(400, f"The request body has more than {settings.max_json_containers} JSON "
-                               f"objects and arrays or {settings.max_json_items} items.", code="request_too_complex")
-        return await pipeline.serve(state, endpoint, caller, raw, context, lambda: _disconnected(receive))
+        held = pipeline.hold(state, caller)  # uploads count against the tenant's concurrency
+        try:
+            settings = state.settings
+            raw = await _read_body(scope, receive, settings.max_body_bytes, settings.body_read_timeout_s,
+                                   settings.body_read_grace_s, settings.body_read_min_bytes_per_s)
+            # Cheap scans before any parse: `[{},{},...]` costs ~30x its size to parse, and a list of a
+            # million numbers holds the event loop for a tenth of a second even in orjson.
+            if (raw.count(b"{") + raw.count(b"[") > settings.max_json_containers
+                    or raw.count(b",") > settings.max_json_items):
+                raise GatewayError(400, f"The request body has more than {settings.max_json_containers} JSON "
+                                   f"objects and arrays or {settings.max_json_items} items.",
+                                   code="request_too_complex")
+            return await pipeline.serve(state, endpoint, caller, raw, context, lambda: _disconnected(receive),
+                                        held)
+        except BaseException:
+            if held is not None:  # the outcome has it once there is one; releasing twice is a no-op
+                held.release()
+            raise
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -73,10 +82,16 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-async def _read_body(scope: Scope, receive: Receive, limit: int, timeout_s: float) -> bytes:
+async def _read_body(scope: Scope, receive: Receive, limit: int, timeout_s: float, grace_s: float,
+                     min_bytes_per_s: int) -> bytes:
+    """The body, within a deadline that scales with its declared length (a few hundred bytes get a few
+    seconds, not the whole `timeout_s`: a slow upload is a held connection)."""
     declared = _header(scope, b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+    if declared is not None and declared.isascii() and declared.isdigit():
+        length = int(declared)
+        if length > limit:
+            raise _too_large(limit)
+        timeout_s = min(timeout_s, grace_s + length / min_bytes_per_s)
     parts: list[bytes] = []
     size = 0
     try:
@@ -92,8 +107,8 @@ async def _read_body(scope: Scope, receive: Receive, limit: int, timeout_s: floa
                 if not message.get("more_body"):
                     return parts[0] if len(parts) == 1 else b"".join(parts)
     except TimeoutError:
-        raise GatewayError(408, f"The request body did not arrive within {timeout_s:g} s.",
-                           code="request_timeout") from None
+        raise GatewayError(408, f"The request body did not arrive within {timeout_s:.3g} s.",
+                           code="request_timeout", headers={"Connection": "close"}) from None
 
 
 def _too_large(limit: int) -> GatewayError:

@@ -1,6 +1,7 @@
 """`/v1/models` objects: OpenAI's fields plus license, commercial use, context length and hardware.
 
-A tenant sees only the models it may call (allowed, or substituted by a twin it may call).
+A tenant sees only the models it may call (allowed, or substituted by a twin it may call), each with
+its `availability` here (a model whose backends cannot be reached from this gateway says so).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ def visible_models(registry: Registry, tenant: Tenant) -> list[Model]:
     return [m for m in registry.models.values() if decide(tenant, m, registry).allowed]
 
 
-def model_card(registry: Registry, model: Model, created: int) -> ModelCard:
+def model_card(registry: Registry, model: Model, created: int, availability: str) -> ModelCard:
     license_ = registry.license_of(model)
     gpu = model.hardware.min_gpu
     return ModelCard(
@@ -35,4 +36,5 @@ def model_card(registry: Registry, model: Model, created: int) -> ModelCard:
             tensor_parallel_size=model.hardware.tensor_parallel_size,
             cpu_fallback_realistic=model.hardware.cpu_fallback_realistic,
         ),
+        availability=availability,
     )

@@ -1,8 +1,15 @@
-"""Every response carries `x-request-id` (the client's own when it sent one, else a fresh one) and
-`x-gateway-overhead-ms` (time spent in the gateway up to the response headers, the wait on engines
-excluded, as LiteLLM reports it), and every request leaves one JSON access-log line with its id.
+"""Every response carries `x-request-id` (always the gateway's own id: it keys the audit and usage
+records, so no client may choose it, or reuse another request's) and `x-gateway-overhead-ms` (time spent
+in the gateway up to the response headers, the wait on engines excluded, as LiteLLM reports it), and
+every request leaves one JSON access-log line with its id.
 
-A pure ASGI middleware (no BaseHTTPMiddleware): it only adds two headers and a log line.
+A client may name its request as OpenAI lets it, with `x-client-request-id` (the `x-request-id` it sent
+counts the same, for clients written against older gateways): kept beside the gateway's id as
+`client_request_id` in the access log and in the audit and usage records, and echoed back as
+`x-client-request-id`. Only visible ASCII and spaces, at most 512 characters (OpenAI's bound), is kept;
+anything else is dropped, not trimmed: an altered id would no longer match what the client logged.
+
+A pure ASGI middleware (no BaseHTTPMiddleware): it only adds headers and a log line.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.observability.request_context import RequestContext
 
-_ACCEPTABLE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_ACCEPTABLE = re.compile(rb"[\x20-\x7e]{1,512}")  # fullmatch; h11 already strips surrounding spaces
+_CLIENT_HEADERS = (b"x-client-request-id", b"x-request-id")  # OpenAI's name first
 access_log = logging.getLogger("gateway.access")
 # Ids need only be unique, not secret: a random per-process prefix and a counter (uuid4 per request
 # showed up at ~5% of the request path's CPU).
@@ -38,16 +46,20 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _from_client(scope) or new_request_id()
-        context = RequestContext(request_id)
+        request_id = new_request_id()
+        client_id = client_request_id(scope["headers"])
+        context = RequestContext(request_id, client_id)
         scope.setdefault("state", {})["context"] = context
         status = 500
+        echoed = [(b"x-request-id", request_id.encode())]
+        if client_id is not None:
+            echoed.append((b"x-client-request-id", client_id.encode()))
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode()),
+                message["headers"] = [*message.get("headers", ()), *echoed,
                                       (b"x-gateway-overhead-ms", b"%.3f" % context.overhead_ms())]
             await send(message)
 
@@ -56,14 +68,21 @@ class RequestContextMiddleware:
         finally:
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(orjson.dumps({
-                    "request_id": request_id, "method": scope["method"], "path": scope["path"],
-                    "status": status, "duration_ms": round((time.perf_counter() - context.started) * 1000, 2),
+                    "request_id": request_id, "client_request_id": client_id, "method": scope["method"],
+                    "path": scope["path"], "status": status,
+                    "duration_ms": round((time.perf_counter() - context.started) * 1000, 2),
                     "client": (scope.get("client") or ("", 0))[0],
                 }).decode())
 
 
-def _from_client(scope: Scope) -> str | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"x-request-id":
-            return value.decode() if _ACCEPTABLE.match(value) else None
+def client_request_id(headers) -> str | None:
+    """The client's own id for its request: `x-client-request-id`, else its `x-request-id`, when acceptable."""
+    found: dict[bytes, bytes] = {}
+    for name, value in headers:
+        if name in _CLIENT_HEADERS:
+            found.setdefault(name, value)
+    for name in _CLIENT_HEADERS:
+        value = found.get(name)
+        if value is not None:
+            return value.decode("ascii") if _ACCEPTABLE.fullmatch(value) else None
     return None

@@ -9,9 +9,9 @@ from starlette.responses import Response
 from gateway import pipeline
 from gateway.admin import reload_config
 from gateway.api.models import model_card, visible_models
-from gateway.errors import model_not_found
+from gateway.errors import license_forbidden, model_not_found
 from gateway.lifecycle import LIFECYCLE
-from gateway.routing.report import backend_report
+from gateway.routing.report import availability, backend_report
 from gateway.tenancy.auth import authenticate, require_admin
 from gateway.usage import api as usage_api
 
@@ -24,30 +24,39 @@ def _state(request: Request) -> pipeline.GatewayState:
 
 @router.get("/v1/models")
 async def list_models(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
-    snapshot = _state(request).snapshot
+    state = _state(request)
+    snapshot = state.snapshot
     caller = authenticate(authorization, snapshot.tenants)
-    cards = [model_card(snapshot.registry, m, request.app.state.created)
+    cards = [model_card(snapshot.registry, m, request.app.state.created,
+                        availability(snapshot.upstreams.endpoints(m), state.fleet))  # engine pods, not Services
              for m in visible_models(snapshot.registry, caller.tenant)]
     return JSONResponse({"object": "list", "data": [card.model_dump() for card in cards]})
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request, authorization: str | None = Header(None)) -> JSONResponse:
-    snapshot = _state(request).snapshot
+    state = _state(request)
+    snapshot = state.snapshot
     caller = authenticate(authorization, snapshot.tenants)
     model = snapshot.registry.model(model_id)
     if model is None:
-        raise snapshot.missing(model_id, caller.tenant)
-    if not snapshot.decide(caller.tenant, model).allowed:
-        raise model_not_found(model_id)  # a forbidden model looks exactly like a missing one
-    return JSONResponse(model_card(snapshot.registry, model, request.app.state.created).model_dump())
+        raise snapshot.missing(model_id, caller.tenant)  # says so when this deployment does not run it
+    decision = snapshot.decide(caller.tenant, model)
+    if decision.hidden:
+        raise model_not_found(model_id)  # a model hidden from the tenant looks exactly like a missing one
+    if not decision.allowed:
+        raise license_forbidden(decision.reason)  # as a chat with it would be: the 403 names the license
+    card = model_card(snapshot.registry, model, request.app.state.created,
+                      availability(snapshot.upstreams.endpoints(model), state.fleet))
+    return JSONResponse(card.model_dump())
 
 
 @router.get("/v1/organization/usage/completions")
 async def usage_completions(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
     caller = authenticate(authorization, state.snapshot.tenants)
-    return JSONResponse(await usage_api.completions(state, caller, request.query_params))
+    api: usage_api.UsageApi = request.app.state.usage_api
+    return JSONResponse(await api.completions(state, caller, request.query_params))
 
 
 @router.post("/admin/reload")

@@ -24,9 +24,11 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.backends.relay import StreamWatch, UsageCounter, relay_stream, upstream_error
 from gateway.backends.requests import EnginePayloads, Unsupported
-from gateway.backends.translate import ChatFromCompletion, ChatWithRefusal, Passthrough, Translator
-from gateway.backends.upstream import GenerationTimedOut, OpenAIUpstream, UpstreamResponse, UpstreamUnavailable
-from gateway.errors import ClientGone, GatewayError, no_backend_available
+from gateway.backends.translate import (ChatFromCompletion, ChatWithRefusal, CompletionLogprobs, Passthrough,
+                                        Translator)
+from gateway.backends.upstream import (GenerationTimedOut, OpenAIUpstream, ProbeVerdict, Unreachable,
+                                       UpstreamResponse, UpstreamUnavailable, for_how_long, looks_lasting)
+from gateway.errors import BackendFailure, ClientGone, GatewayError, no_backend_available
 from gateway.prompts.prepare import CHAT_PATH, Reply, UpstreamCall
 from gateway.registry.schema import Role
 
@@ -102,6 +104,10 @@ class Attempts:
     finished: Callable[[str, bool], None]
     released: Callable[[str], None]  # the call says nothing about the backend's health
     waited: Callable[[float], None]  # time spent waiting on an engine (excluded from the gateway's overhead)
+    # What the health probes know of a failing backend (None: passing): a name that does not resolve,
+    # or `lasting_after_s` of refused connections, and the 503 says the failure looks permanent.
+    probe_verdict: Callable[[str], ProbeVerdict | None] = lambda _backend_id: None
+    lasting_after_s: float = 60.0
 
 
 async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, requested: str,
@@ -109,7 +115,7 @@ async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, re
                    client_gone: ClientWatch | None = None) -> Response:
     call = payloads.call
     stream = call.stream
-    failures: list[str] = []
+    failures: list[BackendFailure] = []
     refusal: Unsupported | None = None
     timed_out = False
     tried = 0
@@ -133,7 +139,7 @@ async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, re
         except UpstreamUnavailable as exc:
             attempts.waited(time.perf_counter() - sent)
             attempts.finished(upstream.id, False)
-            failures.append(str(exc))
+            failures.append(_failure(exc, attempts))
             timed_out = timed_out or exc.timed_out
             continue
         except GenerationTimedOut:
@@ -151,7 +157,7 @@ async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, re
         if response.status in _RETRYABLE:  # engine up but not serving: try the next one
             response.close()
             attempts.finished(upstream.id, False)
-            failures.append(f"{upstream.id}: HTTP {response.status}")
+            failures.append(BackendFailure(upstream.id, upstream.backend.base_url, f"answered HTTP {response.status}"))
             continue
         outcome.backend_id = upstream.name  # the registry's backend id, never a pod's address
         outcome.fell_back = upstream.backend.role is Role.FALLBACK
@@ -166,10 +172,19 @@ async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, re
     if not tried and refusal is not None:
         raise refusal.to_client_error(requested)
     if timed_out:
-        raise GatewayError(504, f"No backend for `{requested}` answered in time ({'; '.join(failures)}).",
+        raise GatewayError(504, f"No backend for `{requested}` answered in time ({'; '.join(map(str, failures))}).",
                            type="upstream_error", code="upstream_timeout")
-    detail = "; ".join(failures) if failures else "no healthy backend"
-    raise no_backend_available(requested, detail, retry_after_s)
+    raise no_backend_available(requested, failures or "no healthy backend", retry_after_s)
+
+
+def _failure(exc: UpstreamUnavailable, attempts: Attempts) -> BackendFailure:
+    probes = attempts.probe_verdict(exc.backend_id)
+    reason = exc.reason
+    if probes is not None and exc.kind is Unreachable.REFUSED:
+        reason += f" ({for_how_long(probes.failing_for_s)}, by the health probes)"
+    elif probes is not None and exc.kind is Unreachable.LOOKUP_FAILED:
+        reason += f"; at its last health probe: {probes.failure.reason}"
+    return BackendFailure(exc.backend_id, exc.url, reason, looks_lasting(exc.kind, probes, attempts.lasting_after_s))
 
 
 async def _post_while_client_waits(upstream: OpenAIUpstream, path: str, data: bytes,
@@ -219,6 +234,8 @@ def _translator(call: UpstreamCall, upstream: OpenAIUpstream, requested: str) ->
     passthrough = Passthrough(served=upstream.served_model_name, requested=requested)
     if call.path == CHAT_PATH and not upstream.profile.chat_has_refusal:
         return ChatWithRefusal(passthrough)
+    if call.path != CHAT_PATH and call.payload.get("logprobs") is not None:
+        return CompletionLogprobs(passthrough)
     return passthrough
 
 
@@ -317,4 +334,4 @@ async def _close_and_report(events: AsyncIterator[bytes], outcome: Outcome) -> N
 async def _count_prompt(upstream: OpenAIUpstream, call: UpstreamCall) -> int:
     text = call.prompt_text or ""
     counted = await upstream.count_tokens(text) if text else None
-    return counted if counted is not None else max(1, call.prompt_estimate)
+    return counted if counted is not None else max(1, call.prompt_bound)

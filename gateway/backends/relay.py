@@ -88,11 +88,17 @@ class StreamWatch:
     events: int = 0
     first_event_at: float | None = None
     gaps: list[float] = field(default_factory=list)
-    failure: str | None = None  # set when the engine broke off, stalled or sent garbage mid-stream
+    failure: str | None = None  # set when the engine broke off, stalled or sent garbage mid-stream (blamed)
+    engine_error: str | None = None  # the engine's own error event mid-stream (a 502 for the client)
     usage: dict | None = None  # the engine's (or, where it sends none, the gateway's) usage of the stream
     usage_by_gateway: bool = False  # `usage` is the gateway's own count (the engine sends none)
     completed: bool = False  # the engine's [DONE] arrived
     _last: float | None = None
+
+    @property
+    def status(self) -> int:
+        """The status this stream counts as in metrics: 502 once the engine failed mid-way."""
+        return 502 if self.failure is not None or self.engine_error is not None else 200
 
     def saw_events(self, count: int, now: float) -> None:
         """`count` events arrived in one read: one gap per read (events that arrive together are one write
@@ -162,6 +168,12 @@ async def relay_stream(
                     out.append(error_event("The model backend sent a malformed stream.", "upstream_malformed"))
                     yield b"".join(out)
                     return
+                if data.startswith(_ERROR_EVENT_STARTS):  # the engine failed after its 200
+                    if seen:
+                        watch.saw_events(seen, now)
+                    out.append(_engine_error_event(data, watch))
+                    yield b"".join(out)
+                    return
                 if usage is not None:
                     usage.observe(orjson.loads(data))
                 if b'"usage":{' in data or b'"usage": {' in data:  # the engine's usage chunk (or a last
@@ -191,6 +203,28 @@ async def relay_stream(
     yield error_event("The model backend disconnected in the middle of the answer.", "upstream_disconnected")
 
 
+# vLLM's error event after streaming began: `{"error": {...}}` (0.10+, json.dumps spacing), or the older
+# top-level `{"object": "error", ...}`. Content events start with `{"id"`, so a prefix test suffices.
+_ERROR_EVENT_STARTS = (b'{"error"', b'{"object": "error"', b'{"object":"error"')
+
+
+def _engine_error_event(data: bytes, watch: StreamWatch) -> bytes:
+    """The client's error event for the engine's: message cleaned (no paths, no traceback), OpenAI's
+    envelope. The backend is blamed only for an engine-side failure (5xx), not for a request it refused."""
+    raw_message, _, _, _ = _parse_engine_error(data)
+    try:
+        parsed = orjson.loads(data)
+        inner = parsed.get("error") if isinstance(parsed.get("error"), dict) else parsed
+        code = int(inner.get("code") or 500)
+    except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError):
+        code = 500
+    message = clean_engine_message(raw_message)
+    watch.engine_error = message
+    if code >= 500:
+        watch.failure = "engine error event"
+    return error_event(f"The model backend failed in the middle of the answer: {message}", "upstream_error")
+
+
 # Engine messages may carry a traceback or the engine's file paths: neither is the client's business.
 _TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*|\s*File \"[^\"]*\", line \d+.*", re.S)
 _PATH = re.compile(r"(?:/[\w.@+-]+)+\.py\b(?:, line \d+)?|(?:/[\w.@+-]+){3,}/?")
@@ -198,6 +232,10 @@ _MAX_MESSAGE = 400
 
 
 def clean_engine_message(message: str) -> str:
+    head, marker, trace = message.partition("Traceback (most recent call last):")
+    if marker:  # keep what the traceback says went wrong (its last line), never its frames
+        said = [line.strip() for line in trace.splitlines() if line.strip() and not line.strip().startswith("File ")]
+        message = f"{head} {said[-1]}" if said else head
     message = _PATH.sub("<path>", _TRACEBACK.sub("", message))
     message = " ".join(message.split())
     return message[:_MAX_MESSAGE] + ("..." if len(message) > _MAX_MESSAGE else "") or "no detail"

@@ -67,6 +67,44 @@ class ChatWithRefusal:
         return self.passthrough.event(data)
 
 
+@dataclass(frozen=True)
+class CompletionLogprobs:
+    """Completions with `logprobs`: where the engine has no prediction for a token (the first token of an
+    `echo`ed prompt: vLLM and OpenAI send `null` there) the spec still requires a number and an object;
+    the gateway sends `0.0` (the token was given, not predicted: it adds nothing to a sum of logprobs)
+    and `{}` (no alternatives). Only requests that ask for logprobs pay for the parse."""
+
+    passthrough: Passthrough
+
+    def body(self, data: bytes) -> bytes:
+        answer = orjson.loads(data)
+        _fill_logprob_gaps(answer)
+        answer["model"] = self.passthrough.requested
+        return orjson.dumps(answer)
+
+    def event(self, data: bytes) -> Iterator[bytes]:
+        if b'"logprobs":null' in data or b'"logprobs": null' in data or b"null" not in data:
+            yield self.passthrough.body(data)
+            return
+        chunk = orjson.loads(data)
+        _fill_logprob_gaps(chunk)
+        chunk["model"] = self.passthrough.requested
+        yield orjson.dumps(chunk)
+
+
+def _fill_logprob_gaps(answer: dict[str, Any]) -> None:
+    for choice in answer.get("choices") or ():
+        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+        if not isinstance(logprobs, dict):
+            continue
+        if isinstance(logprobs.get("token_logprobs"), list):
+            logprobs["token_logprobs"] = [0.0 if v is None else v for v in logprobs["token_logprobs"]]
+        if isinstance(logprobs.get("top_logprobs"), list):
+            logprobs["top_logprobs"] = [{} if v is None else v for v in logprobs["top_logprobs"]]
+        if isinstance(logprobs.get("text_offset"), list):
+            logprobs["text_offset"] = [0 if v is None else v for v in logprobs["text_offset"]]
+
+
 @dataclass
 class ChatFromCompletion:
     requested: str

@@ -9,7 +9,11 @@ pipeline); answers come back as raw bytes or a byte stream, never parsed into mo
 
 from __future__ import annotations
 
+import errno
+import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from enum import Enum
 
 import aiohttp
 import orjson
@@ -27,14 +31,67 @@ _PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 _TOKENIZE_TIMEOUT = aiohttp.ClientTimeout(total=30.0)
 
 
+class Unreachable(str, Enum):
+    """Why nothing reached an engine, as far as the gateway can tell."""
+
+    UNRESOLVABLE = "unresolvable"  # DNS says the host name does not exist: a wrong or undeployed backend
+    LOOKUP_FAILED = "lookup_failed"  # the DNS server did not answer (or failed): says nothing about the name
+    REFUSED = "refused"  # nothing listens there (yet): an engine down, starting, or a wrong port
+    OTHER = "other"  # a timeout, a reset, an HTTP 5xx: transient
+
+
 class UpstreamUnavailable(Exception):
     """Nothing reached the engine or nothing came back before headers: safe to try another backend."""
 
-    def __init__(self, backend_id: str, reason: str, *, timed_out: bool = False) -> None:
-        super().__init__(f"{backend_id}: {reason}")
+    def __init__(self, backend_id: str, reason: str, *, timed_out: bool = False, url: str = "",
+                 kind: Unreachable = Unreachable.OTHER) -> None:
+        super().__init__(f"`{backend_id}` at {url}: {reason}" if url else f"{backend_id}: {reason}")
         self.backend_id = backend_id
         self.reason = reason
         self.timed_out = timed_out
+        self.url = url
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ProbeVerdict:
+    """What the health probes know of a failing backend: their last failure, and for how long they have
+    failed without a pass."""
+
+    failure: UpstreamUnavailable
+    failing_for_s: float
+
+
+def looks_lasting(kind: Unreachable, probes: ProbeVerdict | None, lasting_after_s: float) -> bool:
+    """A host name that does not resolve (a DNS server failing to answer for a name that did not resolve
+    at the last probe counts too), or nothing listening for `lasting_after_s` of probes: an operator's
+    problem (not deployed here, a wrong URL or port), not a blip worth retrying."""
+    probed = probes.failure.kind if probes is not None else None
+    if kind is Unreachable.UNRESOLVABLE:
+        return True
+    if kind is Unreachable.LOOKUP_FAILED:
+        return probed is Unreachable.UNRESOLVABLE
+    return kind is Unreachable.REFUSED and probes is not None and probes.failing_for_s >= lasting_after_s
+
+
+def for_how_long(seconds: float) -> str:
+    return f"for {seconds / 60:.0f} min" if seconds >= 90 else f"for {seconds:.0f} s"
+
+
+def connect_failure(exc: aiohttp.ClientError) -> tuple[str, Unreachable]:
+    """A failed connection in words, and what kind of failure it is."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        # c-ares says "Domain name not found", the system resolver EAI_NONAME: the name does not exist.
+        # Anything else (a DNS server that timed out or failed) may pass.
+        os_error = exc.os_error
+        if os_error.errno == socket.EAI_NONAME or "not found" in str(os_error.strerror or "").lower():
+            return "its host name does not resolve", Unreachable.UNRESOLVABLE
+        return f"the DNS lookup of {exc.host} failed ({os_error.strerror or os_error})", Unreachable.LOOKUP_FAILED
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if exc.os_error.errno == errno.ECONNREFUSED:
+            return "connection refused: nothing listens there", Unreachable.REFUSED
+        return f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})", Unreachable.OTHER
+    return type(exc).__name__, Unreachable.OTHER
 
 
 class GenerationTimedOut(Exception):
@@ -133,7 +190,6 @@ class OpenAIUpstream:
                  timeouts: CallTimeouts, *, name: str | None = None, address: str = "",
                  api_key: str | None = None) -> None:
         self.backend = backend
-        self.model_id = model_id
         self.name = name or backend.id
         self.address = address
         self.timeouts = timeouts  # by role, with the model's overrides
@@ -141,7 +197,8 @@ class OpenAIUpstream:
         # connection: backpressure, not an engine fault); reading is bounded here.
         self._connect_timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=timeouts.connect_s)
         self.profile: EngineProfile = profile_of(backend.engine)
-        self.served_model_name = backend.served_model_name or model_id
+        self.model_id = model_id  # the registry's id, the name clients use
+        self.served_model_name = backend.served_model_name or model_id  # the engine's name for it
         self._client = client
         self._base_url = backend.base_url
         # Engines started with an API key (--api-key) refuse anyone else: no license check is bypassed.
@@ -171,7 +228,8 @@ class OpenAIUpstream:
                 data = await response.read()
         except aiohttp.ClientError as exc:  # before TimeoutError: aiohttp's connect timeout is both
             if response is None:
-                raise UpstreamUnavailable(self.id, type(exc).__name__) from exc
+                reason, kind = connect_failure(exc)
+                raise UpstreamUnavailable(self.id, reason, url=self._base_url, kind=kind) from exc
             response.close()
             raise GatewayError(502, f"The model backend broke off its answer ({type(exc).__name__}).",
                                type="upstream_error", code="upstream_disconnected") from exc
@@ -179,7 +237,8 @@ class OpenAIUpstream:
             if response is not None:
                 response.close()
             if stream:
-                raise UpstreamUnavailable(self.id, "no response headers in time", timed_out=True) from exc
+                raise UpstreamUnavailable(self.id, "no response headers in time", timed_out=True,
+                                          url=self._base_url) from exc
             raise GenerationTimedOut() from exc
         except BaseException:
             if response is not None:
@@ -204,11 +263,18 @@ class OpenAIUpstream:
         count = data.get("count") if isinstance(data, dict) else None
         return count if isinstance(count, int) else None
 
-    async def is_healthy(self) -> bool:
+    async def probe(self) -> UpstreamUnavailable | None:
+        """GET the engine's health path: None when it answers 200, else what went wrong."""
         try:
             async with self._client.get(self._base_url + self.profile.health_path, headers=self._probe_headers,
                                         timeout=_PROBE_TIMEOUT) as response:
                 await response.read()
-                return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+                if response.status == 200:
+                    return None
+                reason, kind = f"health probe answered HTTP {response.status}", Unreachable.OTHER
+        except aiohttp.ClientError as exc:
+            reason, kind = connect_failure(exc)
+        except TimeoutError:
+            return UpstreamUnavailable(self.id, f"no answer to the health probe within {_PROBE_TIMEOUT.total:g} s",
+                                       url=self._base_url, timed_out=True)
+        return UpstreamUnavailable(self.id, reason, url=self._base_url, kind=kind)

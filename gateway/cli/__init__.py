@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from gateway.cli import deploy
+from gateway.cli import config, deploy
 from gateway.cli.server import DrainingServer, http_protocol
 from gateway.cli.tables import format_formats, format_matrix, format_model_table
 from gateway.policy.decide import decide
@@ -34,12 +34,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "deploy":
         return deploy.run(args)
+    files = config.resolve(args.registry, args.tenants)
+    print(files.describe(), file=sys.stderr)  # stderr: stdout stays the table or verdict alone
     try:
-        paths = [Path(p) for arg in args.registry or () for p in str(arg).split(",") if p]  # as GATEWAY_REGISTRY
-        registry = load_registry(paths or get_settings().registry_paths)
-        tenants = _tenants(args, registry)
+        registry = load_registry(files.registry)
+        tenants = load_tenants(files.tenants, registry) if files.tenants else None
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        hint = config.missing_registry_hint(files.registry)
+        if hint:
+            print(hint, file=sys.stderr)
         return 1
     return _report(args, registry, tenants)
 
@@ -62,24 +66,24 @@ def _parser() -> argparse.ArgumentParser:
     _with_config(commands.add_parser("check", help="validate the registry (and tenants) files"))
     models = _with_config(commands.add_parser("models", help="print the model table"))
     models.add_argument("--formats", action="store_true", help="list prompt formats and their models")
-    policy = _with_config(commands.add_parser("policy", help="explain license decisions"))
-    policy.add_argument("action", choices=["explain", "matrix"])
-    policy.add_argument("--tenant")
-    policy.add_argument("--model")
+    models.add_argument("--tenant", help="only the models this tenant may see, with its decision")
+    policy = commands.add_parser("policy", help="explain license decisions").add_subparsers(
+        dest="action", required=True)
+    explain = _with_config(policy.add_parser("explain", help="one tenant, one model: the decision and why"))
+    explain.add_argument("--tenant", required=True)
+    explain.add_argument("--model", required=True)
+    _with_config(policy.add_parser("matrix", help="every tenant x every model"))
     deploy.add_parser(commands)
     return parser
 
 
 def _with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    sub.add_argument("--registry", action="append", type=Path,
-                     help="registry file (repeat for overlays); default: GATEWAY_REGISTRY")
-    sub.add_argument("--tenants", type=Path, help="tenants file; default: GATEWAY_TENANTS")
+    sub.add_argument("--registry", action="append",
+                     help="registry files in order, comma-separated or repeated (as GATEWAY_REGISTRY); default: "
+                          "GATEWAY_REGISTRY, else in a checkout make run's (model_registry.yaml and its local overlay)")
+    sub.add_argument("--tenants", type=Path,
+                     help="tenants file; default: GATEWAY_TENANTS, else in a checkout make run's local tenants")
     return sub
-
-
-def _tenants(args: argparse.Namespace, registry: Registry) -> TenantDirectory | None:
-    path = args.tenants or get_settings().tenants
-    return load_tenants(path, registry) if path else None
 
 
 def _report(args: argparse.Namespace, registry: Registry, tenants: TenantDirectory | None) -> int:
@@ -87,22 +91,37 @@ def _report(args: argparse.Namespace, registry: Registry, tenants: TenantDirecto
         count = f", {len(tenants.tenants)} tenants" if tenants else ""
         print(f"ok: {len(registry.models)} models, {len(registry.licenses)} licenses{count}")
         return 0
-    if args.command == "models":
-        print(format_formats(registry) if args.formats else format_model_table(registry))
+    if args.command == "models" and args.formats:
+        print(format_formats(registry))
+        return 0
+    if args.command == "models" and args.tenant is None:
+        if args.tenants is not None:  # asked for by name: say what it is used for
+            print("gateway models: the tenants file is checked; --tenant NAME shows one tenant's view",
+                  file=sys.stderr)
+        print(format_model_table(registry))
         return 0
     if tenants is None:
-        print("policy needs a tenants file: --tenants FILE or GATEWAY_TENANTS", file=sys.stderr)
+        print(f"gateway {args.command}: needs a tenants file: --tenants FILE or GATEWAY_TENANTS", file=sys.stderr)
         return 2
-    if args.action == "matrix":
+    if args.command == "policy" and args.action == "matrix":
         print(format_matrix(registry, tenants))
         return 0
-    tenant, model = tenants.tenants.get(args.tenant or ""), registry.model(args.model or "")
-    if tenant is None or model is None:
-        print(f"unknown {'tenant' if tenant is None else 'model'}: "
-              f"{args.tenant if tenant is None else args.model}", file=sys.stderr)
+    tenant = tenants.tenants.get(args.tenant)
+    if tenant is None:
+        print(f"unknown tenant {args.tenant!r}; the tenants file has: {', '.join(tenants.tenants)}", file=sys.stderr)
+        return 2
+    if args.command == "models":
+        print(format_model_table(registry, tenant))
+        return 0
+    model = registry.model(args.model)
+    if model is None:
+        print(f"unknown model {args.model!r}: not in the registry files read (`gateway models` lists them)",
+              file=sys.stderr)
         return 2
     decision = decide(tenant, model, registry)
     print(f"{decision.verdict.value} ({decision.rule}): {decision.reason}")
+    if decision.hidden:
+        print("the API answers this tenant 404 model_not_found, as for a model that does not exist")
     if decision.served_model and decision.served_model != model.id:
         print(f"served model: {decision.served_model}")
     return 0
@@ -116,6 +135,11 @@ def _usage_report(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bad --since/--until: {exc}", file=sys.stderr)
         return 2
+    # A file that cannot be read is no report at all: an empty one would read as "none used".
+    unreadable = [problem for problem in map(_unreadable, args.files) if problem]
+    if unreadable:
+        print("\n".join(unreadable) + "\nno report: every named audit file must be readable", file=sys.stderr)
+        return 1
     report = build(args.files, since, until)
     for problem in report.problems:
         print(problem, file=sys.stderr)
@@ -123,14 +147,25 @@ def _usage_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unreadable(path: Path) -> str | None:
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as exc:
+        return f"{path}: cannot read: {exc.strerror or exc}"
+
+
 def _serve(host: str | None, port: int | None) -> int:
     import uvicorn
 
     settings = get_settings()
     try:
-        load_config(settings)  # fail here with a clean message, not inside uvicorn
+        registry, tenants = load_config(settings)  # fail here with a clean message, not inside uvicorn
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        hint = config.missing_registry_hint(settings.registry_paths)
+        if hint:
+            print(hint, file=sys.stderr)
         return 1
     bind = host or settings.host
     if settings.tenants is None and not _is_loopback(bind) and not settings.allow_open_access:
@@ -143,13 +178,16 @@ def _serve(host: str | None, port: int | None) -> int:
     handler = LineSinkHandler(LineSink(sys.stderr))
     handler.setFormatter(SecondCachedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
-    config = uvicorn.Config("gateway.api.app:create_app", factory=True, host=bind,
+    logging.getLogger("gateway.config").info(
+        "registry %s (%d models); tenants %s", ", ".join(map(str, settings.registry_paths)), len(registry.models),
+        f"{settings.tenants} ({len(tenants.tenants)} tenants)" if tenants else "none: open access")
+    server_config = uvicorn.Config("gateway.api.app:create_app", factory=True, host=bind,
                             port=port or settings.port, log_level=settings.log_level, loop="uvloop",
-                            http=http_protocol(settings.header_timeout_s), timeout_graceful_shutdown=5,
-                            limit_concurrency=settings.max_connections,  # beyond: 503, before any work
+                            http=http_protocol(settings.header_timeout_s, settings.max_connections),
+                            timeout_graceful_shutdown=5,  # GATEWAY_MAX_CONNECTIONS: the protocol's 503
                             timeout_keep_alive=settings.keepalive_timeout_s,
                             access_log=False)  # ours is JSON, with the request id (gateway.access)
-    DrainingServer(config, settings.drain_timeout_s).run()
+    DrainingServer(server_config, settings.drain_timeout_s).run()
     return 0
 
 

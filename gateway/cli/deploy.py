@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
         changed = drift(root, files)
         for rel in changed:
             print(f"{rel}: differs from `gateway deploy render` (run it and commit the result)", file=sys.stderr)
+        if not changed:
+            print(f"ok: the {len(files)} generated files match the registry and {args.fleet}")
         return 1 if changed else 0
     changed = write(root, files)
     print(f"rendered {len(files)} files, {len(changed)} changed")

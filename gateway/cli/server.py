@@ -7,7 +7,9 @@ import asyncio
 import logging
 from types import FrameType
 
+import orjson
 import uvicorn
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway import deadlines
@@ -26,6 +28,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     `header_timeout_s` of it opening (or of its next request starting) is closed."""
 
     header_timeout_s = 10.0
+    max_connections: int | None = None
     _header_deadline: Deadline | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -39,6 +42,15 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm_header_deadline()
+        limit = self.max_connections
+        if limit is not None and (len(self.connections) > limit or len(self.tasks) >= limit):
+            # uvicorn's own `limit_concurrency` answers a plain-text 503; this one is OpenAI's envelope.
+            app, self.app = self.app, over_capacity
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+            return
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -61,8 +73,22 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def http_protocol(header_timeout_s: float) -> type[HeaderDeadlineProtocol]:
-    return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout_s": header_timeout_s})
+_OVER_CAPACITY = orjson.dumps({"error": {
+    "message": "The gateway has too many open connections right now; retry shortly.",
+    "type": "service_unavailable_error", "param": None, "code": "too_many_connections"}})
+
+
+async def over_capacity(scope: Scope, receive: Receive, send: Send) -> None:
+    """The answer past `GATEWAY_MAX_CONNECTIONS`: before any work, and the connection closed."""
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(_OVER_CAPACITY)).encode()),
+        (b"retry-after", b"1"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": _OVER_CAPACITY})
+
+
+def http_protocol(header_timeout_s: float, max_connections: int | None = None) -> type[HeaderDeadlineProtocol]:
+    return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,),
+                {"header_timeout_s": header_timeout_s, "max_connections": max_connections})
 
 
 class DrainingServer(uvicorn.Server):

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from gateway.policy.decide import Verdict, decide
+from gateway.policy.decide import Decision, Verdict, decide
 from gateway.registry import Registry
-from gateway.tenancy.tenants import TenantDirectory
+from gateway.tenancy.tenants import Tenant, TenantDirectory
 
 _MARKS = {Verdict.ALLOW: "allow", Verdict.DENY: "DENY", Verdict.SUBSTITUTE: "subst"}
+# A model hidden by the tenant's lists (or private to others) is a 404 to it, a license denial a 403.
+_HIDDEN = "hidden"
+MATRIX_LEGEND = ("allow: served; subst: its commercial twin is served; DENY: 403, the license forbids it; "
+                 "hidden: 404, the tenant's lists (or private_to) exclude it")
 
 
-def format_model_table(registry: Registry) -> str:
+def format_model_table(registry: Registry, tenant: Tenant | None = None) -> str:
+    """Every model; for a tenant only those it may see (as its /v1/models and 404s), with its decision."""
     header = ("id", "family", "params", "context", "license", "commercial", "min GPU", "backends")
-    rows = [header]
+    rows = [header + (f"tenant {tenant.name}",) if tenant else header]
     for model in registry.models.values():
+        decision = decide(tenant, model, registry) if tenant else None
+        if decision is not None and decision.hidden:
+            continue
         gpu = model.hardware.min_gpu
-        rows.append((
+        row = (
             model.id,
             model.family,
             f"{model.params_b:g}B",
@@ -25,7 +33,8 @@ def format_model_table(registry: Registry) -> str:
             registry.license_of(model).commercial_use.value,
             "none" if gpu.count == 0 else f"{gpu.count}x {gpu.type}",
             ", ".join(f"{b.engine.value}:{b.role.value}" for b in model.backends) or "-",
-        ))
+        )
+        rows.append(row + (_mark(decision),) if decision else row)
     return _table(rows)
 
 
@@ -47,10 +56,14 @@ def format_matrix(registry: Registry, tenants: TenantDirectory) -> str:
     names = list(tenants.tenants)
     rows = [("model", "license", *names)]
     for model in registry.models.values():
-        cells = [_MARKS[decide(tenants.tenants[n], model, registry).verdict] for n in names]
+        cells = [_mark(decide(tenants.tenants[n], model, registry)) for n in names]
         rows.append((model.id, model.license, *cells))
     envs = ", ".join(f"{n}={t.environment.value}" for n, t in tenants.tenants.items())
-    return f"tenants: {envs}\n" + _table(rows)
+    return f"tenants: {envs}\n{MATRIX_LEGEND}\n" + _table(rows)
+
+
+def _mark(decision: Decision) -> str:
+    return _HIDDEN if decision.hidden else _MARKS[decision.verdict]
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:

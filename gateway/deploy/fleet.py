@@ -114,3 +114,4 @@ def placements(path: Path, fleet: FleetFile, registry: Registry, problems: list[
                 names = (*before.overlays, overlay_name) if before else (overlay_name,)
                 found[backend.id] = Placement(model, backend, entry, names)
     return [found[key] for key in sorted(found)]
+

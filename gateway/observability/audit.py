@@ -1,5 +1,6 @@
 """The audit trail: one JSON line per policy decision (allow, deny, substitute), and one `"type": "usage"`
-line per finished request (gateway/usage/record.py) with the same request id.
+line per finished request (gateway/usage/record.py) with the same request id. That id is always the
+gateway's own; the client's id for the request, if it sent one, is `client_request_id` beside it.
 
 Lines are written in batches by a background thread (`LineSink`), so a slow disk never blocks the
 event loop. Records carry a key id (first 8 hex of the key's hash), never a key.
@@ -50,6 +51,9 @@ class AuditRecord:
     license: str
     decision: str
     rule: str
+    # The client's own id for the request (x-client-request-id), kept beside the gateway's `request_id`,
+    # which no client chooses (gateway/api/request_context.py).
+    client_request_id: str | None = None
 
     def to_json(self) -> str:
         record = {"time": utc_now_iso(), **self.__dict__}

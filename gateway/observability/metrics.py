@@ -2,8 +2,9 @@
 
 Label values are bounded: models come from the registry (a name a client made up counts as
 `unknown`), backends from the registry (an engine pod of a `discovery: dns` backend is
-`<backend>@<address>`; a pod's series go when it does), tenants from the tenants file (label can be
-turned off), statuses are HTTP codes. No request ids or free text ever become labels.
+`<backend>@<address>`; a pod's series go when it does), tenants from the tenants file (the label can be
+turned off: GATEWAY_METRICS_TENANT_LABEL=false makes every tenant label "-", through `Metrics.tenant`),
+statuses are HTTP codes. No request ids or free text ever become labels.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class _AuditCollector:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, tenant_label: bool = True) -> None:
+        """`tenant_label`: GATEWAY_METRICS_TENANT_LABEL; off, every tenant label reads "-" (`tenant()`)."""
+        self.tenant_label = tenant_label
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("gateway_requests", "Requests answered", ["model", "backend", "status", "tenant"],
@@ -112,6 +115,14 @@ class Metrics:
                 metric.remove(upstream_id)
             except KeyError:
                 pass
+
+    def tenant(self, name: str) -> str:
+        """The value of a `tenant` label: the name, or "-" when tenant labels are off."""
+        return name if self.tenant_label else "-"
+
+    def rejected(self, tenant: str, limit: str) -> None:
+        """Count one request refused by a rate limit or quota (gateway_rate_limit_rejections_total)."""
+        self.child(self.rate_limited, self.tenant(tenant), limit).inc()
 
     def license_token_counters(self, license_: str, tenant: str) -> tuple:
         """The (input, output) children of gateway_license_tokens_total."""

@@ -57,6 +57,6 @@ class RequestRecord:
                 gaps.observe(gap)
             if watch.events and not usage:
                 m.child(m.completion_tokens, model).inc(watch.events)
-            self.finished(200)
+            self.finished(watch.status)
         elif self._deferred:
             self.finished(outcome.status or 200)

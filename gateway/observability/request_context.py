@@ -1,4 +1,4 @@
-"""What the gateway knows about one HTTP request across layers: its id and where its time went."""
+"""What the gateway knows about one HTTP request across layers: its ids and where its time went."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class RequestContext:
-    request_id: str
+    request_id: str  # always the gateway's own: audit and usage records are keyed by it
+    client_request_id: str | None = None  # the client's id for the request (x-client-request-id), if any
     started: float = field(default_factory=time.perf_counter)
     upstream_s: float = 0.0  # time spent waiting on engines (headers; the whole body when not streamed)
 

@@ -48,7 +48,7 @@ class Decision:
 def decide(tenant: Tenant, model: Model, registry: Registry) -> Decision:
     decision = _by_lists(tenant, model) or _by_license(tenant, model, registry)
     if decision.verdict is Verdict.DENY and not decision.hidden:
-        return _substitute(tenant, model, registry, decision) or decision
+        return _substitute(tenant, model, registry) or decision
     return decision
 
 
@@ -58,7 +58,7 @@ def _by_lists(tenant: Tenant, model: Model) -> Decision | None:
     elif tenant.denies(model.id):
         rule, why = "tenant-deny-list", f"tenant '{tenant.name}' denies `{model.id}`"
     elif not tenant.allows(model.id):
-        rule, why = "tenant-allow-list", f"`{model.id}` is not on tenant '{tenant.name}''s allow list"
+        rule, why = "tenant-allow-list", f"`{model.id}` is not on the allow list of tenant '{tenant.name}'"
     else:
         return None
     return Decision(Verdict.DENY, rule, why, hidden=True)
@@ -67,7 +67,9 @@ def _by_lists(tenant: Tenant, model: Model) -> Decision | None:
 def _by_license(tenant: Tenant, model: Model, registry: Registry, hint: bool = True) -> Decision:
     license_ = registry.license_of(model)
     env = tenant.environment.value
-    named = f"`{model.id}` is under {license_.name} ({model.license})"
+    # The registry's license names often end in their own abbreviation ("... (CC BY-NC 4.0)"): the id
+    # goes first, so that a message never reads "(CC BY-NC 4.0) (cc-by-nc-4.0)".
+    named = f"`{model.id}` is under `{model.license}`, the {license_.name}"
     if license_.commercial_use is CommercialUse.YES:
         return Decision(Verdict.ALLOW, "commercial-license", f"{named}, which allows commercial use",
                         served_model=model.id)
@@ -100,7 +102,8 @@ def _twin_hint(tenant: Tenant, model: Model, registry: Registry) -> str:
     twin = registry.model(model.commercial_twin) if model.commercial_twin else None
     if twin is None or _twin_decision(tenant, twin, registry).verdict is not Verdict.ALLOW:
         return ""
-    return f"; `{twin.id}` is a commercially usable alternative (opt in to substitutions)"
+    # Only a tenant that has not opted in reads this: one that has is served the twin instead.
+    return f"; `{twin.id}` is a commercially usable alternative (a tenant with `substitutions: true` is served it)"
 
 
 def _twin_decision(tenant: Tenant, twin: Model, registry: Registry) -> Decision:
@@ -108,12 +111,13 @@ def _twin_decision(tenant: Tenant, twin: Model, registry: Registry) -> Decision:
     return _by_lists(tenant, twin) or _by_license(tenant, twin, registry, hint=False)
 
 
-def _substitute(tenant: Tenant, model: Model, registry: Registry, denial: Decision) -> Decision | None:
+def _substitute(tenant: Tenant, model: Model, registry: Registry) -> Decision | None:
     twin = registry.model(model.commercial_twin) if model.commercial_twin else None
     if twin is None or not tenant.substitutions:
         return None
     twin_decision = _twin_decision(tenant, twin, registry)
     if twin_decision.verdict is not Verdict.ALLOW:
         return None  # never chain into another forbidden model
+    why = _by_license(tenant, model, registry, hint=False).reason  # the denial, without the opt-in hint
     return Decision(Verdict.SUBSTITUTE, "substitute-commercial-twin",
-                    f"{denial.reason} Substituted `{twin.id}` ({twin_decision.rule}).", served_model=twin.id)
+                    f"{why} Substituted `{twin.id}` ({twin_decision.rule}).", served_model=twin.id)

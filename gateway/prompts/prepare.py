@@ -15,6 +15,7 @@ stop string could still match).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -57,40 +58,66 @@ class UpstreamCall:
     reply: Reply = Reply.AS_IS
     session: str | None = None  # the client's `user`, for session affinity only
     include_usage: bool = False  # the client asked for the usage chunk of a stream
+    # Tokens an engine-side chat template may add beyond the gateway's own rendering (native templates:
+    # a default system turn, role tokens per message).
+    template_margin: int = 0
 
     @property
     def stream(self) -> bool:
         return bool(self.payload.get("stream"))
 
     @property
-    def prompt_estimate(self) -> int:
-        """Prompt tokens before the engine counts them (~4 characters per token; token ids exactly),
-        all prompts of a batch together, for reservations."""
+    def prompt_bound(self) -> int:
+        """The most prompt tokens the engine can count for this call, all prompts of a batch together
+        (token ids exactly): the reservation may never be below what the engine will charge."""
+        return sum(self.prompt_bounds)
+
+    @functools.cached_property
+    def prompt_bounds(self) -> list[int]:
+        """Per prompt: token ids exactly; text by its UTF-8 size plus a margin. Byte-level BPE (GPT-2,
+        Llama 3, SmolLM) never makes more tokens than bytes, SentencePiece with byte fallback (Llama,
+        Vicuna) at most one more per text (its word-start piece); the margin covers BOS/EOS and the
+        turn tokens of an engine-side chat template. Characters / 4 undercounted digits, CJK, emoji and
+        rare scripts 4-13x (a quota could be overrun that much)."""
         if self.prompt_text is not None:
-            return len(self.prompt_text) // 4
+            return [text_bound(self.prompt_text) + self.template_margin]
         prompt = self.payload.get("prompt")
         if not isinstance(prompt, list) or not prompt:
-            return 0
+            return [text_bound(prompt)] if isinstance(prompt, str) else [0]
         if isinstance(prompt[0], int):
-            return len(prompt)
-        return sum(len(p) if isinstance(p, list) else len(p) // 4 for p in prompt)
+            return [len(prompt)]
+        return [len(p) if isinstance(p, list) else text_bound(p) if isinstance(p, str) else 0 for p in prompt]
 
     @property
     def max_tokens(self) -> int | None:
         return self.payload.get("max_tokens")
 
     def reservation(self, context_length: int) -> int:
-        """The most tokens this call may cost: prompt plus every completion it can generate (`n`
-        choices, or `best_of` generated to pick them, per prompt of a batch). Without a limit a chat
-        may fill the context; completions default to 16 tokens, as OpenAI's and the engines' do."""
-        prompt = self.payload.get("prompt")
-        prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+        """The most tokens this call may cost (an upper bound of the engine's own count): per prompt, its
+        bound plus every completion it can generate (`n` choices, or `best_of` generated to pick them),
+        and never more than the context holds per choice (prompt + completion <= context). Without a
+        limit a chat may fill the context; completions default to 16 tokens, as OpenAI's and the
+        engines' do."""
         per_choice = self.max_tokens
         if per_choice is None:
-            per_choice = 16 if self.path == COMPLETIONS_PATH and self.reply is Reply.AS_IS else max(
-                1, context_length - self.prompt_estimate // prompts)
+            per_choice = 16 if self.path == COMPLETIONS_PATH and self.reply is Reply.AS_IS else context_length
         choices = max(self.payload.get("n") or 1, self.payload.get("best_of") or 1)
-        return self.prompt_estimate + per_choice * choices * prompts
+        ceiling = choices * context_length
+        return sum(min(bound + per_choice * choices, ceiling) for bound in self.prompt_bounds)
+
+
+# An engine-side chat template renders the turns itself: the gateway's rendering of the same format is
+# the estimate, and these margins cover what a template may add (a default system turn of up to ~40
+# tokens, as SmolLM2's does, and role and separator tokens per turn).
+NATIVE_TEMPLATE_MARGIN = 64
+NATIVE_TURN_MARGIN = 8
+# Tokens an engine adds around a text prompt at most: BOS, a word-start piece, EOS.
+TEXT_MARGIN_TOKENS = 4
+
+
+def text_bound(text: str) -> int:
+    """Upper bound of a text's tokens in any tokenizer the registry's engines use (see prompt_bounds)."""
+    return len(text.encode("utf-8", "surrogatepass")) + TEXT_MARGIN_TOKENS
 
 
 def prepare_chat(model: Model, request: ChatCompletionRequest, default_max_tokens: int | None = None) -> UpstreamCall:
@@ -114,7 +141,9 @@ def prepare_chat(model: Model, request: ChatCompletionRequest, default_max_token
         # The engine's template decides which conversations it takes; the 2023 rules are not ours to add.
         prompt = prompt_format.render(turns, model.default_system_prompt, strict=False)
         payload["messages"] = [{"role": turn.role, "content": turn.content} for turn in turns]
-        return _call(CHAT_PATH, payload, prompt, Reply.AS_IS, request)
+        call = _call(CHAT_PATH, payload, prompt, Reply.AS_IS, request)
+        call.template_margin = NATIVE_TEMPLATE_MARGIN + NATIVE_TURN_MARGIN * len(turns)
+        return call
     prompt = prompt_format.render(turns, model.default_system_prompt)
     return _call(COMPLETIONS_PATH, _as_completion(payload, prompt, limit), prompt,
                  Reply.CHAT_FROM_COMPLETION, request)

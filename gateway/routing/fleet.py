@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gateway.backends.upstream import ProbeVerdict, Unreachable, UpstreamUnavailable
+
 
 @dataclass
 class BackendState:
@@ -23,6 +25,9 @@ class BackendState:
     ejected_until: float = 0.0
     trial_in_flight: bool = False
     last_probe: float | None = None
+    # The last probe's failure (None: it passed), and since when probes have failed without a pass.
+    probe_failure: UpstreamUnavailable | None = None
+    failing_since: float | None = None
 
 
 @dataclass
@@ -44,6 +49,30 @@ class Fleet:
         if state is None:
             state = self.states[backend_id] = BackendState(backend_id)
         return state
+
+    def probed(self, backend_id: str, failure: UpstreamUnavailable | None) -> None:
+        """An active probe's verdict: None when the backend answered its health path."""
+        state = self.state(backend_id)
+        state.healthy = failure is None
+        state.last_probe = self.clock()
+        if failure is None:
+            state.probe_failure = state.failing_since = None
+            return
+        if state.failing_since is None:
+            state.failing_since = state.last_probe
+        # A DNS server that did not answer, or a probe that ran out of time (perhaps in the lookup), says
+        # nothing about a name that did not resolve the probe before: that answer stands.
+        known = state.probe_failure
+        if not (known is not None and known.kind is Unreachable.UNRESOLVABLE
+                and (failure.kind is Unreachable.LOOKUP_FAILED or failure.timed_out)):
+            state.probe_failure = failure
+
+    def probe_verdict(self, backend_id: str) -> ProbeVerdict | None:
+        """The probes' last failure and for how long they have failed; None while they pass (or none ran)."""
+        state = self.state(backend_id)
+        if state.probe_failure is None or state.failing_since is None:
+            return None
+        return ProbeVerdict(state.probe_failure, self.clock() - state.failing_since)
 
     def is_ejected(self, backend_id: str) -> bool:
         """Ejected, unless the cooldown is over and no trial request is out yet (half-open)."""

@@ -2,9 +2,12 @@
 interval with jitter, at its engine's health path.
 
 vLLM and our seq2seq worker answer `GET /health`; llama.cpp's server has none, so it is probed at
-`GET /v1/models` (see `gateway.backends.engines`). A failed probe takes the backend out of routing
+`GET /docs` (see `gateway.backends.engines`). A failed probe takes the backend out of routing
 until a probe passes again. Each backend has its own probe loop, so one slow backend (or a slow DNS
 name) never delays the verdict on the others.
+
+A backend whose first probe fails is logged once, with its URL and why (at start-up: a wrong port, a
+Kubernetes name that does not resolve here); after that only its changes are.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import random
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from gateway.backends.upstream import OpenAIUpstream
+from gateway.backends.upstream import OpenAIUpstream, UpstreamUnavailable
 from gateway.observability.metrics import Metrics
 from gateway.routing.fleet import Fleet
 from gateway.snapshot import Snapshot
@@ -81,19 +84,23 @@ class Prober:
                 log.exception("health probe of %s failed", backend_id)
             await asyncio.sleep(self._interval_s * random.uniform(0.8, 1.2))
 
-    async def _probe(self, upstream: OpenAIUpstream) -> bool:
+    async def _probe(self, upstream: OpenAIUpstream) -> UpstreamUnavailable | None:
         if _needs_dns(upstream.backend.base_url):
             async with self._dns_slots:
-                return await upstream.is_healthy()
-        return await upstream.is_healthy()
+                return await upstream.probe()
+        return await upstream.probe()
 
-    def _record(self, upstream: OpenAIUpstream, healthy: bool) -> None:
+    def _record(self, upstream: OpenAIUpstream, failure: UpstreamUnavailable | None) -> None:
         state = self._fleet.state(upstream.id)
-        if state.healthy != healthy and state.last_probe is not None:
-            log.warning("backend %s is %s", upstream.id, "healthy again" if healthy else "failing its health probe")
-        state.healthy = healthy
-        state.last_probe = asyncio.get_running_loop().time()
-        self._metrics.backend_up.labels(upstream.id).set(1 if healthy else 0)
+        first, was_healthy = state.last_probe is None, state.healthy
+        self._fleet.probed(upstream.id, failure)
+        if failure is not None and (first or was_healthy):
+            log.warning("backend %s (model %s) at %s fails its health probe: %s", upstream.id, upstream.model_id,
+                        upstream.backend.base_url, failure.reason)
+        elif failure is None and not first and not was_healthy:
+            log.warning("backend %s (model %s) at %s is healthy again", upstream.id, upstream.model_id,
+                        upstream.backend.base_url)
+        self._metrics.backend_up.labels(upstream.id).set(0 if failure else 1)
 
 
 def _needs_dns(url: str) -> bool:

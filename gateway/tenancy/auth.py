@@ -43,10 +43,13 @@ def authenticate(authorization: str | None, tenants: TenantDirectory | None) -> 
         return ANONYMOUS
     caller = tenants.caller_for_key(token)
     if caller is None:
-        # Never echo the key, not even masked: it may be a real key of another system.
-        raise GatewayError(401, "Incorrect API key provided.", type="invalid_request_error",
-                           code="invalid_api_key")
+        raise invalid_api_key()
     return caller
+
+
+def invalid_api_key() -> GatewayError:
+    # Never echo the key, not even masked: it may be a real key of another system.
+    return GatewayError(401, "Incorrect API key provided.", type="invalid_request_error", code="invalid_api_key")
 
 
 def require_admin(caller: Caller) -> None:

@@ -38,8 +38,9 @@ local function recount(key, limit)
 end
 """
 
-# KEYS: req, tok, toksum, inf[, quota].  ARGV: rpm, tpm, max_concurrent (-1 = unlimited), reserve, id, window_ms,
-# stale_ms, walk_cap, recount_cap[, tokens_per_day, tokens_per_month (-1 = none), quota ttl_s].  Returns
+# KEYS: req, tok, toksum, inf[, quota, open quota reservations].  ARGV: rpm, tpm, max_concurrent (-1 = unlimited),
+# reserve, id, window_ms, stale_ms, walk_cap, recount_cap[, tokens_per_day, tokens_per_month (-1 = none), quota
+# ttl_s, open reservation ttl_ms].  Returns
 # {admitted, requests, tokens, inflight, wait_req, wait_tok, wait_conc, too_large, reset_req, reset_tok,
 # repaired, quota_which, quota_now_ms, day, month, day_used, month_used}; waits in ms, -1 where that limit
 # doesn't block; repaired > 0 when malformed state was found (and fixed); quota_which 0 = the quotas (if
@@ -115,6 +116,10 @@ local qwhich, qnow, qday, qmonth, qdu, qmu = 0, 0, 0, 0, 0, 0
 if #KEYS >= 5 then
   qnow, qday, qmonth, qdu, qmu = quota_periods(KEYS[5])
   qwhich = quota_check(tonumber(ARGV[10]), tonumber(ARGV[11]), qdu, qmu, reserve)
+  -- Open quota reservations: finish reconciles only one it finds here, so the undo of an admission whose
+  -- reply was lost (a timeout) can never take back tokens that were not reserved.
+  expect(KEYS[6], 'zset')
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now - tonumber(ARGV[13]))
 end
 local admitted = 0
 if qwhich == 0 and wait_req < 0 and wait_tok < 0 and wait_conc < 0 then
@@ -122,6 +127,8 @@ if qwhich == 0 and wait_req < 0 and wait_tok < 0 and wait_conc < 0 then
   if #KEYS >= 5 then
     qdu, qmu = qdu + reserve, qmu + reserve
     quota_reserve(KEYS[5], qday, qmonth, qdu, qmu, tonumber(ARGV[12]))
+    redis.call('ZADD', KEYS[6], now, id)
+    redis.call('PEXPIRE', KEYS[6], tonumber(ARGV[13]))
   end
   if rpm >= 0 then
     redis.call('ZADD', KEYS[1], now, id)
@@ -156,8 +163,8 @@ return {admitted, nreq, total, ninf, wait_req, wait_tok, wait_conc, too_large, r
         qwhich, qnow, qday, qmonth, qdu, qmu}
 """
 
-# KEYS: tok, toksum, inf[, quota].  ARGV: id, reserved, actual (-1 = keep the reservation), window_ms,
-# recount_cap[, day, month of the admission].  Swaps the reservation's amount for the actual usage, keeping
+# KEYS: tok, toksum, inf[, quota, open quota reservations].  ARGV: id, reserved, actual (-1 = keep the
+# reservation), window_ms, recount_cap[, day, month of the admission].  Swaps the reservation's amount for the actual usage, keeping
 # its timestamp (and in the quota's periods), and frees the slot.
 FINISH_LUA = LUA_HELPERS + PERIODS_LUA + """
 local id, window, recount_cap = ARGV[1], tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -179,6 +186,36 @@ if actual then
     redis.call('PEXPIRE', KEYS[1], window)
   end
 end
-if actual and #KEYS >= 4 then quota_reconcile(KEYS[4], count(ARGV[6]), count(ARGV[7]), reserved, actual) end
+if actual and #KEYS >= 4 then
+  expect(KEYS[5], 'zset')
+  if redis.call('ZREM', KEYS[5], id) == 1 then  -- absent: never reserved, or reconciled already
+    quota_reconcile(KEYS[4], count(ARGV[6]), count(ARGV[7]), reserved, actual)
+  end
+end
+return 1
+"""
+
+# KEYS: quota.  ARGV: day, month, day tokens, month tokens (deltas, may be < 0), day baseline, month baseline,
+# ttl_s.  Adds what a replica counted during a Redis outage to the periods it was spent in. A period the hash
+# does not hold yet (Redis lost the key, or no admission there since) starts from the baseline: the total
+# the replica last saw in Redis for that period. A hash already on a later period keeps it.
+QUOTA_WRITE_BACK_LUA = LUA_HELPERS + """
+expect(KEYS[1], 'hash')
+local day, month = count(ARGV[1]), count(ARGV[2])
+local dd, dm = tonumber(ARGV[3]) or 0, tonumber(ARGV[4]) or 0
+local bd, bm = count(ARGV[5]) or 0, count(ARGV[6]) or 0
+local h = redis.call('HMGET', KEYS[1], 'd', 'du', 'm', 'mu')
+local hd, hm = count(h[1]), count(h[3])
+if hd == day then
+  redis.call('HSET', KEYS[1], 'du', fmt(math.max(0, (count(h[2]) or 0) + dd)))
+elseif hd == nil or hd < day then
+  redis.call('HSET', KEYS[1], 'd', fmt(day), 'du', fmt(math.max(0, bd + dd)))
+end
+if hm == month then
+  redis.call('HSET', KEYS[1], 'mu', fmt(math.max(0, (count(h[4]) or 0) + dm)))
+elseif hm == nil or hm < month then
+  redis.call('HSET', KEYS[1], 'm', fmt(month), 'mu', fmt(math.max(0, bm + dm)))
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
 return 1
 """

@@ -9,6 +9,9 @@ Keys, per tenant (the braces are a Redis Cluster hash tag: one tenant's keys sha
   gw:rl:{t}:tok    ZSET  member="<id>:<reserved tokens>", score=ms  (token reservations)
   gw:rl:{t}:toksum STR   running sum of the reservations in :tok   (the TPM check is O(1), no scan)
   gw:rl:{t}:inf    ZSET  member=admission id,            score=ms  (in flight; stale after 15 min)
+  gw:rl:{t}:quota  HASH  the token quota's periods and counts (gateway/usage/quota.py)
+  gw:rl:{t}:qres   ZSET  member=admission id,            score=ms  (open quota reservations: a finish
+                                                                    reconciles only one it finds; 2 h)
 Expired entries are pruned with ZRANGEBYSCORE/ZREMRANGEBYSCORE from the old end: each entry is removed once,
 amortised O(1) per request. Every key carries a TTL, so an idle tenant's keys vanish.
 
@@ -41,10 +44,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
-from gateway.usage.quota import KEY_TTL_S, LocalQuotas, Periods, Quotas, QuotaUnavailable
+from gateway.usage.quota import DAY_S, KEY_TTL_S, OutageQuotas, Periods, Quotas, QuotaUnavailable, month_number
 from gateway.usage.quota import exceeded as quota_exceeded
 from gateway.usage.quota import headers as quota_headers
-from gateway.tenancy.ratelimit_lua import ADMIT_LUA, FINISH_LUA
+from gateway.tenancy.ratelimit_lua import ADMIT_LUA, FINISH_LUA, QUOTA_WRITE_BACK_LUA
 from gateway.tenancy.ratelimit import (
     RETRY_WALK_CAP,
     STALE_INFLIGHT_S,
@@ -67,6 +70,9 @@ _MAX_TOKENS = 2**53 - 1
 # A running token sum that needs repairing is recounted from at most this many reservations. A larger log
 # is dropped instead, so a repair can't block Redis, which every tenant shares, for long.
 _RECOUNT_CAP = 10_000
+# An open quota reservation whose finish never came (its replica died) is forgotten after this: its tokens
+# stay charged. Longer than any generation (the CPU fallback's total timeout is 30 minutes).
+_OPEN_RESERVATION_MS = 2 * 3600 * 1000
 # Warn about one tenant's malformed state at most this often, so a broken tenant can't flood the log.
 _WARN_EVERY_S = 10.0
 
@@ -118,6 +124,7 @@ class RedisRateLimiter:
         op_timeout_s: float = 1.0,
         probe_interval_s: float = 1.0,
         max_connections: int = 32,
+        admit_unknown_quotas: bool = False,
     ) -> None:
         # A blocking pool: a burst queues briefly for a connection instead of failing with "Too many
         # connections" (which would wrongly fail open). No client-side retries: a retried admit whose
@@ -134,10 +141,13 @@ class RedisRateLimiter:
         self._redis = Redis(connection_pool=pool)
         self._admit_script = self._redis.register_script(ADMIT_LUA)
         self._finish_script = self._redis.register_script(FINISH_LUA)
+        self._write_back_script = self._redis.register_script(QUOTA_WRITE_BACK_LUA)
         self._fail_closed = fail_closed
+        # During an outage: admit a quota tenant this replica has no total for (from zero), or refuse it.
+        self._admit_unknown_quotas = admit_unknown_quotas
         self._probe_interval_s = probe_interval_s
         self._fallback = LocalRateLimiter()
-        self._quota_fallback = LocalQuotas()
+        self._quota_fallback = OutageQuotas()  # continues from what Redis showed; owes what it spent
         self._healthy = True
         self._skip_until = 0.0  # during an outage, try Redis again only after this (monotonic)
         self._pending_finishes: deque[tuple[str, str, int, int | None, tuple[int, int] | None]] = deque(maxlen=10_000)
@@ -163,19 +173,23 @@ class RedisRateLimiter:
             # Probe: replay the finishes the outage swallowed first, so their slots are free for this check.
             if not await self._flush_pending():
                 return await self._degraded(tenant, limits, reserve, quotas)
+        elif self._quota_fallback.owed and not await self._write_back_quotas():  # spent in an outage
+            return await self._degraded(tenant, limits, reserve, quotas)
         admission_id = uuid.uuid4().hex[:16]
         keys = [f"{prefix}:req", f"{prefix}:tok", f"{prefix}:toksum", f"{prefix}:inf"]
         args: list[int | str] = [_arg(limits.rpm), _arg(limits.tpm), _arg(limits.max_concurrent)]
         args += [reserve, admission_id, _WINDOW_MS, _STALE_MS, RETRY_WALK_CAP, _RECOUNT_CAP]
         if quotas:
-            keys.append(f"{prefix}:quota")
-            args += [_arg(quotas.tokens_per_day), _arg(quotas.tokens_per_month), KEY_TTL_S]
+            keys += [f"{prefix}:quota", f"{prefix}:qres"]
+            args += [_arg(quotas.tokens_per_day), _arg(quotas.tokens_per_month), KEY_TTL_S, _OPEN_RESERVATION_MS]
         try:
             reply = await self._admit_script(keys=keys, args=args)
         except _STORE_ERRORS as exc:
             # A timed-out (or failed: Redis doesn't roll a script back) script may still have recorded: queue
-            # its undo (zero tokens, free the slot), so a phantom admission can't hold a slot for 15 minutes.
-            self._pending_finishes.append((prefix, admission_id, reserve, 0, None))
+            # its undo (zero tokens, free the slot, give back a quota reservation it made), so a phantom
+            # admission can't hold a slot for 15 minutes or tokens of the quota. The undo touches only what
+            # the admission recorded (the finish script checks), in the periods of the local clock.
+            self._pending_finishes.append((prefix, admission_id, reserve, 0, _local_periods() if quotas else None))
             if _tenant_local(exc):
                 # Redis answered: it is up, and the error concerns this tenant's keys. Degrade only this
                 # request; opening the circuit would degrade every tenant on this replica.
@@ -191,6 +205,7 @@ class RedisRateLimiter:
         if quotas:
             which, now_ms, day, month, du, mu = (int(v) for v in reply[11:17])
             periods = Periods(now_ms / 1000, day, month, du, mu)
+            self._quota_fallback.saw(tenant, day, du, month, mu)
             if which and usage.admitted:  # the rate limits would admit it: the quota is what refuses
                 raise quota_exceeded(quotas, periods, reserve, "tokens_per_day" if which == 1 else "tokens_per_month")
         if repaired:
@@ -224,6 +239,10 @@ class RedisRateLimiter:
             raise RateLimitUnavailable("The rate limiter's store (Redis) is unavailable.")
         if not quotas:
             return self._fallback.admit_now(tenant, limits, reserve)
+        if not self._admit_unknown_quotas and not self._quota_fallback.knows(tenant):
+            # No total seen for this tenant: admitting from zero would hand it a fresh quota.
+            raise QuotaUnavailable("The quota store (Redis) is unavailable and this replica has not seen "
+                                   "this tenant's quota use yet.")
         grant = self._quota_fallback.admit_now(tenant, quotas, reserve)  # QuotaExceeded: nothing recorded
         try:
             admission = self._fallback.admit_now(tenant, limits, reserve)
@@ -274,7 +293,7 @@ class RedisRateLimiter:
             keys = [f"{prefix}:tok", f"{prefix}:toksum", f"{prefix}:inf"]
             args = _finish_args(admission_id, reserved, actual)
             if quota is not None:
-                keys.append(f"{prefix}:quota")
+                keys += [f"{prefix}:quota", f"{prefix}:qres"]
                 args += list(quota)
             try:
                 await self._finish_script(keys=keys, args=args)
@@ -292,11 +311,43 @@ class RedisRateLimiter:
                 raise
             except Exception:  # a bug, not Redis: don't retry it forever ahead of everyone else's
                 log.exception("Rate-limit finish for %s:* failed; dropped it.", prefix)
+        return await self._write_back_quotas() if self._quota_fallback.owed else True
+
+    async def _write_back_quotas(self) -> bool:
+        """Add what tenants spent on this replica's outage counts to Redis' quota hashes; False if Redis
+        failed (kept for the next attempt). A hash that Redis lost (a restart without persistence) starts
+        from the total this replica last saw, so the outage's tokens are not the only ones counted."""
+        owed = self._quota_fallback.take_owed()
+        items = list(owed.items())
+        for index, ((tenant, day, month), (day_tokens, month_tokens, day_base, month_base)) in enumerate(items):
+            if not day_tokens and not month_tokens:
+                continue
+            try:
+                await self._write_back_script(keys=[f"{tenant_prefix(tenant)}:quota"],
+                                              args=[day, month, day_tokens, month_tokens, day_base, month_base,
+                                                    KEY_TTL_S])
+            except _STORE_ERRORS as exc:
+                if _tenant_local(exc):
+                    self.script_errors += 1
+                    self._warn(tenant_prefix(tenant), "Redis rejected a quota write-back for %r (%s); dropped it.",
+                               tenant, exc)
+                    continue
+                self._quota_fallback.give_back(dict(items[index:]))
+                self._mark_down(exc)
+                return False
+            except asyncio.CancelledError:
+                self._quota_fallback.give_back(dict(items[index:]))
+                raise
         return True
 
     async def close(self) -> None:
         await self._fallback.close()
         await self._redis.aclose()
+
+
+def _local_periods() -> tuple[int, int]:
+    day = math.floor(time.time() / DAY_S)
+    return day, month_number(day)
 
 
 def _arg(limit: int | None) -> int:

@@ -26,7 +26,9 @@ from gateway.usage.quota import Quotas
 from gateway.wire.protocol import PRIVILEGED_EXTRAS
 
 KEY_PREFIX = "sk-gw-"
-_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
+# Matched in full (`re.fullmatch`): `$` alone also matches before a trailing newline, which YAML's `- |`
+# block gives, and such a hash would pass validation and never match a key.
+_HASH_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class Environment(str, Enum):
@@ -98,6 +100,7 @@ class Tenant:
 class Caller:
     tenant: Tenant
     key_id: str
+    key_hash: str = ""  # how the caller is found again in a reloaded directory ("" in open access)
 
 
 class TenantsError(ConfigError):
@@ -170,7 +173,9 @@ def _cross_check(path: Path, specs: list[TenantSpec], registry: Registry) -> lis
         names.add(spec.name)
         for i, key_hash in enumerate(spec.api_key_hashes):
             if not _is_hash(key_hash):
-                problems.append(f"{where}: field 'api_key_hashes.{i}': not a 'sha256:<64 hex>' hash")
+                why = ("has whitespace or a line break around it (YAML's `- |` keeps one; write the hash "
+                       "as a plain value)" if _is_hash(key_hash.strip()) else "not a 'sha256:<64 hex>' hash")
+                problems.append(f"{where}: field 'api_key_hashes.{i}': {why}")
             elif owners.setdefault(key_hash, spec.name) != spec.name or spec.api_key_hashes.count(key_hash) > 1:
                 problems.append(f"{where}: field 'api_key_hashes.{i}': duplicate key hash "
                                 f"(also used by tenant '{owners[key_hash]}')")
@@ -186,7 +191,7 @@ def _cross_check(path: Path, specs: list[TenantSpec], registry: Registry) -> lis
 
 
 def _is_hash(value: str) -> bool:
-    return re.match(_HASH_PATTERN, value) is not None
+    return _HASH_PATTERN.fullmatch(value) is not None
 
 
 def _directory(specs: list[TenantSpec]) -> TenantDirectory:
@@ -208,5 +213,5 @@ def _directory(specs: list[TenantSpec]) -> TenantDirectory:
         )
         tenants[spec.name] = tenant
         for key_hash in spec.api_key_hashes:
-            by_key[key_hash] = Caller(tenant, key_id(key_hash))
+            by_key[key_hash] = Caller(tenant, key_id(key_hash), key_hash)
     return TenantDirectory(tenants, by_key)

@@ -1,16 +1,29 @@
 """`GET /v1/organization/usage/completions`: OpenAI's usage API over the gateway's counters.
 
 OpenAI's query parameters: start_time (required), end_time, bucket_width (1m/1h/1d), project_ids,
-api_key_ids, models, group_by (project_id, api_key_id, model; plus our `license`), limit, page. A project
-is a tenant. Admin keys see every tenant; any other key sees only its own tenant (asking for another one
-is a 403). Left out: user_ids, batch and service_tier (the gateway has neither users nor batches: a
-`group_by` on them is a 400), and the cached/audio/image token fields are always 0.
+api_key_ids, models, batch, group_by (project_id, api_key_id, model; plus our `license`), limit, page. A
+project is a tenant. Admin keys see every tenant; any other key sees only its own tenant (asking for
+another one is a 403). The gateway has neither users nor batches: `user_ids` and a `group_by` on
+user_id, batch or service_tier are a 400; `batch=false` is every request, `batch=true` none; the
+cached/audio/image token fields are always 0.
 Our extra top-level field `gateway` says whether the counters are shared by all replicas (`redis`) or
 this replica's alone (`process`), and shows the tenants' token quotas.
+
+Parameters are parsed strictly (a client's mistake is a 400 naming the parameter, never a 500 or a
+silently different answer): integers are ASCII digits, at most 12 of them; an unknown parameter, or a
+single-valued one given twice, is a 400.
+
+What one call may cost is bounded. Each tenant has its own small limits on this endpoint, per replica
+(GATEWAY_USAGE_API_RPM requests per minute, GATEWAY_USAGE_API_MAX_CONCURRENT calls at once; past them
+OpenAI's 429 `rate_limit_exceeded` with Retry-After), and one call reads at most
+GATEWAY_USAGE_API_MAX_ROWS counter entries (each bucket counts one more): a page that would read more
+stops early, with `has_more: true` and a `next_page` cursor, as OpenAI pages. A page holds at least one
+bucket, whose entries the configuration bounds (tenants x keys x models).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -18,20 +31,69 @@ from typing import TYPE_CHECKING
 from starlette.datastructures import QueryParams
 
 from gateway.errors import GatewayError
+from gateway.tenancy.ratelimit import Limits, LocalRateLimiter, RateLimited
 from gateway.usage import quota as quota_mod
 from gateway.usage.counters import RETENTION_S, WIDTHS
 
 if TYPE_CHECKING:
     from gateway.pipeline import GatewayState
+    from gateway.settings import Settings
     from gateway.tenancy.tenants import Caller
 
 GROUPS = {"project_id": 0, "api_key_id": 1, "model": 2, "license": 3}  # index into a counter key
 UNSUPPORTED_GROUPS = {"user_id", "batch", "service_tier"}
 LIMITS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}  # OpenAI's default and maximum per width
+SINGLE = {"start_time", "end_time", "bucket_width", "batch", "limit", "page"}
+LISTS = {"project_ids", "user_ids", "api_key_ids", "models", "group_by"}  # also as `name[]`
+_DIGITS = re.compile(r"[0-9]{1,12}")  # `\d` and int() take any script's digits; 12 digits: year 33658
 
 
-def _bad(message: str, param: str) -> GatewayError:
-    return GatewayError(400, message, param=param, code="invalid_value")
+class UsageApi:
+    """The endpoint with its own per-tenant, per-replica limits (it is not generation: it has no tokens
+    to charge, and must not spend the tenant's generation limits either)."""
+
+    def __init__(self, settings: "Settings") -> None:
+        self.limits = Limits(rpm=settings.usage_api_rpm, max_concurrent=settings.usage_api_max_concurrent)
+        self.max_rows = settings.usage_api_max_rows
+        self._limiter = LocalRateLimiter()
+
+    async def completions(self, state: "GatewayState", caller: "Caller", params: QueryParams) -> dict:
+        try:
+            admission = self._limiter.admit_now(caller.tenant.name, self.limits, 0)
+        except RateLimited as exc:
+            state.metrics.rejected(caller.tenant.name, "usage_api")
+            raise _refusal(exc, self.limits) from None
+        try:
+            return await completions(state, caller, params, self.max_rows)
+        finally:
+            admission.settle()
+
+
+def _refusal(exc: RateLimited, limits: Limits) -> GatewayError:
+    if exc.limit == "concurrency":
+        what = f"{limits.max_concurrent} calls at a time per project"
+    else:
+        what = f"{limits.rpm} requests per minute per project"
+    headers = {name: value for name, value in exc.headers.items() if name.startswith("retry-after")}
+    return GatewayError(429, f"Rate limit reached for the usage API ({what}). Retry in {exc.retry_after_s}s.",
+                        type="rate_limit_error", code="rate_limit_exceeded", headers=headers)
+
+
+def _bad(message: str, param: str, code: str = "invalid_value") -> GatewayError:
+    return GatewayError(400, message, param=param, code=code)
+
+
+def _check_names(params: QueryParams) -> None:
+    seen: set[str] = set()
+    for name, _ in params.multi_items():
+        base = name[:-2] if name.endswith("[]") else name
+        if base in LISTS:
+            continue
+        if name not in SINGLE:
+            raise _bad(f"Unrecognized request argument supplied: {name[:60]!r}.", name[:60], "unknown_parameter")
+        if name in seen:
+            raise _bad(f"`{name}` may be given once.", name)
+        seen.add(name)
 
 
 def _list(params: QueryParams, name: str) -> list[str]:
@@ -43,18 +105,27 @@ def _int(params: QueryParams, name: str, default: int | None = None) -> int | No
     raw = params.get(name)
     if raw is None:
         return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise _bad(f"`{name}` must be an integer, not {raw[:40]!r}.", name) from None
+    if not _DIGITS.fullmatch(raw):
+        raise _bad(f"`{name}` must be a whole number of at most 12 ASCII digits, not {raw[:40]!r}.", name)
+    return int(raw)
 
 
-async def completions(state: "GatewayState", caller: "Caller", params: QueryParams) -> dict:
+def _batch(params: QueryParams) -> bool | None:
+    raw = params.get("batch")
+    if raw is None or raw in ("true", "false"):
+        return None if raw is None else raw == "true"
+    raise _bad(f"`batch` must be true or false, not {raw[:40]!r}.", "batch")
+
+
+async def completions(state: "GatewayState", caller: "Caller", params: QueryParams,
+                      max_rows: int | None = None) -> dict:
+    _check_names(params)
+    if _list(params, "user_ids"):
+        raise _bad("`user_ids` is not supported by this gateway: it has no users (every result's user_id is "
+                   "null).", "user_ids", "unsupported_parameter")
     start = _int(params, "start_time")
     if start is None:
         raise _bad("`start_time` is required (unix seconds, inclusive).", "start_time")
-    if start < 0:
-        raise _bad("`start_time` must be a unix time in seconds.", "start_time")
     now = int(time.time())
     end = _int(params, "end_time", now)
     if end <= start:
@@ -69,17 +140,18 @@ async def completions(state: "GatewayState", caller: "Caller", params: QueryPara
         if group not in GROUPS:
             raise _bad(f"Unknown `group_by` value {group[:40]!r}; use project_id, api_key_id, model or license.",
                        "group_by")
+    only_batches = _batch(params)
     default, maximum = LIMITS[width]
     limit = _int(params, "limit", default)
     if not 1 <= limit <= maximum:
         raise _bad(f"`limit` must be between 1 and {maximum} for bucket_width={width}, not {limit}.", "limit")
     size = WIDTHS[width]
     first = start // size * size
-    page = params.get("page")
+    page = _int(params, "page")
     if page is not None:
-        if not page.isdigit() or int(page) < first or int(page) % size:
+        if page < first or page % size:
             raise _bad("`page` must be a `next_page` cursor of an earlier answer to the same query.", "page")
-        first = int(page)
+        first = page
     projects = _list(params, "project_ids")
     tenant = caller.tenant.name
     if not caller.tenant.admin:
@@ -90,12 +162,15 @@ async def completions(state: "GatewayState", caller: "Caller", params: QueryPara
                                code="forbidden_project")
         projects = [tenant]
     filters = [set(projects), set(_list(params, "api_key_ids")), set(_list(params, "models"))]
-    count = min(limit, -(-(end - first) // size))
+    count = max(0, min(limit, -(-(end - first) // size)))
     starts = [first + i * size for i in range(count)]
-    counts = await state.usage.read(width, starts)
+    if only_batches:  # no request here is a batch request: empty buckets, nothing to read
+        counts, taken = {}, count
+    else:
+        counts, taken = await state.usage.read_page(width, starts, max_rows)
     data = [{"object": "bucket", "start_time": s, "end_time": s + size,
-             "results": _results(counts.get(s, {}).items(), filters, groups)} for s in starts]
-    following = first + count * size
+             "results": _results(counts.get(s, {}).items(), filters, groups)} for s in starts[:taken]]
+    following = first + taken * size
     has_more = following < end
     return {
         "object": "page", "data": data, "has_more": has_more, "next_page": str(following) if has_more else None,

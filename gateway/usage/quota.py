@@ -177,17 +177,25 @@ class LocalQuotas:
         state[1] += reserve
         state[3] += reserve
         day, month = state[0], state[2]
+        self._charged(tenant, day, reserve, month, reserve)
 
         async def release(actual: int | None) -> None:
             if actual is None:
                 return
             delta = max(0, int(actual)) - reserve
+            day_delta = month_delta = 0
             if state[0] == day:
-                state[1] = max(0, state[1] + delta)
+                day_delta = max(0, state[1] + delta) - state[1]
+                state[1] += day_delta
             if state[2] == month:
-                state[3] = max(0, state[3] + delta)
+                month_delta = max(0, state[3] + delta) - state[3]
+                state[3] += month_delta
+            self._charged(tenant, day, day_delta, month, month_delta)
 
         return QuotaGrant(headers(quotas, Periods(now, day, month, state[1], state[3])), release)
+
+    def _charged(self, tenant: str, day: int, day_delta: int, month: int, month_delta: int) -> None:
+        """A change of a tenant's counts (a reservation, or its reconciliation); for subclasses."""
 
     async def periods(self, tenant: str) -> Periods:
         state, now = self._state(tenant)
@@ -195,6 +203,58 @@ class LocalQuotas:
 
     async def close(self) -> None:
         self._tenants.clear()
+
+
+class OutageQuotas(LocalQuotas):
+    """A replica's quota counts while Redis is unreachable: they continue from the last totals Redis showed
+    this replica (an outage must not hand out fresh quotas), and what was spent meanwhile is kept, per
+    tenant and period, to be written back when Redis returns (`owed`, drained by the Redis limiter).
+
+    A tenant this replica never saw in Redis has no known total: `knows()` says so and the caller refuses
+    it, or admits it from zero where the operator chose that."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(clock)
+        self._seen: dict[str, tuple[int, int, int, int]] = {}  # tenant -> day, day_used, month, month_used
+        self._seeded: set[str] = set()  # tenants continued from _seen in the current outage
+        # (tenant, day, month) -> [day tokens, month tokens, day baseline, month baseline] not yet in Redis
+        self.owed: dict[tuple[str, int, int], list[int]] = {}
+
+    def saw(self, tenant: str, day: int, day_used: int, month: int, month_used: int) -> None:
+        """What Redis holds for the tenant (after an admission there): the start of any later outage."""
+        self._seen[tenant] = (day, day_used, month, month_used)
+        self._seeded.discard(tenant)
+
+    def knows(self, tenant: str) -> bool:
+        return tenant in self._seen or tenant in self._seeded
+
+    def admit_now(self, tenant: str, quotas: Quotas, reserve: int) -> QuotaGrant:
+        if tenant not in self._seeded and tenant in self._seen:
+            day, day_used, month, month_used = self._seen[tenant]
+            self._tenants[tenant] = [day, day_used, month, month_used]  # _state() resets a period that ended
+            self._seeded.add(tenant)
+        return super().admit_now(tenant, quotas, reserve)
+
+    def _charged(self, tenant: str, day: int, day_delta: int, month: int, month_delta: int) -> None:
+        key = (tenant, day, month)
+        owed = self.owed.get(key)
+        if owed is None:
+            seen = self._seen.get(tenant)
+            owed = self.owed[key] = [0, 0, seen[1] if seen and seen[0] == day else 0,
+                                     seen[3] if seen and seen[2] == month else 0]
+        owed[0] += day_delta
+        owed[1] += month_delta
+
+    def take_owed(self) -> dict[tuple[str, int, int], list[int]]:
+        owed, self.owed = self.owed, {}
+        return owed
+
+    def give_back(self, owed: dict[tuple[str, int, int], list[int]]) -> None:
+        """Write-back failed: keep it for the next attempt, merged with what was spent meanwhile."""
+        for key, entry in owed.items():
+            mine = self.owed.setdefault(key, [0, 0, entry[2], entry[3]])
+            mine[0] += entry[0]
+            mine[1] += entry[1]
 
 
 def make_quotas(redis_url: str | None, *, fail_closed: bool = False):

@@ -68,7 +68,7 @@ class RedisQuotas:
             log.warning("Redis unavailable for token quotas (%s); %s.", exc,
                         "refusing quota tenants (fail-closed)" if self._fail_closed else "counting per replica")
         if self._fail_closed:
-            raise QuotaUnavailable(str(exc)) from None
+            raise QuotaUnavailable(f"The quota store (Redis) is unavailable ({type(exc).__name__}).") from None
 
     async def admit(self, tenant: str, quotas: Quotas, reserve: int) -> QuotaGrant:
         key = f"{tenant_prefix(tenant)}:quota"

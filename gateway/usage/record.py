@@ -34,7 +34,7 @@ def tokens(outcome: "Outcome", call: "UpstreamCall") -> tuple[int, int, str]:
         source = "gateway" if watch is not None and watch.usage_by_gateway else "engine"
         return _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), source
     if watch is not None and watch.events:
-        return max(0, call.prompt_estimate), watch.events, "gateway_estimate"
+        return max(0, call.prompt_bound), watch.events, "gateway_estimate"
     return 0, 0, "none"
 
 
@@ -48,7 +48,7 @@ def status(outcome: "Outcome") -> int:
     watch = outcome.watch
     if watch is None:
         return 200
-    if watch.failure is not None:
+    if watch.failure is not None or watch.engine_error is not None:
         return 502
     return 200 if watch.completed else 499  # nginx's "client closed request": gone mid-stream
 
@@ -63,30 +63,42 @@ class UsageLines:
         self._snapshot: object = None
         self._static: dict[tuple[str, str, str, str], tuple[str, Any, Any]] = {}
 
-    def static(self, state: "GatewayState", caller: "Caller", requested: "Model", model: "Model") -> tuple[str, Any, Any]:
-        if state.snapshot is not self._snapshot:
-            self._snapshot, self._static = state.snapshot, {}
-        tenant = caller.tenant
-        key = (tenant.name, caller.key_id, requested.id, model.id)
+    def static(self, state: "GatewayState", snapshot: Any, caller: "Caller", requested: "Model",
+               model: "Model") -> tuple[str, Any, Any]:
+        """`snapshot`: the one the request was judged against. Cached only for the current snapshot: a
+        request judged against an older one (a reload while it was admitted) must not seed the cache
+        that later requests read."""
+        if snapshot is not self._snapshot:
+            if snapshot is not state.snapshot:
+                return self._build(state, snapshot, caller, requested, model)
+            self._snapshot, self._static = snapshot, {}
+        key = (caller.tenant.name, caller.key_id, requested.id, model.id)
         found = self._static.get(key)
         if found is None:
-            license_ = state.snapshot.registry.licenses.get(model.license)
-            fields = orjson.dumps({
-                "type": "usage", "tenant": tenant.name, "key_id": caller.key_id,
-                "environment": tenant.environment.value, "model_requested": requested.id, "model_served": model.id,
-                "license": model.license,
-                "commercial_use": license_.commercial_use.value if license_ is not None else "unknown",
-                "attestations": sorted(tenant.attestations),
-            }).decode()[1:-1]
-            found = self._static[key] = (fields, *state.metrics.license_token_counters(
-                model.license, tenant.name if state.settings.metrics_tenant_label else "-"))
+            found = self._static[key] = self._build(state, snapshot, caller, requested, model)
         return found
 
+    @staticmethod
+    def _build(state: "GatewayState", snapshot: Any, caller: "Caller", requested: "Model",
+               model: "Model") -> tuple[str, Any, Any]:
+        tenant = caller.tenant
+        license_ = snapshot.registry.licenses.get(model.license)
+        fields = orjson.dumps({
+            "type": "usage", "tenant": tenant.name, "key_id": caller.key_id,
+            "environment": tenant.environment.value, "model_requested": requested.id, "model_served": model.id,
+            "license": model.license,
+            "commercial_use": license_.commercial_use.value if license_ is not None else "unknown",
+            "attestations": sorted(tenant.attestations),
+        }).decode()[1:-1]
+        return (fields, *state.metrics.license_token_counters(model.license, state.metrics.tenant(tenant.name)))
 
-def recorder(state: "GatewayState", caller: "Caller", requested: "Model", model: "Model", call: "UpstreamCall",
-             request_id: str, started: float) -> Callable[["Outcome"], None]:
-    """The Outcome callback that writes the usage record, counts the tokens and exports them."""
-    fields, tokens_in, tokens_out = state.usage_lines.static(state, caller, requested, model)
+
+def recorder(state: "GatewayState", snapshot: Any, caller: "Caller", requested: "Model", model: "Model",
+             call: "UpstreamCall", request_id: str, started: float,
+             client_request_id: str | None = None) -> Callable[["Outcome"], None]:
+    """The Outcome callback that writes the usage record, counts the tokens and exports them.
+    `request_id` is the gateway's (the decision record's); `client_request_id` the client's, if it sent one."""
+    fields, tokens_in, tokens_out = state.usage_lines.static(state, snapshot, caller, requested, model)
 
     def record(outcome: "Outcome") -> None:
         prompt, completion, source = tokens(outcome, call)
@@ -94,7 +106,8 @@ def recorder(state: "GatewayState", caller: "Caller", requested: "Model", model:
         watch = outcome.watch
         ttft = watch.first_event_at - started if watch is not None and watch.first_event_at else None
         varying = orjson.dumps({
-            "request_id": request_id, "backend": outcome.backend_id, "fallback": outcome.fell_back,
+            "request_id": request_id, "client_request_id": client_request_id, "backend": outcome.backend_id,
+            "fallback": outcome.fell_back,
             "stream": call.stream, "prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion, "usage_source": source, "status": status(outcome),
             "duration_ms": round((now - started) * 1000, 1), "ttft_ms": None if ttft is None else round(ttft * 1000, 1),

@@ -80,7 +80,8 @@ def _line(report: Report, where: str, raw: bytes, since: datetime | None, until:
     row["prompt_tokens"] += prompt
     row["completion_tokens"] += completion
     row["total_tokens"] += prompt + completion
-    row["gateway_counted"] += record.get("usage_source") != "engine"
+    # Tokens the gateway counted or estimated; "none" (no answer, e.g. a 503) has no tokens to count.
+    row["gateway_counted"] += record.get("usage_source") in ("gateway", "gateway_estimate")
     if record.get("commercial_use") == "conditional" and record.get("environment") == "production":
         entry = report.conditional.setdefault(key[:2], {"tenant": key[0], "license": key[1], "models": set(),
                                                         "attestations": set(), "requests": 0, "total_tokens": 0})

@@ -223,6 +223,9 @@ class ModelCard(BaseModel):
     context_length: int
     architecture: str
     hardware: ModelHardware
+    # Whether this gateway can serve it now: "ready", "unreachable", "unknown" (not probed yet) or
+    # "no_backends" (the registry configures none where this gateway runs).
+    availability: Literal["ready", "unreachable", "unknown", "no_backends"]
 
 
 class ModelList(BaseModel):

@@ -223,7 +223,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gateway.workers.seq2seq", description=__doc__.splitlines()[0])
+    # The docstring's first paragraph (its first line alone stops mid-sentence).
+    description = " ".join(__doc__.split("\n\n", 1)[0].split())
+    parser = argparse.ArgumentParser(prog="python -m gateway.workers.seq2seq", description=description)
     parser.add_argument("--model", required=True, type=Path, help="checkpoint directory (config, weights, tokenizer)")
     parser.add_argument("--served-model-name", required=True, help="the `model` clients must send")
     parser.add_argument("--host", default="127.0.0.1")
