@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from gateway.cli import deploy
+from gateway.store import cli as store_cli
 from gateway.cli.server import DrainingServer, http_protocol
 from gateway.cli.tables import format_formats, format_matrix, format_model_table
 from gateway.policy.decide import decide
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "deploy":
         return deploy.run(args)
+    if args.command == "db":
+        return store_cli.run(args)
     try:
         paths = [Path(p) for arg in args.registry or () for p in str(arg).split(",") if p]  # as GATEWAY_REGISTRY
         registry = load_registry(paths or get_settings().registry_paths)
@@ -67,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     policy.add_argument("--tenant")
     policy.add_argument("--model")
     deploy.add_parser(commands)
+    store_cli.add_parser(commands)
     return parser
 
 
