@@ -226,3 +226,30 @@ async def _until(condition, timeout_s: float) -> None:  # type: ignore[no-untype
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.05)
+
+
+def test_a_batch_the_database_refuses_is_set_aside_and_the_rest_is_written(db_url: str, tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    dims = [["acme", "k1", "m", "m", "llama2", "conditional", "production", "[]", "chat", "engine"]]
+    bad = {"dims": dims, "rows": [[None, "req-bad", int(time.time() * 1000), 0, 1, 1, 200, 5]]}  # no row id
+    (spool / "00000000000000000001-1-00000000.batch").write_bytes(__import__("orjson").dumps(bad))
+
+    async def scenario() -> None:
+        db = await migrated(db_url, tmp_path)
+        try:
+            ledger = Ledger(db, spool, interval_s=0.05)
+            await ledger.start()
+            for i in range(20):
+                ledger.record(row(i))
+            assert await ledger.flush(10)
+            await ledger.close()
+            assert ledger.writer.rejected_rows == 1 and ledger.healthy  # refused content is not an outage
+            assert await _counts(db) == (20, 20, [20, 20, 20])
+        finally:
+            await db.dispose()
+
+    asyncio.run(scenario())
+    assert [p.name for p in (spool / "rejected").iterdir()] == ["00000000000000000001-1-00000000.batch"]
+    assert any("refused a batch of 1 rows" in r.getMessage() for r in caplog.records)

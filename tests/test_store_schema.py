@@ -144,3 +144,17 @@ def test_gateway_db_upgrade_then_status(db_url: str, tmp_path: Path, gateway) ->
     again = gateway("db", "upgrade", env=env)
     assert again.returncode == 0 and "up to date" in again.stdout
     assert gateway("db", "status", env=env).returncode == 0
+
+
+def test_the_store_imports_nothing_of_the_gateway_above_it() -> None:
+    import ast
+
+    allowed = ("gateway.store", "gateway.errors", "gateway.settings")
+    found = []
+    for path in sorted((ROOT / "gateway" / "store").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(ROOT)}: {name}" for name in names
+                      if name.startswith("gateway") and not name.startswith(allowed)]
+    assert found == []

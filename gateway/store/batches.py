@@ -26,7 +26,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -39,26 +39,34 @@ from gateway.store.spool import Spool, SpoolFull
 log = logging.getLogger("gateway.store")
 
 T = TypeVar("T")
-Encoded = list[list[Any]]
+# A batch as encoded at the tick: {"dims": [[...strings...], ...], "rows": [[..., dim index, ...], ...]}.
+# Each writer decides its rows' fields; the repeated strings travel once per batch in "dims".
+Encoded = dict[str, Any]
 WRITE_TIMEOUT_S = 30.0
 MAX_BACKOFF_S = 5.0
 
 
 @dataclass
 class _Batch:
-    rows: Encoded | None  # None: replayed from a file, read when its turn comes
+    batch: Encoded | None  # None: on disk only (replayed, or spooled during an outage), read in its turn
+    payload: bytes | None  # the batch as JSON, as spooled: the table writers hand it to the database
     path: Path | None  # None: the spool could not be written; in memory only
     count: int
 
 
 def is_content_error(error: BaseException) -> bool:
-    """The database refused these rows for what they are (retrying won't help), not for being down."""
-    return isinstance(error, (sa_exc.DataError, sa_exc.IntegrityError))
+    """The database refused these rows for what they are (retrying won't help), not for being down:
+    SQLAlchemy's DataError/IntegrityError, or asyncpg's own (statements sent on the raw connection) by
+    their SQLSTATE class, 22 (data exception) and 23 (integrity constraint violation)."""
+    if isinstance(error, (sa_exc.DataError, sa_exc.IntegrityError)):
+        return True
+    state = getattr(error, "sqlstate", None)
+    return isinstance(state, str) and state[:2] in ("22", "23")
 
 
 class BatchWriter(Generic[T]):
     def __init__(self, name: str, spool_dir: Path, encode: Callable[[list[T]], Encoded],
-                 write: Callable[[Encoded], Awaitable[None]], *, interval_s: float = 1.0,
+                 write: Callable[[Encoded, bytes], Awaitable[None]], *, interval_s: float = 1.0,
                  max_spool_bytes: int = 1 << 30, max_memory_rows: int = 1_000_000,
                  on_outage: Callable[[bool], None] | None = None) -> None:
         self.name = name
@@ -120,7 +128,7 @@ class BatchWriter(Generic[T]):
                         self.name, self._spool.directory, exc)
             leftovers = []
         for path in leftovers:
-            self._queue.append(_Batch(None, path, 0))
+            self._queue.append(_Batch(None, None, path, 0))
         if leftovers:
             self._drained.clear()
             log.info("%s: replaying %d spooled batches from %s", self.name, len(leftovers), self._spool.directory)
@@ -178,8 +186,9 @@ class BatchWriter(Generic[T]):
             if not self._buffer:
                 return
             items, self._buffer = self._buffer, []
-            rows = self._encode(items)
-            payload = orjson.dumps(rows)
+            batch = self._encode(items)
+            payload = orjson.dumps(batch)
+            count = len(batch["rows"])
             try:
                 path: Path | None = await asyncio.to_thread(self._spool.write, payload)
                 if self._spool_failing:
@@ -192,13 +201,17 @@ class BatchWriter(Generic[T]):
                     log.error("%s: spool %s not writable (%s); rows wait in memory for the database",
                               self.name, self._spool.directory, exc)
                 in_memory = sum(batch.count for batch in self._queue if batch.path is None)
-                if in_memory + len(rows) > self.max_memory_rows:
-                    self.dropped_rows += len(rows)
-                    log.error("%s: %d rows dropped: %d already wait in memory", self.name, len(rows), in_memory)
+                if in_memory + count > self.max_memory_rows:
+                    self.dropped_rows += count
+                    log.error("%s: %d rows dropped: %d already wait in memory", self.name, count, in_memory)
                     return
-            self._queue.append(_Batch(rows, path, len(rows)))
+            if self._db_down and path is not None:
+                # A long outage must not fill memory: this one is read back from the spool in its turn.
+                self._queue.append(_Batch(None, None, path, count))
+            else:
+                self._queue.append(_Batch(batch, payload, path, count))
             if self._db_down:
-                self.spooled_rows += len(rows)
+                self.spooled_rows += count
             self._drained.clear()
             self._wake.set()
 
@@ -213,9 +226,10 @@ class BatchWriter(Generic[T]):
                 continue
             batch = self._queue[0]
             try:
-                rows = batch.rows if batch.rows is not None else await self._load(batch)
-                if rows:
-                    await asyncio.wait_for(self._write(rows), WRITE_TIMEOUT_S)
+                if batch.batch is None:
+                    await self._load(batch)
+                if batch.batch is not None and batch.payload is not None and batch.count:
+                    await asyncio.wait_for(self._write(batch.batch, batch.payload), WRITE_TIMEOUT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -229,7 +243,7 @@ class BatchWriter(Generic[T]):
                 continue
             backoff = 0.25
             self._queue.popleft()
-            self.written_rows += len(rows or ())
+            self.written_rows += batch.count if batch.batch is not None else 0
             if batch.path is not None:
                 await asyncio.to_thread(self._spool.remove, batch.path)
             if self._db_down:
@@ -238,19 +252,20 @@ class BatchWriter(Generic[T]):
                 if self._on_outage:
                     self._on_outage(False)
 
-    async def _load(self, batch: _Batch) -> Encoded | None:
+    async def _load(self, batch: _Batch) -> None:
+        """Read a spooled batch back; a file another process already replayed leaves it empty."""
         assert batch.path is not None
         payload = await asyncio.to_thread(self._spool.read, batch.path)
         if payload is None:
-            return None
+            return
         try:
-            rows = orjson.loads(payload)
-        except orjson.JSONDecodeError:  # only complete files get the final name; guard anyway
+            decoded = orjson.loads(payload)
+            count = len(decoded["rows"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):  # only complete files get the final name
             log.error("%s: spooled batch %s is not readable; moved aside", self.name, batch.path)
             await asyncio.to_thread(self._spool.reject, batch.path)
-            return None
-        batch.rows, batch.count = rows, len(rows)
-        return rows
+            return
+        batch.batch, batch.payload, batch.count = decoded, payload, count
 
     async def _reject(self, batch: _Batch, error: BaseException) -> None:
         self._queue.popleft()
@@ -276,6 +291,3 @@ def _short(error: BaseException) -> str:
     text = str(getattr(error, "orig", None) or error) or type(error).__name__
     return text.splitlines()[0][:300]
 
-
-def chunks(rows: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [rows[i:i + size] for i in range(0, len(rows), size)]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 from sqlalchemy import and_, or_, select, tuple_
 
 from gateway.errors import GatewayError
@@ -71,23 +72,36 @@ class Decisions:
         await self.writer.close(timeout)
 
     def _encode(self, rows: list[DecisionRow]) -> Encoded:
-        return [[self._ids.next(), r.request_id, int(r.time * 1000), r.tenant, r.key_id, r.model_requested,
-                 r.model_served or "", r.license, r.decision, r.rule] for r in rows]
+        """As the ledger's: rows [id, request_id, time_ms, dim index], their strings once in "dims"."""
+        dims: dict[tuple, int] = {}
+        out = []
+        prefix = self._ids.prefix
+        for n, r in zip(self._ids.take(len(rows)), rows):
+            key = (r.tenant, r.key_id, r.model_requested, r.model_served or "", r.license, r.decision, r.rule)
+            index = dims.get(key)
+            if index is None:
+                index = dims[key] = len(dims)
+            out.append([f"{prefix}{n:016x}", r.request_id, int(r.time * 1000), index])
+        return {"dims": [list(key) for key in dims], "rows": out}
 
-    async def _write(self, rows: Encoded) -> None:
-        keys = [tuple(r[3:10]) for r in rows]
-        dims = await self._dims.ids(keys)
-        values = [(r[0], r[1], r[2], dims[key]) for r, key in zip(rows, keys)]
+    async def _write(self, batch: Encoded, payload: bytes) -> None:
+        dims = [tuple(dim) for dim in batch["dims"]]
+        known = await self._dims.ids(dims)
+        dim_ids = [known[dim] for dim in dims]
         async with self._db.writing() as conn:
             if self._db.is_sqlite:
-                await conn.exec_driver_sql("INSERT INTO policy_decisions (id, request_id, time_ms, dim_id) "
-                                           "VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING", values)
+                await conn.exec_driver_sql(
+                    "INSERT INTO policy_decisions (id, request_id, time_ms, dim_id) SELECT json_extract(value, '$[0]'), "
+                    "coalesce(json_extract(value, '$[1]'), ''), json_extract(value, '$[2]'), "
+                    "json_extract(?, '$[' || json_extract(value, '$[3]') || ']') FROM json_each(?, '$.rows') "
+                    "WHERE true ON CONFLICT (id) DO NOTHING", (orjson.dumps(dim_ids).decode(), payload.decode()))
             else:
                 raw = (await conn.get_raw_connection()).driver_connection
                 await raw.execute(
-                    "INSERT INTO policy_decisions (id, request_id, time_ms, dim_id) SELECT id::uuid, r, t, d "
-                    "FROM unnest($1::text[], $2::text[], $3::int8[], $4::int4[]) AS b(id, r, t, d) "
-                    "ORDER BY id ON CONFLICT (id) DO NOTHING", *[list(c) for c in zip(*values)])
+                    "INSERT INTO policy_decisions (id, request_id, time_ms, dim_id) SELECT (e->>0)::uuid, "
+                    "coalesce(e->>1, ''), (e->>2)::int8, ($2::int4[])[(e->>3)::int4 + 1] "
+                    "FROM json_array_elements($1::json -> 'rows') AS e ORDER BY 1 ON CONFLICT (id) DO NOTHING",
+                    payload.decode(), dim_ids)
 
     async def search(self, *, request_id: str | None = None, tenant: str | None = None, model: str | None = None,
                      decision: str | None = None, since: float | None = None, until: float | None = None,

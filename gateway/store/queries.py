@@ -12,11 +12,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import orjson
-from sqlalchemy import Table, and_, case, func, select
+from sqlalchemy import BigInteger, Table, and_, case, cast, func, select
 
 from gateway.store.database import Database
 from gateway.store.ledger import WIDTHS
 from gateway.store.schema import ROLLUPS, usage_dims, usage_ledger
+
+def _sum(expression):  # type: ignore[no-untyped-def]
+    """PostgreSQL's sum of a bigint is a numeric (a Decimal per value in Python): keep it an integer."""
+    return cast(func.sum(expression), BigInteger)
+
 
 Key = tuple[str, str, str, str]  # tenant, key id, model (served), license: as UsageCounters.read's keys
 DAY_S, HOUR_S = 86400, 3600
@@ -39,7 +44,7 @@ async def usage_buckets(db: Database, width: str, starts: Sequence[int], *, tena
         if values:
             conditions.append(column.in_(values))
     query = (select(table.c.bucket_start, d.tenant, d.key_id, d.model_served, d.license,
-                    func.sum(table.c.input_tokens), func.sum(table.c.output_tokens), func.sum(table.c.requests))
+                    _sum(table.c.input_tokens), _sum(table.c.output_tokens), _sum(table.c.requests))
              .select_from(table.join(usage_dims, usage_dims.c.id == table.c.dim_id)).where(and_(*conditions))
              .group_by(table.c.bucket_start, d.tenant, d.key_id, d.model_served, d.license))
     async with db.reading() as conn:
@@ -88,16 +93,16 @@ def _pieces(since: int, until: int) -> list[tuple[str, int, int]]:
 
 def _rollup_sums(table: Table, start: int, end: int):  # type: ignore[no-untyped-def]
     c = table.c
-    return (select(c.dim_id, func.sum(c.requests), func.sum(c.errors), func.sum(c.input_tokens),
-                   func.sum(c.output_tokens), func.sum(c.gateway_counted))
+    return (select(c.dim_id, _sum(c.requests), _sum(c.errors), _sum(c.input_tokens), _sum(c.output_tokens),
+                   _sum(c.gateway_counted))
             .where(c.bucket_start >= start, c.bucket_start < end).group_by(c.dim_id))
 
 
 def _ledger_sums(start: int, end: int):  # type: ignore[no-untyped-def]
     c, d = usage_ledger.c, usage_dims.c
     counted = case((and_(d.usage_source != "engine", c.input_tokens + c.output_tokens > 0), 1), else_=0)
-    return (select(c.dim_id, func.count(), func.sum(case((c.status >= 400, 1), else_=0)), func.sum(c.input_tokens),
-                   func.sum(c.output_tokens), func.sum(counted))
+    return (select(c.dim_id, func.count(), _sum(case((c.status >= 400, 1), else_=0)), _sum(c.input_tokens),
+                   _sum(c.output_tokens), _sum(counted))
             .select_from(usage_ledger.join(usage_dims, d.id == c.dim_id))
             .where(c.time_ms >= start * 1000, c.time_ms < end * 1000).group_by(c.dim_id))
 
@@ -170,7 +175,7 @@ async def period_usage_all(db: Database, now: float | None = None,
     table, d = ROLLUPS["1d"], usage_dims.c
     tokens = table.c.input_tokens + table.c.output_tokens
     today = day * DAY_S
-    query = (select(d.tenant, func.sum(case((table.c.bucket_start == today, tokens), else_=0)), func.sum(tokens))
+    query = (select(d.tenant, _sum(case((table.c.bucket_start == today, tokens), else_=0)), _sum(tokens))
              .select_from(table.join(usage_dims, usage_dims.c.id == table.c.dim_id))
              .where(table.c.bucket_start >= month_start, table.c.bucket_start <= today).group_by(d.tenant))
     wanted = sorted(set(tenants))

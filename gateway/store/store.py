@@ -139,20 +139,24 @@ class Store:
         await self.keys.close()
         await self.db.dispose()
 
-    # -- reads, after this replica's own rows are written -------------------------------------------
+    # -- reads, after this replica's own rows are written (not waited for during an outage) -----------
+    async def _flush_for_read(self) -> None:
+        if self.ledger.healthy:
+            await self.ledger.flush(READ_FLUSH_TIMEOUT_S)
+
     async def usage_buckets(self, width: str, starts: Sequence[int], *, tenants: Iterable[str] = (),
                             key_ids: Iterable[str] = (), models: Iterable[str] = ()) -> dict:
-        await self.ledger.flush(READ_FLUSH_TIMEOUT_S)
+        await self._flush_for_read()
         return await queries.usage_buckets(self.db, width, starts, tenants=tenants, key_ids=key_ids, models=models)
 
     async def report(self, since: datetime | None = None, until: datetime | None = None) -> queries.UsageReport:
-        await self.ledger.flush(READ_FLUSH_TIMEOUT_S)
+        await self._flush_for_read()
         return await queries.report(self.db, since, until)
 
     async def period_usage(self, tenant: str) -> queries.PeriodUsage:
-        await self.ledger.flush(READ_FLUSH_TIMEOUT_S)
+        await self._flush_for_read()
         return await queries.period_usage(self.db, tenant)
 
     async def period_usage_all(self) -> dict[str, queries.PeriodUsage]:
-        await self.ledger.flush(READ_FLUSH_TIMEOUT_S)
+        await self._flush_for_read()
         return await queries.period_usage_all(self.db)
