@@ -133,7 +133,7 @@ async def _writer_cost(db: Database, spool: Path, rows: int = 100_000, batch: in
 
 
 async def main_async(args: argparse.Namespace, url: str, spool: Path) -> None:
-    db = Database.from_settings(url, spool)
+    db = Database.from_settings(url, spool, command_timeout_s=3600)  # building 10 M rows' rollups takes a while
     try:
         await migrate.upgrade(db)
         now = int(time.time()) // DAY * DAY

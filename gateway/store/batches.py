@@ -200,7 +200,7 @@ class BatchWriter(Generic[T]):
                     self._spool_failing = True
                     log.error("%s: spool %s not writable (%s); rows wait in memory for the database",
                               self.name, self._spool.directory, exc)
-                in_memory = sum(batch.count for batch in self._queue if batch.path is None)
+                in_memory = sum(queued.count for queued in self._queue if queued.path is None)
                 if in_memory + count > self.max_memory_rows:
                     self.dropped_rows += count
                     log.error("%s: %d rows dropped: %d already wait in memory", self.name, count, in_memory)

@@ -24,7 +24,7 @@ PG_COMMAND_TIMEOUT_S = 30
 
 
 class Database:
-    def __init__(self, url: URL) -> None:
+    def __init__(self, url: URL, *, command_timeout_s: float = PG_COMMAND_TIMEOUT_S) -> None:
         self.url = url
         self.dialect = url.get_backend_name()  # "postgresql" or "sqlite"
         if self.is_sqlite:
@@ -33,16 +33,16 @@ class Database:
             self.engine = create_async_engine(url, connect_args={"timeout": 30})
             _sqlite_events(self.engine)
         else:
-            connect = {"timeout": PG_CONNECT_TIMEOUT_S, "command_timeout": PG_COMMAND_TIMEOUT_S}
+            connect = {"timeout": PG_CONNECT_TIMEOUT_S, "command_timeout": command_timeout_s}
             connect.update(_asyncpg_options(url))
             self.engine = create_async_engine(url.set(query={}), pool_size=5, max_overflow=5, pool_pre_ping=True,
                                               pool_timeout=PG_CONNECT_TIMEOUT_S, connect_args=connect)
         self._writer = self.engine.execution_options(**{_WRITE: True})
 
     @classmethod
-    def from_settings(cls, database_url: str | None, data_dir: Path) -> "Database":
+    def from_settings(cls, database_url: str | None, data_dir: Path, **options: float) -> "Database":
         """Raises DatabaseUrlError (a ConfigError naming GATEWAY_DATABASE_URL) for a malformed URL."""
-        return cls(sqlalchemy_url(database_url, data_dir))
+        return cls(sqlalchemy_url(database_url, data_dir), **options)
 
     @property
     def is_sqlite(self) -> bool:

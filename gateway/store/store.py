@@ -70,7 +70,7 @@ class Store:
             await db.dispose()
             raise
         except Exception as exc:  # unreachable: serve anyway, on the spool
-            log.error("database %s unreachable at start (%s); ledger rows are spooled until it answers",
+            log.error("database %s not ready at start (%s); ledger rows are spooled until it is",
                       db.display_url, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
         await store.start(apply_migrations)
         return store
