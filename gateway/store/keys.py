@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass, replace
@@ -260,7 +261,8 @@ class KeyStore:
                 raise _bad(f"Key `{ident}` {what}; create a new one instead.", "id", 409, "key_not_rotatable")
             new = await self.create(old.tenant, old.name, old.expires_at, by, rotated_from=ident, _conn=conn)
             version = await _bump(conn)
-            until = now + grace_seconds if old.expires_at is None else min(old.expires_at, now + grace_seconds)
+            grace_end = math.ceil(time.time() + grace_seconds)  # at least the grace asked for, in whole seconds
+            until = grace_end if old.expires_at is None else min(old.expires_at, grace_end)
             await conn.execute(update(api_keys).where(api_keys.c.id == ident)
                                .values(expires_at=until, replaced_by=new.record.id, version=version))
             await _event(conn, by, "key.rotated", old.tenant, ident, {"new_key_id": new.record.id,
