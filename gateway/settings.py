@@ -14,8 +14,13 @@ def _default_data_dir() -> Path:
     """Where the embedded database and the ledger's spool live when GATEWAY_DATA_DIR is unset: the XDG
     data directory, so the same gateway finds its ledger whichever directory it was started from and
     never writes a database into a source checkout. Kubernetes sets GATEWAY_DATA_DIR to a volume."""
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "llm-gateway"
+    if os.environ.get("XDG_DATA_HOME"):
+        return Path(os.environ["XDG_DATA_HOME"]) / "llm-gateway"
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError):  # an arbitrary container uid with no HOME and no passwd entry
+        return Path("data")
+    return home / ".local" / "share" / "llm-gateway" if home.is_absolute() else Path("data")
 
 
 POOL_HEADROOM = 64  # upstream connections beyond max_inflight: health probes and tokenizer calls
