@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    """Where the embedded database and the ledger's spool live when GATEWAY_DATA_DIR is unset: the XDG
+    data directory, so the same gateway finds its ledger whichever directory it was started from and
+    never writes a database into a source checkout. Kubernetes sets GATEWAY_DATA_DIR to a volume."""
+    if os.environ.get("XDG_DATA_HOME"):
+        return Path(os.environ["XDG_DATA_HOME"]) / "llm-gateway"
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError):  # an arbitrary container uid with no HOME and no passwd entry
+        return Path("data")
+    return home / ".local" / "share" / "llm-gateway" if home.is_absolute() else Path("data")
 
 
 POOL_HEADROOM = 64  # upstream connections beyond max_inflight: health probes and tokenizer calls
@@ -118,6 +132,17 @@ class Settings(BaseSettings):
     # A usage record per finished request (audit trail), usage counters and tokens-by-license metrics.
     # Off only to measure what they cost (load_tests/bench_usage.py); quotas apply either way.
     usage_records: bool = True
+    # The database (usage ledger, API keys, policy decisions, stored responses): libpq's
+    # `postgresql://user:password@host:port/db` (shared by replicas) or `sqlite:///path`; unset: an
+    # SQLite file in data_dir (one replica, no server).
+    database_url: str | None = None
+    # This replica's own files: the embedded database (when database_url is unset) and the ledger's spool.
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    # Ledger and decision rows wait in memory at most this long before they are made durable (spool, then
+    # database): what a `kill -9` can lose.
+    store_flush_interval_s: float = Field(default=1.0, gt=0)
+    # Ledger rows and policy decisions are kept this many days (the hourly and daily rollups 400 days).
+    ledger_retention_days: int = Field(default=90, ge=1)
 
     @property
     def pool_size(self) -> int:

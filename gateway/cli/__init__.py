@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from gateway.cli import config, deploy
+from gateway.store import cli as store_cli
 from gateway.cli.server import DrainingServer, http_protocol
 from gateway.cli.tables import format_formats, format_matrix, format_model_table
 from gateway.policy.decide import decide
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "deploy":
         return deploy.run(args)
+    if args.command == "db":
+        return store_cli.run(args)
     files = config.resolve(args.registry, args.tenants)
     print(files.describe(), file=sys.stderr)  # stderr: stdout stays the table or verdict alone
     try:
@@ -74,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--model", required=True)
     _with_config(policy.add_parser("matrix", help="every tenant x every model"))
     deploy.add_parser(commands)
+    store_cli.add_parser(commands)
     return parser
 
 
