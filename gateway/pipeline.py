@@ -37,11 +37,11 @@ from gateway.settings import Settings
 from gateway.snapshot import Snapshot
 from gateway.tenancy.auth import authenticate
 from gateway.tenancy.extras import require_allowed_extras
-from gateway.tenancy.holds import Hold, Holds
-from gateway.tenancy.ratelimit import Admission, RateLimited, RateLimiter, RateLimitUnavailable
+from gateway.admission.holds import Hold, Holds
+from gateway.admission.ratelimit import Admission, RateLimited, RateLimiter, RateLimitUnavailable
 from gateway.tenancy.tenants import Caller, Environment
 from gateway.usage.counters import UsageCounters
-from gateway.usage.quota import LocalQuotas, QuotaExceeded, QuotaUnavailable
+from gateway.admission.quota import LocalQuotas, QuotaExceeded, QuotaUnavailable
 from gateway.usage.record import UsageLines, recorder
 from gateway.wire.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.wire.validation import parse_request
@@ -61,7 +61,7 @@ class GatewayState:
     fleet: Fleet = field(default_factory=Fleet)
     budget: RetryBudget = field(default_factory=RetryBudget)
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
-    quotas: Any = field(default_factory=LocalQuotas)  # LocalQuotas | RedisQuotas (gateway/usage/quota.py)
+    quotas: Any = field(default_factory=LocalQuotas)  # LocalQuotas | RedisQuotas (gateway/admission/quota.py)
     usage: UsageCounters = field(default_factory=UsageCounters)
     usage_lines: UsageLines = field(default_factory=UsageLines)
     holds: Holds = field(default_factory=Holds)  # each tenant's open requests here, uploads included
@@ -90,7 +90,7 @@ def hold(state: GatewayState, caller: Caller) -> Hold | None:
     """The second step, still before the body: the request counts against its tenant's concurrency on
     this replica from now on (429 at once past it). Released when its outcome is reported."""
     try:
-        return state.holds.take(caller.tenant)
+        return state.holds.take(caller.tenant.name, caller.tenant.limits.max_concurrent)
     except GatewayError:
         state.metrics.rejected(caller.tenant.name, "concurrency")
         raise

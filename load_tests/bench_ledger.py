@@ -56,10 +56,11 @@ async def _generate(db: Database, rows: int, days: int, now: int) -> None:
         began = time.perf_counter()
         async with db.writing() as conn:
             await conn.execute(text(
-                "INSERT INTO usage_ledger (time_ms, dim_id, input_tokens, output_tokens, latency_ms, status, id, "
-                "request_id) SELECT CAST(:start AS int8) + g * CAST(:step AS int8), 1 + (g * 7919) % CAST(:dims AS int8), 20 + g % 500, 5 + g % 300, "
-                "50 + g % 2000, CASE WHEN g % 20 = 0 THEN 429 ELSE 200 END, lpad(to_hex(g), 32, '0')::uuid, "
-                "'chatcmpl-' || md5(g::text) FROM generate_series(CAST(:first AS int8), CAST(:last AS int8)) g"),
+                "INSERT INTO usage_ledger (time_ms, dim_id, input_tokens, output_tokens, latency_ms, status, "
+                "request_id) SELECT CAST(:start AS int8) + g * CAST(:step AS int8), "
+                "1 + (g * 7919) % CAST(:dims AS int8), 20 + g % 500, 5 + g % 300, "
+                "50 + g % 2000, CASE WHEN g % 20 = 0 THEN 429 ELSE 200 END, lpad(to_hex(g), 32, '0')::uuid "
+                "FROM generate_series(CAST(:first AS int8), CAST(:last AS int8)) g"),
                 {"start": start_ms, "step": step_ms, "dims": dims, "first": first, "last": last})
         _say(f"  ledger rows {last:,} ({time.perf_counter() - began:.1f} s)")
     for name, size, since in (("usage_1d", DAY, 0), ("usage_1h", 3600, 0), ("usage_1m", 60, (now - 2 * DAY) * 1000)):

@@ -20,7 +20,7 @@ from gateway.store.database import Database
 from gateway.store.ledger import Ledger
 from tests.support.postgres import PostgresCluster
 from tests.support.processes import free_port
-from tests.support.store_fixtures import db_url, migrated, need_initdb, pg_cluster, row  # noqa: F401
+from tests.support.store_fixtures import db_url, migrated, need_initdb, pg_cluster, request_id, row  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,8 @@ async def _counts(db: Database) -> tuple[int, int, list[int]]:
 
 async def _request_ids(db: Database) -> set[str]:
     async with db.reading() as conn:
-        return set((await conn.execute(text("SELECT request_id FROM usage_ledger"))).scalars())
+        return {str(value).replace("-", "") for value in
+                (await conn.execute(text("SELECT request_id FROM usage_ledger"))).scalars()}
 
 
 def _unreachable(db_url: str, tmp_path: Path) -> str:
@@ -151,7 +152,7 @@ def test_kill_9_loses_at_most_the_last_flush_interval(db_url: str, tmp_path: Pat
     (rows, distinct, rollups), ids = asyncio.run(replayed())
     # What survived is exactly the first `rows` requests (each once), and the rollups agree with it.
     assert rows == distinct and rollups == [rows] * 3
-    assert ids == {f"req-{i}" for i in range(rows)}
+    assert ids == {request_id(i) for i in range(rows)}
     # Lost: only the rows recorded after the last tick's spool write (one interval, plus scheduling slack).
     assert 0 <= recorded - rows <= rate * (interval + 0.5), (recorded, rows)
     assert rows >= 300
@@ -210,7 +211,7 @@ def test_postgres_stopped_mid_run_nothing_lost_nothing_doubled(tmp_path: Path, c
             assert ledger.writer.spooled_rows >= 1 and ledger.writer.written_rows == 250
             await ledger.close()
             assert await _counts(db) == (250, 250, [250, 250, 250])
-            assert await _request_ids(db) == {f"req-{i}" for i in range(250)}
+            assert await _request_ids(db) == {request_id(i) for i in range(250)}
             await db.dispose()
 
         asyncio.run(scenario())
@@ -233,7 +234,7 @@ def test_a_batch_the_database_refuses_is_set_aside_and_the_rest_is_written(db_ur
     spool = tmp_path / "spool"
     spool.mkdir()
     dims = [["acme", "k1", "m", "m", "llama2", "conditional", "production", "[]", "chat", "engine"]]
-    bad = {"dims": dims, "rows": [[None, "req-bad", int(time.time() * 1000), 0, 1, 1, 200, 5]]}  # no row id
+    bad = {"dims": dims, "rows": [[None, int(time.time() * 1000), 0, 1, 1, 200, 5]]}  # no request id
     (spool / "00000000000000000001-1-00000000.batch").write_bytes(__import__("orjson").dumps(bad))
 
     async def scenario() -> None:

@@ -16,9 +16,9 @@ import redis
 from gateway.cli import main
 from gateway.backends.relay import StreamWatch
 from gateway.usage.counters import UsageCounters
-from gateway.usage.quota import DAY_S, LocalQuotas, QuotaExceeded, Quotas, month_number, month_reset
-from gateway.usage.quota_lua import PERIODS_LUA
-from gateway.tenancy.ratelimit_lua import LUA_HELPERS as _LUA_HELPERS
+from gateway.admission.quota import DAY_S, LocalQuotas, QuotaExceeded, Quotas, month_number, month_reset
+from gateway.admission.quota_lua import PERIODS_LUA
+from gateway.admission.ratelimit_lua import LUA_HELPERS as _LUA_HELPERS
 from gateway.usage.record import status, tokens
 from tests.support.processes import free_port
 from tests.test_ratelimit import start_redis
@@ -145,9 +145,9 @@ def test_usage_report_over_replicas_skips_corrupt_lines(tmp_path: Path, capsys: 
 
 
 def test_redis_down_keeps_quotas_per_replica_or_fails_closed() -> None:
-    from gateway.tenancy.ratelimit import Limits
-    from gateway.tenancy.ratelimit_redis import RedisRateLimiter
-    from gateway.usage.quota import QuotaUnavailable
+    from gateway.admission.ratelimit import Limits
+    from gateway.admission.ratelimit_redis import RedisRateLimiter
+    from gateway.admission.quota import QuotaUnavailable
 
     async def run() -> None:
         url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there

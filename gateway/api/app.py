@@ -31,10 +31,10 @@ from gateway.routing.picker import RoutingPolicy
 from gateway.settings import Settings, get_settings
 from gateway.snapshot import load_snapshot
 from gateway.tenancy.auth import warn_open_access
-from gateway.tenancy.ratelimit import make_rate_limiter
+from gateway.admission.ratelimit import make_rate_limiter
 from gateway.usage.api import UsageApi
 from gateway.usage.counters import UsageCounters
-from gateway.usage.quota import make_quotas
+from gateway.admission.quota import make_quotas
 
 
 def create_app(settings: Settings | None = None) -> ASGIApp:

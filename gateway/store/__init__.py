@@ -1,5 +1,5 @@
-"""The database store: usage ledger and rollups, API keys, policy decisions, stored responses (SQLAlchemy
-Core, async; PostgreSQL or SQLite; Alembic migrations shipped inside). Below the pipeline: it imports
+"""The database store: usage ledger and rollups, API keys, policy decisions, stored responses, console
+sessions (SQLAlchemy Core, async; PostgreSQL or SQLite; Alembic migrations shipped inside). Below the pipeline: it imports
 nothing of the gateway but settings and errors. Start with `gateway.store.store.Store`.
 
 Names are imported lazily (`from gateway.store import Store`), so that `gateway db ...` and the other
@@ -16,6 +16,7 @@ _NAMES = {
     "KeyRecord": "keys", "NewKey": "keys", "StoredResponse": "responses", "SqlResponseStore": "responses",
     "ResponseStore": "responses", "StoreUnavailable": "responses", "SchemaTooNew": "migrate",
     "DatabaseUrlError": "url", "UsageReport": "queries", "PeriodUsage": "queries",
+    "SessionStore": "sessions", "Session": "sessions",
 }
 __all__ = sorted(_NAMES)
 

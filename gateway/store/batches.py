@@ -98,6 +98,15 @@ class BatchWriter(Generic[T]):
         """Append one row; microseconds, no I/O. Made durable at the next tick."""
         self._buffer.append(item)
 
+    def mark_down(self) -> None:
+        """The database is known to be unreachable (at start): unhealthy now, one outage, as a failed
+        write would make it; the first write that succeeds ends it."""
+        if not self._db_down:
+            self._db_down = True
+            self.outages += 1
+            if self._on_outage:
+                self._on_outage(True)
+
     # -- state for health and metrics ---------------------------------------------------------------
     @property
     def healthy(self) -> bool:

@@ -1,14 +1,19 @@
 """The usage ledger: one row per finished request (no prompts, no answers), and its rollups.
 
 `Ledger.record(row)` appends to memory (the request path); the shared `BatchWriter` makes each second's
-rows durable (spool, then database). One database transaction per batch inserts the rows with
-only the rows whose id is not there yet and adds only those to the minute, hour and day rollups, so a batch written twice (a replay after a lost commit acknowledgement) counts once.
+rows durable (spool, then database). One database transaction per batch inserts the rows whose request
+id is not there yet (the request id is the primary key: ON CONFLICT DO NOTHING) and adds only those to
+the minute, hour and day rollups, so a request recorded twice (a batch replayed after a lost commit
+acknowledgement, or two replicas replaying one spool) counts once. Request ids are the gateway's own
+(gateway/api/request_context.py: 32 hex digits, stored as a 16-byte UUID); no client chooses them.
 Rollup rows are upserted in key order, so replicas flushing at once queue on row locks, never deadlock.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,15 @@ WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
 ENDPOINTS = ("chat", "completions", "responses")
 _INT32 = 2**31 - 1
 _VALUES = ("requests", "errors", "input_tokens", "output_tokens", "gateway_counted")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def request_key(request_id: str) -> str:
+    """The ledger's key for a request id: the id itself when it is the gateway's (32 hex digits), else
+    (ids made elsewhere, e.g. by a test or an import) the MD5 of it, so the same id is the same key."""
+    if _HEX32.fullmatch(request_id):
+        return request_id
+    return hashlib.md5(request_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(slots=True)
@@ -35,7 +49,7 @@ class LedgerRow:
     """What the usage record of one finished request holds. The caller may cache the configuration-only
     fields per (tenant, key, model); `attestations` is a sorted tuple."""
 
-    request_id: str
+    request_id: str  # the gateway's (32 hex digits): each request is counted once
     time: float  # unix seconds, when the request finished
     tenant: str
     key_id: str
@@ -54,7 +68,7 @@ class LedgerRow:
 
 
 class RowIds:
-    """Row ids made by this process: a random 64-bit prefix and a counter, as a UUID's 32 hex digits.
+    """Row ids made by this process (the policy decisions' keys): a random 64-bit prefix and a counter, as a UUID's 32 hex digits.
     Unique without coordination; a batch takes a range of the counter at once."""
 
     def __init__(self) -> None:
@@ -71,7 +85,6 @@ class Ledger:
                  on_outage: Callable[[bool], None] | None = None, max_spool_bytes: int = 1 << 30) -> None:
         self._db = db
         self._dims = Dimensions(db, usage_dims, USAGE_DIM_COLUMNS)
-        self._ids = RowIds()
         self._attestations: dict[tuple[str, ...], str] = {}
         self.writer: BatchWriter[LedgerRow] = BatchWriter(
             "usage ledger", spool_dir, self._encode, self._write, interval_s=interval_s,
@@ -92,19 +105,20 @@ class Ledger:
         return self.writer.healthy
 
     def _encode(self, rows: list[LedgerRow]) -> Encoded:
-        """Off the request path (at the tick): the batch as JSON-ready lists, each row with its own id and
-        the index of its dimensions in the batch's "dims" (strings, so a spooled batch means the same in
+        """Off the request path (at the tick): the batch as JSON-ready lists, each row with its request key
+        and the index of its dimensions in the batch's "dims" (strings, so a spooled batch means the same in
         any database). Range checks are the database's (see the SQL): nothing per row here but this."""
         dims: dict[tuple, int] = {}
         out = []
-        prefix = self._ids.prefix
-        for n, r in zip(self._ids.take(len(rows)), rows):
+        hex32 = _HEX32.fullmatch
+        for r in rows:
             key = (r.tenant, r.key_id, r.model_requested, r.model_served, r.license, r.commercial_use,
                    r.environment, r.attestations, r.endpoint, r.usage_source)
             index = dims.get(key)
             if index is None:
                 index = dims[key] = len(dims)
-            out.append([f"{prefix}{n:016x}", r.request_id, int(r.time * 1000), index, r.input_tokens,
+            rid = r.request_id
+            out.append([rid if hex32(rid) else request_key(rid), int(r.time * 1000), index, r.input_tokens,
                         r.output_tokens, r.status, round(r.latency_ms)])
         return {"dims": [[*key[:7], self._attestations_text(key[7]), *key[8:]] for key in dims], "rows": out}
 
@@ -144,17 +158,19 @@ def _pg_rollup(name: str, size: int) -> str:
             f"ON CONFLICT (bucket_start, dim_id) DO UPDATE SET {sets})")
 
 
+# DISTINCT ON: a batch holding one request twice (two spool files replayed into one queue) inserts it once.
 _PG_WRITE = (
-    "WITH batch AS (SELECT (e->>0)::uuid AS id, coalesce(e->>1, '') AS request_id, (e->>2)::int8 AS time_ms, "
-    "($2::int4[])[(e->>3)::int4 + 1] AS dim_id, ($3::bool[])[(e->>3)::int4 + 1] AS by_gateway, "
-    f"{_clamped(4, _INT32, 'int4')} AS input_tokens, {_clamped(5, _INT32, 'int4')} AS output_tokens, "
-    f"{_clamped(6, 32767, 'int2')} AS status, {_clamped(7, _INT32, 'int4')} AS latency_ms "
-    "FROM json_array_elements($1::json -> 'rows') AS e), "
-    "inserted AS (INSERT INTO usage_ledger (id, request_id, time_ms, dim_id, input_tokens, output_tokens, status, "
-    "latency_ms) SELECT id, request_id, time_ms, dim_id, input_tokens, output_tokens, status, latency_ms "
-    "FROM batch ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id), "
+    "WITH batch AS (SELECT DISTINCT ON (request_id) * FROM (SELECT (e->>0)::uuid AS request_id, "
+    "(e->>1)::int8 AS time_ms, "
+    "($2::int4[])[(e->>2)::int4 + 1] AS dim_id, ($3::bool[])[(e->>2)::int4 + 1] AS by_gateway, "
+    f"{_clamped(3, _INT32, 'int4')} AS input_tokens, {_clamped(4, _INT32, 'int4')} AS output_tokens, "
+    f"{_clamped(5, 32767, 'int2')} AS status, {_clamped(6, _INT32, 'int4')} AS latency_ms "
+    "FROM json_array_elements($1::json -> 'rows') AS e) AS parsed ORDER BY request_id), "
+    "inserted AS (INSERT INTO usage_ledger (request_id, time_ms, dim_id, input_tokens, output_tokens, status, "
+    "latency_ms) SELECT request_id, time_ms, dim_id, input_tokens, output_tokens, status, latency_ms "
+    "FROM batch ORDER BY request_id ON CONFLICT (request_id) DO NOTHING RETURNING request_id), "
     "fresh AS (SELECT batch.*, by_gateway AND input_tokens + output_tokens > 0 AS counted "
-    "FROM batch JOIN inserted USING (id)), "
+    "FROM batch JOIN inserted USING (request_id)), "
     + ", ".join(_pg_rollup(f"usage_{w}", size) for w, size in WIDTHS.items())
     + " SELECT count(*) FROM inserted")
 
@@ -163,7 +179,7 @@ _PG_WRITE = (
 # in the ledger are taken out of it (a replay), and the rest is inserted and rolled up in SQL. BEGIN
 # IMMEDIATE holds the database's one write lock throughout, so no other writer can come in between.
 _SQLITE_TEMP = (
-    "CREATE TEMP TABLE IF NOT EXISTS ledger_batch (id TEXT PRIMARY KEY, request_id TEXT, time_ms INTEGER, "
+    "CREATE TEMP TABLE IF NOT EXISTS ledger_batch (request_id TEXT PRIMARY KEY, time_ms INTEGER, "
     "dim_index INTEGER, input_tokens INTEGER, output_tokens INTEGER, status INTEGER, latency_ms INTEGER)",
     "CREATE TEMP TABLE IF NOT EXISTS ledger_batch_dims (dim_index INTEGER PRIMARY KEY, dim_id INTEGER, "
     "by_gateway INTEGER)",
@@ -178,9 +194,9 @@ def _sqlite_clamped(index: int, high: int) -> str:
 
 _SQLITE_LOAD = (
     "INSERT OR IGNORE INTO temp.ledger_batch SELECT json_extract(value, '$[0]'), "
-    "coalesce(json_extract(value, '$[1]'), ''), json_extract(value, '$[2]'), json_extract(value, '$[3]'), "
-    f"{_sqlite_clamped(4, _INT32)}, {_sqlite_clamped(5, _INT32)}, {_sqlite_clamped(6, 32767)}, "
-    f"{_sqlite_clamped(7, _INT32)} FROM json_each(?, '$.rows')")
+    "json_extract(value, '$[1]'), json_extract(value, '$[2]'), "
+    f"{_sqlite_clamped(3, _INT32)}, {_sqlite_clamped(4, _INT32)}, {_sqlite_clamped(5, 32767)}, "
+    f"{_sqlite_clamped(6, _INT32)} FROM json_each(?, '$.rows')")
 
 
 def _sqlite_rollup(name: str, size: int) -> str:
@@ -194,9 +210,9 @@ def _sqlite_rollup(name: str, size: int) -> str:
 
 
 _SQLITE_STEPS = (
-    "DELETE FROM temp.ledger_batch WHERE id IN (SELECT id FROM usage_ledger)",
-    "INSERT INTO usage_ledger (id, request_id, time_ms, dim_id, input_tokens, output_tokens, status, latency_ms) "
-    "SELECT b.id, b.request_id, b.time_ms, d.dim_id, b.input_tokens, b.output_tokens, b.status, b.latency_ms "
+    "DELETE FROM temp.ledger_batch WHERE request_id IN (SELECT request_id FROM usage_ledger)",
+    "INSERT INTO usage_ledger (request_id, time_ms, dim_id, input_tokens, output_tokens, status, latency_ms) "
+    "SELECT b.request_id, b.time_ms, d.dim_id, b.input_tokens, b.output_tokens, b.status, b.latency_ms "
     "FROM temp.ledger_batch b JOIN temp.ledger_batch_dims d USING (dim_index)",
     *(_sqlite_rollup(f"usage_{w}", size) for w, size in WIDTHS.items()),
     "DELETE FROM temp.ledger_batch",

@@ -23,14 +23,14 @@ def _sum(expression):  # type: ignore[no-untyped-def]
     return cast(func.sum(expression), BigInteger)
 
 
-Key = tuple[str, str, str, str]  # tenant, key id, model (served), license: as UsageCounters.read's keys
+Key = tuple[str, str, str, str]  # tenant, key id, model (served), license
 DAY_S, HOUR_S = 86400, 3600
 
 
 async def usage_buckets(db: Database, width: str, starts: Sequence[int], *, tenants: Iterable[str] = (),
                         key_ids: Iterable[str] = (), models: Iterable[str] = ()) -> dict[int, dict[Key, list[int]]]:
     """{bucket start: {(tenant, key id, model, license): [input, output, requests]}}, the shape
-    gateway.usage.counters.UsageCounters.read returns; buckets with nothing are left out. Empty filters
+    the usage API reads; buckets with nothing are left out. Empty filters
     mean all. The rollup rows are read as they are (their key is (bucket, dimension)) and summed here by
     the four key fields: no join and no text grouping in the database."""
     if width not in ROLLUPS:
@@ -73,6 +73,69 @@ async def usage_buckets(db: Database, width: str, starts: Sequence[int], *, tena
             acc[1] += outp
             acc[2] += n
     return out
+
+
+async def usage_page(db: Database, width: str, starts: Sequence[int], max_entries: int | None, *,
+                     tenants: Iterable[str] = (), key_ids: Iterable[str] = (),
+                     models: Iterable[str] = ()) -> tuple[dict[int, dict[Key, list[int]]], int]:
+    """usage_buckets() of the first buckets of `starts` whose rollup rows, one more per bucket, add up to
+    at most `max_entries` (always at least one bucket), and how many buckets that is: the usage API
+    pages on, so one call's work is bounded by rows read, whatever the period asked for. The buckets are
+    sized first (a count per bucket from the primary key's index), so only the rows that fit are read."""
+    if width not in ROLLUPS:
+        raise ValueError(f"width must be one of {', '.join(ROLLUPS)}, not {width!r}")
+    if not starts:
+        return {}, 0
+    table, d = ROLLUPS[width], usage_dims.c
+    c = table.c
+    filters = [(d.tenant, sorted(set(tenants))), (d.key_id, sorted(set(key_ids))), (d.model_served, sorted(set(models)))]
+    dims_query = select(d.id, d.tenant, d.key_id, d.model_served, d.license)
+    for column, values in filters:
+        if values:
+            dims_query = dims_query.where(column.in_(values))
+    filtered = any(values for _, values in filters)
+    wanted = sorted(set(starts))
+    async with db.reading() as conn:
+        keys: dict[int, Key] = {row[0]: tuple(row[1:]) for row in (await conn.execute(dims_query)).all()}
+        if filtered and not keys:
+            return {}, len(starts)
+        where = [c.bucket_start >= wanted[0], c.bucket_start <= wanted[-1]]
+        if filtered:
+            where.append(c.dim_id.in_(sorted(keys)))
+        sizes = dict((await conn.execute(select(c.bucket_start, func.count()).where(*where)
+                                         .group_by(c.bucket_start))).all())
+        taken = _fitting([int(sizes.get(start, 0)) for start in starts], max_entries)
+        page = set(starts[:taken])
+        last = max(page)
+        rows = (await conn.execute(select(c.bucket_start, c.dim_id, c.input_tokens, c.output_tokens, c.requests)
+                                   .where(*where[:1], c.bucket_start <= last, *where[2:]))).all()
+        if not filtered:  # rows first, then dimensions: a row's dimension was committed before it
+            keys = {row[0]: tuple(row[1:]) for row in (await conn.execute(dims_query)).all()}
+    out: dict[int, dict[Key, list[int]]] = {}
+    for start, dim_id, inp, outp, n in rows:
+        key = keys.get(dim_id)
+        if key is None or start not in page:
+            continue
+        acc = out.setdefault(start, {}).get(key)
+        if acc is None:
+            out[start][key] = [inp, outp, n]
+        else:
+            acc[0] += inp
+            acc[1] += outp
+            acc[2] += n
+    return out, taken
+
+
+def _fitting(sizes: list[int], max_entries: int | None) -> int:
+    """How many of the first buckets fit in `max_entries` (each costs its size + 1); at least one."""
+    if max_entries is None:
+        return len(sizes)
+    spent = 0
+    for taken, size in enumerate(sizes):
+        spent += size + 1
+        if spent > max_entries and taken:
+            return taken
+    return len(sizes)
 
 
 @dataclass
@@ -171,7 +234,7 @@ async def report(db: Database, since: datetime | None = None, until: datetime | 
 @dataclass(frozen=True)
 class PeriodUsage:
     """Tokens (input + output) a tenant used in the current UTC day and month. `day` and `month` are
-    numbered as gateway.usage.quota numbers them (unix day; year * 12 + month - 1)."""
+    numbered as gateway.admission.quota numbers them (unix day; year * 12 + month - 1)."""
 
     day: int
     month: int
@@ -216,4 +279,4 @@ async def period_usage(db: Database, tenant: str, now: float | None = None) -> P
 
 
 __all__ = ["Key", "PeriodUsage", "UsageReport", "WIDTHS", "period_usage", "period_usage_all", "report",
-           "usage_buckets"]
+           "usage_buckets", "usage_page"]

@@ -26,10 +26,8 @@ async def delete_before(db: Database, table: Table, cutoff: int, *, batch: int =
                         on_batch: Callable[[int], None] | None = None) -> int:
     """Delete the rows of `table` older than `cutoff` (its time column's unit), `batch` per transaction;
     returns how many."""
-    if "time_ms" in table.c:
-        when, keys = table.c.time_ms, [table.c.id]
-    else:
-        when, keys = table.c.bucket_start, [table.c.bucket_start, table.c.dim_id]
+    when = table.c.time_ms if "time_ms" in table.c else table.c.bucket_start
+    keys = list(table.primary_key.columns)
     key = keys[0] if len(keys) == 1 else tuple_(*keys)
     total = 0
     while True:

@@ -1,7 +1,8 @@
 """The tables (SQLAlchemy Core), one schema for PostgreSQL and SQLite. Alembic's migrations create them
 (gateway/store/migrations/versions/); a test checks that the two agree.
 
-Sizes: a ledger or decision row holds numbers, a 16-byte id and the request id; everything that repeats
+Sizes: a ledger row holds numbers and the 16-byte request id (its primary key); a decision row numbers,
+a 16-byte row id and the request id; everything that repeats
 (tenant, key id, models, license, environment, attestations, endpoint, usage source; a decision's verdict
 and rule) lives once in a dimension table (`usage_dims`, `decision_dims`), bounded by the configuration.
 Times are integers (unix milliseconds in row tables, unix seconds for buckets and keys): 8 bytes on
@@ -9,8 +10,9 @@ PostgreSQL, and no text dates on SQLite.
 
 No foreign keys on the row tables: each one would lock the referenced dimension row per inserted row
 (PostgreSQL's FOR KEY SHARE), and dimension rows are never deleted, so there is nothing to guard.
-Ids are gateway-made (the request id may be the client's `X-Request-Id`, which a tenant could reuse to
-have its requests deduplicated away), so idempotency is on our own id, never on the request id.
+The ledger is idempotent on the request id, which the gateway always makes itself (the client's own id is
+`client_request_id` in the audit trail, never a key here), so no tenant can have its requests
+deduplicated away by reusing another request's id.
 """
 
 from __future__ import annotations
@@ -41,8 +43,7 @@ usage_ledger = Table(
     Column("output_tokens", Integer, nullable=False),
     Column("latency_ms", Integer, nullable=False),
     Column("status", SmallInteger, nullable=False),
-    Column("id", Uuid(as_uuid=False), primary_key=True),
-    Column("request_id", Text, nullable=False),
+    Column("request_id", Uuid(as_uuid=False), primary_key=True),  # gateway/store/ledger.py request_key()
     # A BRIN index on PostgreSQL: rows arrive in time order, so a few hundred bytes index millions of
     # rows for the time-range scans (retention, the report's partial hours). SQLite: a B-tree.
     Index("ix_usage_ledger_time", "time_ms", postgresql_using="brin"),
@@ -124,6 +125,18 @@ policy_decisions = Table(
     Index("ix_policy_decisions_time", "time_ms", postgresql_using="brin"),
     Index("ix_policy_decisions_dim_time", "dim_id", "time_ms"),
     Index("ix_policy_decisions_request", "request_id"),
+)
+
+# Console sign-ins (gateway/store/sessions.py): the token's hash only, never the token.
+console_sessions = Table(
+    "console_sessions", metadata,
+    Column("token_hash", Text, primary_key=True),  # "sha256:<hex>" of the session token
+    Column("tenant", Text, nullable=False),
+    Column("key_id", Text, nullable=False),  # the key the session was signed in with
+    Column("is_admin", SmallInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),  # unix seconds
+    Column("expires_at", BigInteger, nullable=False),
+    Index("ix_console_sessions_expires", "expires_at"),
 )
 
 responses = Table(

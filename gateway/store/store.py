@@ -4,7 +4,8 @@
     store.ledger.record(LedgerRow(...))       # request path: a list append
     store.decisions.record(DecisionRow(...))  # request path: a list append
     store.keys.lookup(key_hash)               # request path: a dict lookup
-    await store.usage_buckets("1h", starts)   # the usage API
+    await store.usage_page("1h", starts, 2000)  # the usage API (bounded pages)
+    await store.sessions.get(token)           # the console
     await store.close()                       # SIGTERM, after the drain: loses nothing
 
 A database that can't be reached at start doesn't stop the gateway: rows go to the spool, the store is
@@ -29,6 +30,7 @@ from gateway.store.decisions import Decisions
 from gateway.store.keys import KeyStore
 from gateway.store.ledger import Ledger
 from gateway.store.responses import SqlResponseStore
+from gateway.store.sessions import SessionStore
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -54,6 +56,7 @@ class Store:
                                    on_outage=hook("decisions"))
         self.keys = KeyStore(db)
         self.responses = SqlResponseStore(db)
+        self.sessions = SessionStore(db)
         self.schema_ready = False
         self._tasks: list[asyncio.Task] = []
 
@@ -70,8 +73,11 @@ class Store:
             await db.dispose()
             raise
         except Exception as exc:  # unreachable: serve anyway, on the spool
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             log.error("database %s not ready at start (%s); ledger rows are spooled until it is",
-                      db.display_url, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                      db.display_url, reason)
+            store.ledger.writer.mark_down()  # unhealthy from the start, not from the first failed write
+            store.decisions.writer.mark_down()
         await store.start(apply_migrations)
         return store
 
@@ -119,6 +125,7 @@ class Store:
         now = time.time() if now is None else now
         done = await retention.purge(self.db, self.ledger_retention_days, now)
         done["responses"] = await self.responses.purge_expired(int(now))
+        done["console_sessions"] = await self.sessions.purge_expired(now)
         return done
 
     @property
@@ -143,6 +150,19 @@ class Store:
     async def _flush_for_read(self) -> None:
         if self.ledger.healthy:
             await self.ledger.flush(READ_FLUSH_TIMEOUT_S)
+
+    async def usage_page(self, width: str, starts: Sequence[int], max_entries: int | None, *,
+                         tenants: Iterable[str] = (), key_ids: Iterable[str] = (),
+                         models: Iterable[str] = ()) -> tuple[dict, int]:
+        await self._flush_for_read()
+        return await queries.usage_page(self.db, width, starts, max_entries, tenants=tenants, key_ids=key_ids,
+                                        models=models)
+
+    async def search_decisions(self, **filters: object):  # type: ignore[no-untyped-def]
+        """Decisions.search, after this replica's own decisions are written."""
+        if self.decisions.writer.healthy:
+            await self.decisions.flush(READ_FLUSH_TIMEOUT_S)
+        return await self.decisions.search(**filters)  # type: ignore[arg-type]
 
     async def usage_buckets(self, width: str, starts: Sequence[int], *, tenants: Iterable[str] = (),
                             key_ids: Iterable[str] = (), models: Iterable[str] = ()) -> dict:

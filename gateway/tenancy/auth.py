@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from gateway.errors import GatewayError
-from gateway.tenancy.ratelimit import Limits
+from gateway.admission.ratelimit import Limits
 from gateway.tenancy.tenants import Caller, Environment, Tenant, TenantDirectory
 
 log = logging.getLogger("gateway.tenancy")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from starlette.datastructures import QueryParams
 
 from gateway.errors import GatewayError
-from gateway.tenancy.ratelimit import Limits, LocalRateLimiter, RateLimited
+from gateway.admission.ratelimit import Limits, LocalRateLimiter, RateLimited
 from gateway.usage import quota as quota_mod
 from gateway.usage.counters import RETENTION_S, WIDTHS
 

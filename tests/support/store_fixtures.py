@@ -47,11 +47,16 @@ async def migrated(url: str, data_dir: Path) -> Database:
     return db
 
 
+def request_id(i: int) -> str:
+    """The i-th request id, as the gateway makes them (32 hex digits)."""
+    return f"{i:032x}"
+
+
 def row(i: int = 0, *, when: float | None = None, tenant: str = "acme", key_id: str = "k1", model: str = "llama-2-7b-chat",
         license_: str = "llama2", commercial_use: str = "conditional", environment: str = "production",
         attestations: tuple[str, ...] = ("llama2-under-700m-mau",), endpoint: str = "chat", tokens: tuple[int, int] = (10, 5),
         source: str = "engine", status: int = 200) -> LedgerRow:
-    return LedgerRow(request_id=f"req-{i}", time=time.time() if when is None else when, tenant=tenant, key_id=key_id,
+    return LedgerRow(request_id=request_id(i), time=time.time() if when is None else when, tenant=tenant, key_id=key_id,
                      model_requested=model, model_served=model, license=license_, commercial_use=commercial_use,
                      environment=environment, attestations=attestations, endpoint=endpoint,
                      input_tokens=tokens[0], output_tokens=tokens[1], usage_source=source, status=status,

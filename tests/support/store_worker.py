@@ -4,7 +4,7 @@
       apply the migrations, print the revisions before and after; with a barrier, only once N processes
       have reached it (so that they really start at once)
   python -m tests.support.store_worker write URL DATA_DIR INTERVAL_S ROWS_PER_S
-      record ledger rows `req-0`, `req-1`, ... at that rate, printing "recorded N" after each (flushed),
+      record ledger rows with request ids 0, 1, ... (32 hex digits) at that rate, printing "recorded N" after each (flushed),
       until SIGTERM (then close the ledger and print "closed N") or SIGKILL
 """
 

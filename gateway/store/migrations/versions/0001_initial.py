@@ -1,5 +1,5 @@
 """The first schema: usage ledger and rollups, API keys and admin events, policy decisions, stored
-responses. Revision ids are numbers, so a newer database can be told apart from an unknown one.
+responses, console sessions. Revision ids are numbers, so a newer database can be told apart from an unknown one.
 
 Revision ID: 0001
 Revises:
@@ -45,8 +45,7 @@ def upgrade() -> None:
         sa.Column("output_tokens", sa.Integer, nullable=False),
         sa.Column("latency_ms", sa.Integer, nullable=False),
         sa.Column("status", sa.SmallInteger, nullable=False),
-        sa.Column("id", sa.Uuid(as_uuid=False), primary_key=True),
-        sa.Column("request_id", sa.Text, nullable=False),
+        sa.Column("request_id", sa.Uuid(as_uuid=False), primary_key=True),
     )
     op.create_index("ix_usage_ledger_time", "usage_ledger", ["time_ms"], postgresql_using="brin")
     for name in ("usage_1m", "usage_1h", "usage_1d"):
@@ -108,8 +107,17 @@ def upgrade() -> None:
         sa.Column("position", sa.Integer, primary_key=True),
         sa.Column("item", sa.Text, nullable=False),
     )
+    op.create_table(
+        "console_sessions",
+        sa.Column("token_hash", sa.Text, primary_key=True),
+        *_text("tenant", "key_id"),
+        sa.Column("is_admin", sa.SmallInteger, nullable=False),
+        sa.Column("created_at", sa.BigInteger, nullable=False),
+        sa.Column("expires_at", sa.BigInteger, nullable=False),
+    )
+    op.create_index("ix_console_sessions_expires", "console_sessions", ["expires_at"])
     # For people reading the ledger with psql/sqlite3: the rows with their dimensions.
-    op.execute("CREATE VIEW usage_records AS SELECT l.id, l.request_id, l.time_ms, "
+    op.execute("CREATE VIEW usage_records AS SELECT l.request_id, l.time_ms, "
                + ", ".join(f"d.{c}" for c in _USAGE_DIMS)
                + ", l.input_tokens, l.output_tokens, l.status, l.latency_ms "
                "FROM usage_ledger l JOIN usage_dims d ON d.id = l.dim_id")
@@ -117,6 +125,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP VIEW usage_records")
-    for name in ("response_input_items", "responses", "policy_decisions", "decision_dims", "admin_events",
+    for name in ("console_sessions", "response_input_items", "responses", "policy_decisions", "decision_dims", "admin_events",
                  "store_versions", "api_keys", "usage_1d", "usage_1h", "usage_1m", "usage_ledger", "usage_dims"):
         op.drop_table(name)

@@ -292,6 +292,6 @@ def make_rate_limiter(redis_url: str | None, *, fail_closed: bool = False,
     """The Redis limiter when a URL is configured (limits shared by every replica), else the in-process one."""
     if not redis_url:
         return LocalRateLimiter()
-    from gateway.tenancy.ratelimit_redis import RedisRateLimiter  # redis is only needed when configured
+    from gateway.admission.ratelimit_redis import RedisRateLimiter  # redis is only needed when configured
 
     return RedisRateLimiter(redis_url, fail_closed=fail_closed, admit_unknown_quotas=admit_unknown_quotas)

@@ -9,7 +9,7 @@ Keys, per tenant (the braces are a Redis Cluster hash tag: one tenant's keys sha
   gw:rl:{t}:tok    ZSET  member="<id>:<reserved tokens>", score=ms  (token reservations)
   gw:rl:{t}:toksum STR   running sum of the reservations in :tok   (the TPM check is O(1), no scan)
   gw:rl:{t}:inf    ZSET  member=admission id,            score=ms  (in flight; stale after 15 min)
-  gw:rl:{t}:quota  HASH  the token quota's periods and counts (gateway/usage/quota.py)
+  gw:rl:{t}:quota  HASH  the token quota's periods and counts (gateway/admission/quota.py)
   gw:rl:{t}:qres   ZSET  member=admission id,            score=ms  (open quota reservations: a finish
                                                                     reconciles only one it finds; 2 h)
 Expired entries are pruned with ZRANGEBYSCORE/ZREMRANGEBYSCORE from the old end: each entry is removed once,
@@ -44,11 +44,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
-from gateway.usage.quota import DAY_S, KEY_TTL_S, OutageQuotas, Periods, Quotas, QuotaUnavailable, month_number
-from gateway.usage.quota import exceeded as quota_exceeded
-from gateway.usage.quota import headers as quota_headers
-from gateway.tenancy.ratelimit_lua import ADMIT_LUA, FINISH_LUA, QUOTA_WRITE_BACK_LUA
-from gateway.tenancy.ratelimit import (
+from gateway.admission.quota import DAY_S, KEY_TTL_S, OutageQuotas, Periods, Quotas, QuotaUnavailable, month_number
+from gateway.admission.quota import exceeded as quota_exceeded
+from gateway.admission.quota import headers as quota_headers
+from gateway.admission.ratelimit_lua import ADMIT_LUA, FINISH_LUA, QUOTA_WRITE_BACK_LUA
+from gateway.admission.ratelimit import (
     RETRY_WALK_CAP,
     STALE_INFLIGHT_S,
     WINDOW_S,
@@ -61,7 +61,7 @@ from gateway.tenancy.ratelimit import (
     refusal,
 )
 
-log = logging.getLogger("gateway.tenancy.ratelimit")
+log = logging.getLogger("gateway.admission.ratelimit")
 
 _WINDOW_MS = int(WINDOW_S * 1000)
 _STALE_MS = int(STALE_INFLIGHT_S * 1000)
@@ -159,7 +159,7 @@ class RedisRateLimiter:
     def redis_healthy(self) -> bool:
         return self._healthy
 
-    admits_quotas = True  # token quotas are checked in the same script (gateway/usage/quota.py)
+    admits_quotas = True  # token quotas are checked in the same script (gateway/admission/quota.py)
 
     async def admit(self, tenant: str, limits: Limits, reserve_tokens: int, quotas: Quotas | None = None) -> Admission:
         reserve = _tokens(reserve_tokens)

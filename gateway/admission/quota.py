@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from gateway.tenancy.ratelimit import format_duration
+from gateway.admission.ratelimit import format_duration
 
 DAY_S = 86_400
 KEY_TTL_S = 32 * DAY_S
@@ -260,6 +260,6 @@ class OutageQuotas(LocalQuotas):
 def make_quotas(redis_url: str | None, *, fail_closed: bool = False):
     if not redis_url:
         return LocalQuotas()
-    from gateway.usage.quota_redis import RedisQuotas
+    from gateway.admission.quota_redis import RedisQuotas
 
     return RedisQuotas(redis_url, fail_closed=fail_closed)

@@ -1,9 +1,9 @@
 """The Redis rate limiter's two Lua scripts (admit, finish), with the quota checks of gateway.usage inside
-them: one round trip per admission and one per finish. See gateway.tenancy.ratelimit_redis for the keys."""
+them: one round trip per admission and one per finish. See gateway.admission.ratelimit_redis for the keys."""
 
 from __future__ import annotations
 
-from gateway.usage.quota_lua import PERIODS_LUA
+from gateway.admission.quota_lua import PERIODS_LUA
 
 # Shared by both scripts. Nothing in a tenant's keys is trusted: whatever wrote them (an older gateway, a
 # person with redis-cli, a bug), a value that doesn't parse is repaired or dropped, never an error, because a
@@ -44,7 +44,7 @@ end
 # {admitted, requests, tokens, inflight, wait_req, wait_tok, wait_conc, too_large, reset_req, reset_tok,
 # repaired, quota_which, quota_now_ms, day, month, day_used, month_used}; waits in ms, -1 where that limit
 # doesn't block; repaired > 0 when malformed state was found (and fixed); quota_which 0 = the quotas (if
-# any: gateway/usage/quota.py) admit it, 1/2 = the daily/monthly quota refuses it.
+# any: gateway/admission/quota.py) admit it, 1/2 = the daily/monthly quota refuses it.
 ADMIT_LUA = LUA_HELPERS + PERIODS_LUA + """
 local rpm, tpm, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local reserve, id = count(ARGV[4]) or 0, ARGV[5]
