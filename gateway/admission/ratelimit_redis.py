@@ -44,9 +44,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
-from gateway.admission.quota import DAY_S, KEY_TTL_S, OutageQuotas, Periods, Quotas, QuotaUnavailable, month_number
+from gateway.admission.quota import (DAY_S, KEY_TTL_S, OutageQuotas, Periods, Quotas, QuotaUnavailable,
+                                     month_number)
 from gateway.admission.quota import exceeded as quota_exceeded
 from gateway.admission.quota import headers as quota_headers
+from gateway.admission.quota_reseed import Reseeder, UsedFromLedger
 from gateway.admission.ratelimit_lua import ADMIT_LUA, FINISH_LUA, QUOTA_WRITE_BACK_LUA
 from gateway.admission.ratelimit import (
     RETRY_WALK_CAP,
@@ -125,7 +127,10 @@ class RedisRateLimiter:
         probe_interval_s: float = 1.0,
         max_connections: int = 32,
         admit_unknown_quotas: bool = False,
+        quota_used: UsedFromLedger | None = None,
     ) -> None:
+        """`quota_used(tenant)`: the tenant's use this day and month from the ledger, to reseed a quota
+        that Redis lost (gateway/admission/quota_reseed.py); None: a lost quota restarts from zero."""
         # A blocking pool: a burst queues briefly for a connection instead of failing with "Too many
         # connections" (which would wrongly fail open). No client-side retries: a retried admit whose
         # first reply was lost would record twice.
@@ -148,6 +153,8 @@ class RedisRateLimiter:
         self._probe_interval_s = probe_interval_s
         self._fallback = LocalRateLimiter()
         self._quota_fallback = OutageQuotas()  # continues from what Redis showed; owes what it spent
+        self._reseeder = (Reseeder(self._redis, quota_used, self._quota_fallback, admit_unknown_quotas)
+                          if quota_used is not None else None)
         self._healthy = True
         self._skip_until = 0.0  # during an outage, try Redis again only after this (monotonic)
         self._pending_finishes: deque[tuple[str, str, int, int | None, tuple[int, int] | None]] = deque(maxlen=10_000)
@@ -181,9 +188,14 @@ class RedisRateLimiter:
         args += [reserve, admission_id, _WINDOW_MS, _STALE_MS, RETRY_WALK_CAP, _RECOUNT_CAP]
         if quotas:
             keys += [f"{prefix}:quota", f"{prefix}:qres"]
-            args += [_arg(quotas.tokens_per_day), _arg(quotas.tokens_per_month), KEY_TTL_S, _OPEN_RESERVATION_MS]
+            args += [_arg(quotas.tokens_per_day), _arg(quotas.tokens_per_month), KEY_TTL_S, _OPEN_RESERVATION_MS,
+                     1 if self._reseeder is not None else 0]
         try:
             reply = await self._admit_script(keys=keys, args=args)
+            if quotas and int(reply[11]) == 3 and self._reseeder is not None:  # Redis lost the quota's counts
+                await self._reseeder.reseed(tenant, f"{prefix}:quota")  # QuotaUnavailable: refused
+                args[-1] = 0  # seeded now (or from zero, as the operator chose): count, don't ask again
+                reply = await self._admit_script(keys=keys, args=args)
         except _STORE_ERRORS as exc:
             # A timed-out (or failed: Redis doesn't roll a script back) script may still have recorded: queue
             # its undo (zero tokens, free the slot, give back a quota reservation it made), so a phantom
@@ -315,17 +327,26 @@ class RedisRateLimiter:
 
     async def _write_back_quotas(self) -> bool:
         """Add what tenants spent on this replica's outage counts to Redis' quota hashes; False if Redis
-        failed (kept for the next attempt). A hash that Redis lost (a restart without persistence) starts
-        from the total this replica last saw, so the outage's tokens are not the only ones counted."""
+        failed (kept for the next attempt). A hash that Redis lost (a restart without persistence) is
+        reseeded from the ledger and this replica's count instead (which hold the outage's tokens already);
+        without a ledger it starts from the total this replica last saw."""
         owed = self._quota_fallback.take_owed()
         items = list(owed.items())
+        reseeded: set[str] = set()
         for index, ((tenant, day, month), (day_tokens, month_tokens, day_base, month_base)) in enumerate(items):
-            if not day_tokens and not month_tokens:
+            if (not day_tokens and not month_tokens) or tenant in reseeded:
                 continue
+            key = f"{tenant_prefix(tenant)}:quota"
             try:
-                await self._write_back_script(keys=[f"{tenant_prefix(tenant)}:quota"],
-                                              args=[day, month, day_tokens, month_tokens, day_base, month_base,
-                                                    KEY_TTL_S])
+                lost = await self._write_back_script(keys=[key], args=[
+                    day, month, day_tokens, month_tokens, day_base, month_base, KEY_TTL_S,
+                    1 if self._reseeder is not None else 0])
+                if lost == 2 and self._reseeder is not None:
+                    reseeded.add(tenant)
+                    try:
+                        await self._reseeder.reseed(tenant, key)
+                    except QuotaUnavailable:
+                        pass  # nothing known here: its next admission reseeds it, or is refused
             except _STORE_ERRORS as exc:
                 if _tenant_local(exc):
                     self.script_errors += 1

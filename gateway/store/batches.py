@@ -68,13 +68,17 @@ class BatchWriter(Generic[T]):
     def __init__(self, name: str, spool_dir: Path, encode: Callable[[list[T]], Encoded],
                  write: Callable[[Encoded, bytes], Awaitable[None]], *, interval_s: float = 1.0,
                  max_spool_bytes: int = 1 << 30, max_memory_rows: int = 1_000_000,
-                 on_outage: Callable[[bool], None] | None = None) -> None:
+                 on_outage: Callable[[bool], None] | None = None, log_outages: bool = True) -> None:
+        """`on_outage(down)`: called when a database outage starts and ends; `log_outages`: log those two
+        moments here (off where the caller logs one line for several writers)."""
         self.name = name
         self.interval_s = interval_s
         self.max_memory_rows = max_memory_rows
         self._encode, self._write = encode, write
         self._spool = Spool(spool_dir, max_spool_bytes)
         self._on_outage = on_outage
+        self._log_outages = log_outages
+        self.last_error = ""  # why the database was last found unwritable
         self._buffer: list[T] = []
         self._queue: collections.deque[_Batch] = collections.deque()
         self._wake = asyncio.Event()
@@ -98,14 +102,23 @@ class BatchWriter(Generic[T]):
         """Append one row; microseconds, no I/O. Made durable at the next tick."""
         self._buffer.append(item)
 
-    def mark_down(self) -> None:
+    def mark_down(self, reason: str = "") -> None:
         """The database is known to be unreachable (at start): unhealthy now, one outage, as a failed
         write would make it; the first write that succeeds ends it."""
         if not self._db_down:
             self._db_down = True
+            self.last_error = reason
             self.outages += 1
             if self._on_outage:
                 self._on_outage(True)
+
+    def mark_up_if_idle(self) -> None:
+        """The database answers again (the store reached it): a writer with nothing waiting has no write
+        to prove it, so its outage ends here; one with batches waiting ends it with their first write."""
+        if self._db_down and not self._queue and not self._buffer:
+            self._db_down = False
+            if self._on_outage:
+                self._on_outage(False)
 
     # -- state for health and metrics ---------------------------------------------------------------
     @property
@@ -122,6 +135,10 @@ class BatchWriter(Generic[T]):
     def waiting_rows(self) -> int:
         """Rows recorded and not yet in the database (memory, spool)."""
         return len(self._buffer) + sum(batch.count for batch in self._queue)
+
+    @property
+    def spool_directory(self) -> Path:
+        return self._spool.directory
 
     @property
     def spool_bytes(self) -> int:
@@ -257,7 +274,9 @@ class BatchWriter(Generic[T]):
                 await asyncio.to_thread(self._spool.remove, batch.path)
             if self._db_down:
                 self._db_down = False
-                log.warning("%s: database writable again; %d rows wait in the spool", self.name, self.waiting_rows)
+                if self._log_outages:
+                    log.warning("%s: database writable again; %d rows wait in the spool", self.name,
+                                self.waiting_rows)
                 if self._on_outage:
                     self._on_outage(False)
 
@@ -290,8 +309,10 @@ class BatchWriter(Generic[T]):
             return
         self._db_down = True
         self.outages += 1
-        log.error("%s: database not writable (%s); batches wait in the spool %s", self.name, _short(error),
-                  self._spool.directory)
+        self.last_error = _short(error)
+        if self._log_outages:
+            log.error("%s: database not writable (%s); batches wait in the spool %s", self.name, self.last_error,
+                      self._spool.directory)
         if self._on_outage:
             self._on_outage(True)
 

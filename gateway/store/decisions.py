@@ -53,13 +53,14 @@ def _bad(message: str, param: str) -> GatewayError:
 
 class Decisions:
     def __init__(self, db: Database, spool_dir: Path, *, interval_s: float = 1.0,
-                 on_outage: Callable[[bool], None] | None = None, max_spool_bytes: int = 1 << 30) -> None:
+                 on_outage: Callable[[bool], None] | None = None, max_spool_bytes: int = 1 << 30,
+                 log_outages: bool = True) -> None:
         self._db = db
         self._dims = Dimensions(db, decision_dims, DECISION_DIM_COLUMNS)
         self._ids = RowIds()
         self.writer: BatchWriter[DecisionRow] = BatchWriter(
             "policy decisions", spool_dir, self._encode, self._write, interval_s=interval_s,
-            on_outage=on_outage, max_spool_bytes=max_spool_bytes)
+            on_outage=on_outage, max_spool_bytes=max_spool_bytes, log_outages=log_outages)
         self.record = self.writer.record
 
     async def start(self) -> None:

@@ -23,6 +23,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import orjson
@@ -94,8 +95,11 @@ def _record(row) -> KeyRecord:  # type: ignore[no-untyped-def]
 
 
 class KeyStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, on_outage: Callable[[bool, str], None] | None = None) -> None:
+        """`on_outage(down, reason)`: the database could not be read (True) and can again (False); without
+        it those moments are logged here."""
         self._db = db
+        self._on_outage = on_outage
         self._by_hash: dict[str, KeyRecord] = {}
         self._version = -1
         self._used: set[str] = set()
@@ -121,8 +125,7 @@ class KeyStore:
         try:
             await self.refresh()
         except Exception as exc:  # the database is down: file keys work meanwhile; the loop retries
-            self._refresh_failing = True
-            log.error("API keys: cannot read the database (%s); retrying every %.0f s", exc, refresh_interval_s)
+            self._failing(exc)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._every(refresh_interval_s, self.refresh)),
                        loop.create_task(self._every(touch_interval_s, self.write_last_used))]
@@ -142,11 +145,22 @@ class KeyStore:
                 await job()
                 if self._refresh_failing:
                     self._refresh_failing = False
-                    log.warning("API keys: database readable again")
+                    if self._on_outage is not None:
+                        self._on_outage(False, "")
+                    else:
+                        log.warning("API keys: database readable again")
             except Exception as exc:  # keep the last directory: known keys keep working
-                if not self._refresh_failing:
-                    self._refresh_failing = True
-                    log.error("API keys: cannot read the database (%s); serving the keys known so far", exc)
+                self._failing(exc)
+
+    def _failing(self, exc: BaseException) -> None:
+        if self._refresh_failing:
+            return
+        self._refresh_failing = True
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        if self._on_outage is not None:
+            self._on_outage(True, reason)
+        else:
+            log.error("API keys: cannot read the database (%s); serving the keys known so far", reason)
 
     async def refresh(self) -> bool:
         """Reload the keys changed since the last refresh; True when any did."""

@@ -82,13 +82,14 @@ class RowIds:
 
 class Ledger:
     def __init__(self, db: Database, spool_dir: Path, *, interval_s: float = 1.0,
-                 on_outage: Callable[[bool], None] | None = None, max_spool_bytes: int = 1 << 30) -> None:
+                 on_outage: Callable[[bool], None] | None = None, max_spool_bytes: int = 1 << 30,
+                 log_outages: bool = True) -> None:
         self._db = db
         self._dims = Dimensions(db, usage_dims, USAGE_DIM_COLUMNS)
         self._attestations: dict[tuple[str, ...], str] = {}
         self.writer: BatchWriter[LedgerRow] = BatchWriter(
             "usage ledger", spool_dir, self._encode, self._write, interval_s=interval_s,
-            on_outage=on_outage, max_spool_bytes=max_spool_bytes)
+            on_outage=on_outage, max_spool_bytes=max_spool_bytes, log_outages=log_outages)
         self.record = self.writer.record  # the request path: one list append
 
     async def start(self) -> None:

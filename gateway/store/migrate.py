@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from gateway.store.database import Database
 # Any fixed 64-bit number; it names "the gateway's migration lock" among other advisory locks.
 _PG_LOCK_KEY = 0x67617465_6D696772  # "gatemigr"
 _SCRIPTS = "gateway.store:migrations"
+log = logging.getLogger("gateway.store")
+# Alembic logs its plugin set-up and context at INFO on every start; the gateway says what it did instead.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 class SchemaTooNew(Exception):
@@ -99,6 +103,7 @@ async def upgrade(db: Database) -> tuple[str | None, str]:
         if before != head:
             await conn.run_sync(lambda sync: command.upgrade(_config(sync), "head"))
             await conn.commit()
+            log.info("database %s: schema %s -> %s", db.display_url, before or "(empty)", head)
         return before, head
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.store import migrate, queries, retention
+from gateway.store.batches import BatchWriter
 from gateway.store.database import Database
 from gateway.store.decisions import Decisions
 from gateway.store.keys import KeyStore
@@ -41,23 +42,52 @@ RETENTION_INTERVAL_S = 3600.0
 READ_FLUSH_TIMEOUT_S = 2.0
 
 
+class _Outages:
+    """One log line when the database becomes unreachable for any part of the store (ledger writes,
+    decision writes, key reads), one when every part reaches it again, and their count."""
+
+    def __init__(self, display_url: str, spool: Path, on_outage: Callable[[str, bool], None] | None) -> None:
+        self._url, self._spool, self._on_outage = display_url, spool, on_outage
+        self.down: set[str] = set()
+        self.count = 0
+
+    def report(self, part: str, down: bool, reason: str = "") -> None:
+        was_down = bool(self.down)
+        if down:
+            self.down.add(part)
+        else:
+            self.down.discard(part)
+        if down and not was_down:
+            self.count += 1
+            log.error("database %s unreachable (%s: %s): ledger rows and policy decisions wait in the spool %s, "
+                      "API keys are served as last read; requests go on", self._url, part, reason or "no answer",
+                      self._spool)
+        elif was_down and not self.down:
+            log.warning("database %s reachable again; the spool is being written to it", self._url)
+        if self._on_outage is not None:
+            self._on_outage(part, down)
+
+
 class Store:
     def __init__(self, db: Database, data_dir: Path, *, flush_interval_s: float = 1.0, ledger_retention_days: int = 90,
                  on_outage: Callable[[str, bool], None] | None = None) -> None:
         self.db = db
         self.ledger_retention_days = ledger_retention_days
         spool = data_dir / "spool"
+        self._outages = _Outages(db.display_url, spool, on_outage)
 
-        def hook(name: str) -> Callable[[bool], None] | None:
-            return (lambda down: on_outage(name, down)) if on_outage else None
+        def hook(name: str, writer: Callable[[], object]) -> Callable[[bool], None]:
+            return lambda down: self._outages.report(name, down, getattr(writer(), "last_error", ""))
 
-        self.ledger = Ledger(db, spool / "ledger", interval_s=flush_interval_s, on_outage=hook("ledger"))
-        self.decisions = Decisions(db, spool / "decisions", interval_s=flush_interval_s,
-                                   on_outage=hook("decisions"))
-        self.keys = KeyStore(db)
+        self.ledger = Ledger(db, spool / "ledger", interval_s=flush_interval_s, log_outages=False,
+                             on_outage=hook("ledger", lambda: self.ledger.writer))
+        self.decisions = Decisions(db, spool / "decisions", interval_s=flush_interval_s, log_outages=False,
+                                   on_outage=hook("decisions", lambda: self.decisions.writer))
+        self.keys = KeyStore(db, on_outage=lambda down, reason: self._outages.report("keys", down, reason))
         self.responses = SqlResponseStore(db)
         self.sessions = SessionStore(db)
         self.schema_ready = False
+        self.closed = False
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
@@ -74,10 +104,8 @@ class Store:
             raise
         except Exception as exc:  # unreachable: serve anyway, on the spool
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            log.error("database %s not ready at start (%s); ledger rows are spooled until it is",
-                      db.display_url, reason)
-            store.ledger.writer.mark_down()  # unhealthy from the start, not from the first failed write
-            store.decisions.writer.mark_down()
+            store.ledger.writer.mark_down(reason)  # unhealthy from the start, not from the first failed write
+            store.decisions.writer.mark_down(reason)
         await store.start(apply_migrations)
         return store
 
@@ -105,7 +133,9 @@ class Store:
             await asyncio.sleep(MIGRATE_RETRY_S)
             try:
                 await self._prepare_schema(apply_migrations)
-                log.warning("database %s reachable; schema ready", self.db.display_url)
+                log.info("database %s: schema ready", self.db.display_url)
+                for writer in self.writers.values():
+                    writer.mark_up_if_idle()
             except migrate.SchemaTooNew as exc:
                 log.error("%s", exc)  # a person must act; keep spooling meanwhile
                 return
@@ -129,6 +159,16 @@ class Store:
         return done
 
     @property
+    def writers(self) -> dict[str, BatchWriter]:
+        """The batching writers by name, for metrics."""
+        return {"ledger": self.ledger.writer, "decisions": self.decisions.writer}
+
+    @property
+    def outages(self) -> int:
+        """Database outages since start (each logged once, however many parts noticed it)."""
+        return self._outages.count
+
+    @property
     def healthy(self) -> bool:
         return self.ledger.healthy and self.decisions.writer.healthy
 
@@ -138,6 +178,10 @@ class Store:
         return self.ledger.writer.durable and self.decisions.writer.durable
 
     async def close(self, timeout: float = 5.0) -> None:
+        """Idempotent: rows still in memory go to the database, else the spool; then the engine closes."""
+        if self.closed:
+            return
+        self.closed = True
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -101,6 +101,7 @@ class Caller:
     tenant: Tenant
     key_id: str
     key_hash: str = ""  # how the caller is found again in a reloaded directory ("" in open access)
+    source: str = "file"  # where its key is kept: the tenants "file", or the "database" (gateway/store/keys.py)
 
 
 class TenantsError(ConfigError):

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +76,17 @@ def start_server(
     name: str, argv: list[str], port: int, ready_path: str, log_dir: Path, env: dict[str, str] | None = None
 ) -> Server:
     log_path = log_dir / f"{name}.log"
+    env = dict(env or {})
+    if argv[1:4] == ["-m", "gateway", "serve"] and "GATEWAY_DATA_DIR" not in env:
+        # Each gateway its own data directory (embedded database, spool), unless the test shares one:
+        # never the user's ~/.local/share/llm-gateway, and no test sees another's ledger.
+        env["GATEWAY_DATA_DIR"] = tempfile.mkdtemp(prefix=f"{name}-data-", dir=log_dir)
     log = log_path.open("wb")
     process = subprocess.Popen(
         argv,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **env},
         start_new_session=True,  # its own process group, so stop() takes its workers down too
     )
     return Server(name, process, f"http://127.0.0.1:{port}", ready_path, log_path)
