@@ -61,3 +61,40 @@ def row(i: int = 0, *, when: float | None = None, tenant: str = "acme", key_id: 
                      environment=environment, attestations=attestations, endpoint=endpoint,
                      input_tokens=tokens[0], output_tokens=tokens[1], usage_source=source, status=status,
                      latency_ms=12.5)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """GATEWAY_DATABASE_URL of an empty database for a module's gateways (shared by them, as replicas
+    share one): SQLite, then a real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('db')}/gateway.db"
+    return request.getfixturevalue("pg_cluster").create_database()
+
+
+def dim(tenant: str, key_id: str, model: str, license_: str, **extra: str) -> dict:
+    """A usage_dims row (what a ledger row's repeated fields are)."""
+    return {"tenant": tenant, "key_id": key_id, "model_requested": model, "model_served": model,
+            "license": license_, "commercial_use": extra.get("commercial_use", "yes"),
+            "environment": extra.get("environment", "research"), "attestations": "[]",
+            "endpoint": extra.get("endpoint", "completions"), "usage_source": "engine"}
+
+
+async def seed_rollups(url: str, data_dir: Path, width: str,
+                       rows: list[tuple[int, dict, tuple[int, int, int]]]) -> None:
+    """Write rollup rows (bucket start, dimension, (input, output, requests)) straight into a migrated
+    database: usage the gateway would have recorded, without running the requests."""
+    from gateway.store.dims import Dimensions
+    from gateway.store.schema import ROLLUPS, USAGE_DIM_COLUMNS, usage_dims
+
+    db = await migrated(url, data_dir)
+    try:
+        dims = Dimensions(db, usage_dims, USAGE_DIM_COLUMNS)
+        known = await dims.ids([tuple(d[c] for c in USAGE_DIM_COLUMNS) for _, d, _ in rows])
+        async with db.writing() as conn:
+            await conn.execute(ROLLUPS[width].insert(), [
+                {"bucket_start": start, "dim_id": known[tuple(d[c] for c in USAGE_DIM_COLUMNS)], "requests": n,
+                 "errors": 0, "input_tokens": inp, "output_tokens": out, "gateway_counted": 0}
+                for start, d, (inp, out, n) in rows])
+    finally:
+        await db.dispose()
