@@ -20,6 +20,7 @@ from starlette.datastructures import QueryParams
 from gateway import pipeline
 from gateway.api.json import JSONResponse
 from gateway.errors import GatewayError
+from gateway.store.responses import StoreUnavailable
 from gateway.tenancy import keys as key_list
 from gateway.tenancy.auth import require_admin
 from gateway.tenancy.tenants import Caller
@@ -28,7 +29,7 @@ router = APIRouter()
 
 _DIGITS = re.compile(r"[0-9]{1,12}")
 DECISIONS = ("allow", "deny", "substitute", "not_found")
-_DOWN = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DBAPIError, OSError,
+_DOWN = (StoreUnavailable, sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DBAPIError, OSError,
          asyncio.TimeoutError, ConnectionError)
 
 

@@ -140,16 +140,23 @@ def _build_state(settings: Settings, client, store: Store) -> GatewayState:
 async def _seed_local_quotas(state: GatewayState, retry_s: float = QUOTA_SEED_RETRY_S) -> None:
     """Without Redis, this process's quota counts start from the ledger's use of this day and month (a
     restart must not hand out fresh quotas). Until the database answers, quota tenants are refused
-    (GATEWAY_QUOTA_OUTAGE_UNKNOWN_TENANTS=admit: admitted from zero); retried until it does."""
+    (GATEWAY_QUOTA_OUTAGE_UNKNOWN_TENANTS=admit: admitted from zero); retried until it does. The outage
+    itself is the store's one log line; this says what it means for quotas, once."""
+    said = False
     while True:
         try:
             used = await state.store.period_usage_all()
-        except Exception as exc:
-            log.warning("quota use not read from the database (%s); quota tenants wait for it, retrying in "
-                        "%.0f s", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__, retry_s)
+        except Exception:
+            if not said:
+                said = True
+                log.warning("token quotas wait for the database: quota tenants are %s until it answers",
+                            "admitted from zero" if state.settings.quota_outage_unknown_tenants == "admit"
+                            else "refused (503)")
             await asyncio.sleep(retry_s)
             continue
         state.quotas.seed({tenant: (u.day, u.day_used, u.month, u.month_used) for tenant, u in used.items()})
+        if said:
+            log.warning("token quotas read from the database: quota tenants are admitted again")
         return
 
 

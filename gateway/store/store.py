@@ -30,7 +30,7 @@ from gateway.store.database import Database
 from gateway.store.decisions import Decisions
 from gateway.store.keys import KeyStore
 from gateway.store.ledger import Ledger
-from gateway.store.responses import SqlResponseStore
+from gateway.store.responses import _DOWN, SqlResponseStore, StoreUnavailable
 from gateway.store.sessions import SessionStore
 
 if TYPE_CHECKING:
@@ -191,6 +191,15 @@ class Store:
         await self.db.dispose()
 
     # -- reads, after this replica's own rows are written (not waited for during an outage) -----------
+    # A database that can't be reached raises StoreUnavailable (the API answers 503, never a 500).
+    @contextlib.asynccontextmanager
+    async def _reachable(self):  # type: ignore[no-untyped-def]
+        try:
+            yield
+        except _DOWN as exc:
+            raise StoreUnavailable(f"database {self.db.display_url} unreachable: "
+                                   f"{str(getattr(exc, 'orig', None) or exc)[:200]}") from None
+
     async def _flush_for_read(self) -> None:
         if self.ledger.healthy:
             await self.ledger.flush(READ_FLUSH_TIMEOUT_S)
@@ -199,14 +208,16 @@ class Store:
                          tenants: Iterable[str] = (), key_ids: Iterable[str] = (),
                          models: Iterable[str] = ()) -> tuple[dict, int]:
         await self._flush_for_read()
-        return await queries.usage_page(self.db, width, starts, max_entries, tenants=tenants, key_ids=key_ids,
-                                        models=models)
+        async with self._reachable():
+            return await queries.usage_page(self.db, width, starts, max_entries, tenants=tenants,
+                                            key_ids=key_ids, models=models)
 
     async def search_decisions(self, **filters: object):  # type: ignore[no-untyped-def]
         """Decisions.search, after this replica's own decisions are written."""
         if self.decisions.writer.healthy:
             await self.decisions.flush(READ_FLUSH_TIMEOUT_S)
-        return await self.decisions.search(**filters)  # type: ignore[arg-type]
+        async with self._reachable():
+            return await self.decisions.search(**filters)  # type: ignore[arg-type]
 
     async def usage_buckets(self, width: str, starts: Sequence[int], *, tenants: Iterable[str] = (),
                             key_ids: Iterable[str] = (), models: Iterable[str] = ()) -> dict:
@@ -219,8 +230,10 @@ class Store:
 
     async def period_usage(self, tenant: str) -> queries.PeriodUsage:
         await self._flush_for_read()
-        return await queries.period_usage(self.db, tenant)
+        async with self._reachable():
+            return await queries.period_usage(self.db, tenant)
 
     async def period_usage_all(self) -> dict[str, queries.PeriodUsage]:
         await self._flush_for_read()
-        return await queries.period_usage_all(self.db)
+        async with self._reachable():
+            return await queries.period_usage_all(self.db)

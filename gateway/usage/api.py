@@ -36,6 +36,7 @@ from gateway.admission import quota as quota_mod
 from gateway.admission.ratelimit import Limits, LocalRateLimiter, RateLimited
 from gateway.errors import GatewayError
 from gateway.store.ledger import WIDTHS
+from gateway.store.responses import StoreUnavailable
 from gateway.store.retention import ROLLUP_RETENTION_S
 
 if TYPE_CHECKING:
@@ -82,6 +83,10 @@ class UsageApi:
             raise _refusal(exc, self.limits) from None
         try:
             return await completions(self._source, self._quotas, tenants, caller, params, self.max_rows)
+        except StoreUnavailable:
+            raise GatewayError(503, "The usage ledger (the database) cannot be read right now; retry shortly. "
+                               "Requests are still served and recorded.", type="service_unavailable_error",
+                               code="database_unavailable", headers={"Retry-After": "5"}) from None
         finally:
             admission.settle()
 
