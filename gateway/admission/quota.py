@@ -238,13 +238,16 @@ class OutageQuotas(LocalQuotas):
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         super().__init__(clock)
         self._seen: dict[str, tuple[int, int, int, int]] = {}  # tenant -> day, day_used, month, month_used
+        self._epochs: dict[str, str] = {}  # tenant -> the quota hash's seed epoch ("e") when last seen
         self._seeded: set[str] = set()  # tenants continued from _seen in the current outage
-        # (tenant, day, month) -> [day tokens, month tokens, day baseline, month baseline] not yet in Redis
-        self.owed: dict[tuple[str, int, int], list[int]] = {}
+        # (tenant, day, month) -> [day tokens, month tokens, day baseline, month baseline, epoch] not yet in Redis
+        self.owed: dict[tuple[str, int, int], list] = {}
 
-    def saw(self, tenant: str, day: int, day_used: int, month: int, month_used: int) -> None:
-        """What Redis holds for the tenant (after an admission there): the start of any later outage."""
+    def saw(self, tenant: str, day: int, day_used: int, month: int, month_used: int, epoch: str = "") -> None:
+        """What Redis holds for the tenant (after an admission there): the start of any later outage.
+        `epoch`: which seed of the hash that was (gateway/admission/quota_reseed.py)."""
         self._seen[tenant] = (day, day_used, month, month_used)
+        self._epochs[tenant] = epoch
         self._seeded.discard(tenant)
 
     def knows(self, tenant: str) -> bool:
@@ -276,18 +279,18 @@ class OutageQuotas(LocalQuotas):
         if owed is None:
             seen = self._seen.get(tenant)
             owed = self.owed[key] = [0, 0, seen[1] if seen and seen[0] == day else 0,
-                                     seen[3] if seen and seen[2] == month else 0]
+                                     seen[3] if seen and seen[2] == month else 0, self._epochs.get(tenant, "")]
         owed[0] += day_delta
         owed[1] += month_delta
 
-    def take_owed(self) -> dict[tuple[str, int, int], list[int]]:
+    def take_owed(self) -> dict[tuple[str, int, int], list]:
         owed, self.owed = self.owed, {}
         return owed
 
-    def give_back(self, owed: dict[tuple[str, int, int], list[int]]) -> None:
+    def give_back(self, owed: dict[tuple[str, int, int], list]) -> None:
         """Write-back failed: keep it for the next attempt, merged with what was spent meanwhile."""
         for key, entry in owed.items():
-            mine = self.owed.setdefault(key, [0, 0, entry[2], entry[3]])
+            mine = self.owed.setdefault(key, [0, 0, entry[2], entry[3], entry[4]])
             mine[0] += entry[0]
             mine[1] += entry[1]
 

@@ -9,7 +9,9 @@ that and this replica's own last count (what Redis showed it, plus what it spent
 covers reservations still in flight and the last flush interval of rows), and writes it with
 QUOTA_SEED_LUA, set if absent: when two replicas reseed at once, the first one's seed stands and the
 other's is a no-op, so nothing is counted twice. One reseed per tenant at a time on a replica; concurrent
-admissions of that tenant wait for it.
+admissions of that tenant wait for it. The seed marks the hash with a random epoch: a replica that spent
+during an outage and last saw the hash before the seed (another epoch) merges its outage count into it
+(the larger of the two) instead of adding it, since the ledger the seed was read from holds that spend.
 
 When the ledger cannot be read and this replica knows nothing of the tenant, the tenant is refused
 (QuotaUnavailable, 503) unless the operator chose to admit unknown tenants from zero
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 
 from gateway.admission.quota import KEY_TTL_S, OutageQuotas, QuotaUnavailable
@@ -74,7 +77,8 @@ class Reseeder:
             raise QuotaUnavailable("The quota store (Redis) lost this tenant's quota use and the ledger cannot "
                                    "be read right now.")
         day, day_used, month, month_used = totals
-        seeded = await self._seed_script(keys=[quota_key], args=[day, day_used, month, month_used, KEY_TTL_S])
+        seeded = await self._seed_script(keys=[quota_key], args=[day, day_used, month, month_used, KEY_TTL_S,
+                                                                 os.urandom(8).hex()])
         self._known.forget_owed(tenant)  # the seed holds what this replica spent in an outage
         if int(seeded):
             log.info("Redis had no quota counts for tenant %r: reloaded from the ledger (%d tokens today, %d "

@@ -42,6 +42,7 @@ from collections import deque
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
 from gateway.admission.quota import (DAY_S, KEY_TTL_S, OutageQuotas, Periods, Quotas, QuotaUnavailable,
@@ -168,7 +169,8 @@ class RedisRateLimiter:
 
     admits_quotas = True  # token quotas are checked in the same script (gateway/admission/quota.py)
 
-    async def admit(self, tenant: str, limits: Limits, reserve_tokens: int, quotas: Quotas | None = None) -> Admission:
+    async def admit(self, tenant: str, limits: Limits, reserve_tokens: int, quotas: Quotas | None = None,
+                    *, _again: bool = False) -> Admission:
         reserve = _tokens(reserve_tokens)
         if reserve is None:
             raise ValueError(f"reserve_tokens must be a finite number, not {reserve_tokens!r}")
@@ -208,6 +210,10 @@ class RedisRateLimiter:
                 self.script_errors += 1
                 self._warn(prefix, "Redis rejected the rate-limit script for tenant %r (%s); admitting it %s.",
                            tenant, exc, "nothing (fail-closed)" if self._fail_closed else "by local limits")
+            elif isinstance(exc, RedisConnectionError) and not _again and await self._flush_pending():
+                # A pooled connection that a restarted Redis had closed: this attempt is undone (just
+                # replayed, on a new connection), so admitting once more is safe; one outage it was not.
+                return await self.admit(tenant, limits, reserve, quotas, _again=True)
             else:
                 self._mark_down(exc)
             return await self._degraded(tenant, limits, reserve, quotas)
@@ -217,7 +223,9 @@ class RedisRateLimiter:
         if quotas:
             which, now_ms, day, month, du, mu = (int(v) for v in reply[11:17])
             periods = Periods(now_ms / 1000, day, month, du, mu)
-            self._quota_fallback.saw(tenant, day, du, month, mu)
+            epoch = reply[17] if len(reply) > 17 else b""
+            self._quota_fallback.saw(tenant, day, du, month, mu,
+                                     epoch.decode() if isinstance(epoch, bytes) else str(epoch or ""))
             if which and usage.admitted:  # the rate limits would admit it: the quota is what refuses
                 raise quota_exceeded(quotas, periods, reserve, "tokens_per_day" if which == 1 else "tokens_per_month")
         if repaired:
@@ -333,14 +341,14 @@ class RedisRateLimiter:
         owed = self._quota_fallback.take_owed()
         items = list(owed.items())
         reseeded: set[str] = set()
-        for index, ((tenant, day, month), (day_tokens, month_tokens, day_base, month_base)) in enumerate(items):
+        for index, ((tenant, day, month), (day_tokens, month_tokens, day_base, month_base, epoch)) in enumerate(items):
             if (not day_tokens and not month_tokens) or tenant in reseeded:
                 continue
             key = f"{tenant_prefix(tenant)}:quota"
             try:
                 lost = await self._write_back_script(keys=[key], args=[
                     day, month, day_tokens, month_tokens, day_base, month_base, KEY_TTL_S,
-                    1 if self._reseeder is not None else 0])
+                    1 if self._reseeder is not None else 0, epoch])
                 if lost == 2 and self._reseeder is not None:
                     reseeded.add(tenant)
                     try:

@@ -103,10 +103,11 @@ def wait_for_port(port: int, timeout_s: float = 20) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def start_redis(name: str, log_dir: Path) -> tuple[Server, str]:
-    """A throwaway redis-server (no persistence), ready; returns it and its redis:// URL."""
+def start_redis(name: str, log_dir: Path, port: int | None = None) -> tuple[Server, str]:
+    """A throwaway redis-server (no persistence), ready; returns it and its redis:// URL. `port`: that
+    one (a Redis restarted empty where the gateways expect it), else a free one."""
     assert shutil.which("redis-server"), "redis-server missing: make test installs it"
-    port = free_port()
+    port = port or free_port()
     server = start_server(name, ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
                           port, "", log_dir)
     wait_for_port(port)
