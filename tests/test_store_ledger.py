@@ -254,3 +254,28 @@ def test_a_batch_the_database_refuses_is_set_aside_and_the_rest_is_written(db_ur
     asyncio.run(scenario())
     assert [p.name for p in (spool / "rejected").iterdir()] == ["00000000000000000001-1-00000000.batch"]
     assert any("refused a batch of 1 rows" in r.getMessage() for r in caplog.records)
+
+
+def test_a_request_recorded_twice_counts_once(db_url: str, tmp_path: Path) -> None:
+    """Idempotent on the request id: the same request in two batches (two replicas replaying one spool,
+    or a record written again) is one ledger row and counted once in the rollups."""
+
+    async def scenario() -> None:
+        db = await migrated(db_url, tmp_path)
+        try:
+            ledger = Ledger(db, tmp_path / "spool", interval_s=3600)
+            await ledger.start()
+            for i in range(10):
+                ledger.record(row(i))
+            assert await ledger.flush(10)
+            for i in range(5, 15):  # 5..9 again, in a later batch; 10..14 new
+                ledger.record(row(i))
+            ledger.record(row(14))  # and twice in one batch
+            assert await ledger.flush(10)
+            await ledger.close()
+            assert await _counts(db) == (15, 15, [15, 15, 15])
+            assert await _request_ids(db) == {request_id(i) for i in range(15)}
+        finally:
+            await db.dispose()
+
+    asyncio.run(scenario())
