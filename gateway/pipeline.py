@@ -157,8 +157,8 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
                                                     context.client_request_id))
     LIFECYCLE.enter()
     outcome.on_done.append(_leave)
-    if held is not None:
-        outcome.on_done.append(held.release)
+    if held is not None:  # with the limiter's slot, before the answer: a client's next request finds it free
+        outcome.releases.append(held.release)
     try:
         upstreams = _route(state, snapshot, model, call)
         await ensure_prompt_fits(model, call, upstreams[0].count_tokens)
