@@ -10,6 +10,14 @@ much less how much CPU it takes. Runs alternate so that drift hits every configu
 the repeats are compared.
 
     python load_tests/bench_ledger_cost.py --before /tmp/before [--duration 6 --repeats 3]
+    python load_tests/bench_ledger_cost.py --micro [--rows 20000]
+
+`--micro` measures the added work itself, in this process, as CPU time (time.process_time, every thread:
+the SQLite writer's included), which load on the machine barely changes: per request, what the request
+path does more (a ledger row and a decision row appended, the durability check, a database key's lookup
+and touch), and what the background writers spend per row (encoding, spool file with fsync, one
+transaction per batch into the embedded SQLite file, rollups included), for batches of `--batch` rows (a
+second's worth at ~1,000 requests/s).
 
 Configurations: `before` (a tenants-file key; no database), `after` (the same key; ledger and decisions in
 the embedded SQLite file), `after, database key` (a key made with `gateway keys create`, looked up in the
@@ -48,6 +56,8 @@ def _gateway(procs: bt.Procs, tmp: Path, mock_url: str, name: str, source: Path,
     env.update(PYTHONPATH=str(source), GATEWAY_DATA_DIR=str(d / "data"))
     api_key = bt.BENCH_KEY
     if key == "database":  # made in this gateway's database before it starts
+        subprocess.run([sys.executable, "-m", "gateway", "db", "upgrade"], env={**os.environ, **env},
+                       capture_output=True, check=True, cwd=d)
         made = subprocess.run([sys.executable, "-m", "gateway", "keys", "create", "--tenant", "bench"],
                               env={**os.environ, **env}, capture_output=True, text=True, check=True, cwd=d)
         api_key = made.stdout.split()[-1]
@@ -70,13 +80,90 @@ def _run(t: bt.Target, duration: float, concurrency: int) -> tuple[float, float]
     return float(result["throughput_rps"]), used / requests * 1e6
 
 
+async def _micro(rows: int, batch: int) -> dict[str, float]:
+    from gateway.registry import load_registry
+    from gateway.settings import Settings
+    from gateway.store.decisions import DecisionRow
+    from gateway.store.ledger import LedgerRow
+    from gateway.store.store import Store
+    from gateway.tenancy.auth import authenticate
+    from gateway.tenancy.tenants import load_tenants
+
+    with tempfile.TemporaryDirectory(prefix="bench-ledger-micro-") as raw:
+        tmp = Path(raw)
+        env = bt.gateway_files(tmp, {bt.GATEWAY_MODEL: {"id": "m", "url": "http://127.0.0.1:1",
+                                                        "served_model_name": "m"}})
+        registry = load_registry([Path(p) for p in env["GATEWAY_REGISTRY"].split(",")])
+        tenants = load_tenants(Path(env["GATEWAY_TENANTS"]), registry)
+        store = await Store.open(Settings(data_dir=tmp / "data", database_url=None))
+        made = await store.keys.create("bench", "micro")
+        attestations = ("a", "b", "c")
+        out: dict[str, float] = {}
+
+        def per_call(job, n: int) -> float:  # type: ignore[no-untyped-def]
+            began = time.process_time()
+            for i in range(n):
+                job(i)
+            return (time.process_time() - began) / n * 1e6
+
+        sink: list = []
+        out["ledger_row_us"] = per_call(lambda i: sink.append(LedgerRow(
+            f"{i:032x}", 1.0, "bench", "k1", "m", "m", "llama2", "conditional", "production", attestations, "chat",
+            9, 16, "engine", 200, 12.5)), rows)
+        out["decision_row_us"] = per_call(lambda i: sink.append(DecisionRow(
+            f"{i:032x}", 1.0, "bench", "k1", "m", "m", "llama2", "allow", "rule")), rows)
+        out["durable_check_us"] = per_call(lambda i: store.durable, rows)
+        file_header, db_header = f"Bearer {bt.BENCH_KEY}", f"Bearer {made.key}"
+        file_us = per_call(lambda i: authenticate(file_header, tenants, store.keys), rows)
+        db_us = per_call(lambda i: authenticate(db_header, tenants, store.keys), rows)
+        out["file_key_auth_us"], out["database_key_auth_us"] = file_us, db_us
+        sink.clear()
+        began = time.process_time()
+        for first in range(0, rows, batch):
+            for i in range(first, min(rows, first + batch)):
+                store.ledger.record(LedgerRow(f"{i:032x}", time.time(), "bench", "k1", "m", "m", "llama2",
+                                              "conditional", "production", attestations, "chat", 9, 16, "engine",
+                                              200, 12.5))
+                store.decisions.record(DecisionRow(f"{i:032x}", time.time(), "bench", "k1", "m", "m", "llama2",
+                                                   "allow", "rule"))
+            assert await store.ledger.flush(60) and await store.decisions.flush(60)
+        out["background_per_request_us"] = (time.process_time() - began) / rows * 1e6
+        await store.close()
+        return out
+
+
+def micro(rows: int, batch: int) -> int:
+    import asyncio
+
+    from gateway.lifecycle import settle_garbage_collector
+
+    settle_garbage_collector()  # the gateway's collector settings (gateway/lifecycle.py)
+    found = asyncio.run(_micro(rows, batch))
+    path = found["ledger_row_us"] + found["decision_row_us"] + found["durable_check_us"]
+    keys = found["database_key_auth_us"] - found["file_key_auth_us"]
+    print(f"request path: ledger row {found['ledger_row_us']:.2f} us + decision row {found['decision_row_us']:.2f} "
+          f"us + durability check {found['durable_check_us']:.2f} us = {path:.2f} us; a database key's lookup "
+          f"{found['database_key_auth_us']:.2f} us vs a file key's {found['file_key_auth_us']:.2f} us "
+          f"({keys:+.2f} us); writers in the background: {found['background_per_request_us']:.1f} us CPU per "
+          f"request (ledger + decision, batches of {batch})", flush=True)
+    print(json.dumps({k: round(v, 2) for k, v in found.items()}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--before", type=Path, required=True, help="a checkout of the gateway before the database")
+    p.add_argument("--before", type=Path, help="a checkout of the gateway before the database")
+    p.add_argument("--micro", action="store_true", help="the added work alone, as CPU time in this process")
+    p.add_argument("--rows", type=int, default=20_000)
+    p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--duration", type=float, default=6.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=64)
     a = p.parse_args(argv)
+    if a.micro:
+        return micro(a.rows, a.batch)
+    if a.before is None:
+        p.error("--before DIR (or --micro)")
     with tempfile.TemporaryDirectory(prefix="bench-ledger-cost-") as raw:
         tmp = Path(raw)
         procs = bt.Procs(tmp, None)

@@ -144,7 +144,7 @@ def test_decisions_are_searchable_by_admins_and_by_their_own_tenant(pair: Pair) 
     first = pair.get(1, "/admin/decisions", KEYS["ops"], tenant="beta", limit=2).json()
     second = pair.get(1, "/admin/decisions", KEYS["ops"], tenant="beta", limit=2, cursor=first["next_cursor"]).json()
     assert len(first["data"]) == 2 and first["next_cursor"] and second["data"]
-    assert not {d["id"] for d in first["data"]} & {d["id"] for d in second["data"]}
+    assert not {d["request_id"] for d in first["data"]} & {d["request_id"] for d in second["data"]}
     assert first["data"][0]["time"] >= first["data"][1]["time"] >= second["data"][0]["time"]  # newest first
     now = int(time.time())
     for params, param in [({"limit": 101}, "limit"), ({"since": now - 40 * 86400, "until": now}, "since"),

@@ -11,14 +11,14 @@ import pytest
 
 from gateway.errors import GatewayError
 from gateway.store.decisions import DecisionRow, Decisions
-from tests.support.store_fixtures import db_url, migrated, pg_cluster  # noqa: F401
+from tests.support.store_fixtures import db_url, migrated, pg_cluster, request_id  # noqa: F401
 
 
 def _decision(i: int, now: float) -> DecisionRow:
     tenant = ("acme", "globex")[i % 2]
     verdict = ("allow", "deny", "substitute")[i % 3]
     served = None if verdict == "deny" else ("llama-2-7b-chat" if verdict == "allow" else "falcon-7b")
-    return DecisionRow(request_id=f"req-{i}", time=now - 3600 + i, tenant=tenant, key_id="k1",
+    return DecisionRow(request_id=request_id(i), time=now - 3600 + i, tenant=tenant, key_id="k1",
                        model_requested="llama-2-7b-chat", model_served=served, license="llama2",
                        decision=verdict, rule=f"rule-{verdict}")
 
@@ -26,7 +26,7 @@ def _decision(i: int, now: float) -> DecisionRow:
 def test_decisions_are_found_by_each_field_and_paged_newest_first(db_url: str, tmp_path: Path) -> None:
     now = time.time()
     rows = [_decision(i, now) for i in range(120)]
-    rows.append(DecisionRow("req-7", now - 10, "globex", "k9", "x", None, "", "not_found", "not-found"))  # a reused id
+    again = DecisionRow(request_id(7), now - 10, "globex", "k9", "x", None, "", "not_found", "not-found")
 
     async def scenario() -> None:
         db = await migrated(db_url, tmp_path)
@@ -35,6 +35,8 @@ def test_decisions_are_found_by_each_field_and_paged_newest_first(db_url: str, t
         try:
             for r in rows:
                 decisions.record(r)
+            assert await decisions.flush(10)
+            decisions.record(again)  # the same request id in a later batch (a replay): ignored
             assert await decisions.flush(10)
 
             pages, cursor = [], None
@@ -46,18 +48,18 @@ def test_decisions_are_found_by_each_field_and_paged_newest_first(db_url: str, t
                     break
             found = [item for page in pages for item in page]
             assert [len(p) for p in pages] == [25, 25, 10]
-            assert [item["request_id"] for item in found] == [f"req-{i}" for i in range(118, -1, -2)]
+            assert [item["request_id"] for item in found] == [request_id(i) for i in range(118, -1, -2)]
             assert all(item["tenant"] == "acme" for item in found)
 
-            both = (await decisions.search(request_id="req-7")).data
-            # A client reusing its request id hides nothing: both decisions are there.
-            assert sorted(item["decision"] for item in both) == ["deny", "not_found"]
+            both = (await decisions.search(request_id=request_id(7))).data
+            # One decision per request: the same request id recorded again (a replayed batch) counts once.
+            assert [item["decision"] for item in both] == ["deny"]
             denied = (await decisions.search(decision="deny", limit=100)).data
             assert len(denied) == 40 and all(item["model_served"] is None for item in denied)
             falcon = (await decisions.search(model="falcon-7b", limit=100)).data
             assert len(falcon) == 40 and all(item["decision"] == "substitute" for item in falcon)
             window = (await decisions.search(since=now - 3600 + 10, until=now - 3600 + 20, limit=100)).data
-            assert [item["request_id"] for item in window] == [f"req-{i}" for i in range(19, 9, -1)]
+            assert [item["request_id"] for item in window] == [request_id(i) for i in range(19, 9, -1)]
 
             for bad in ({"limit": 0}, {"limit": 101}, {"since": now - 40 * 86400}, {"cursor": "bm90LWEtY3Vyc29y"},
                         {"since": now, "until": now - 1}):

@@ -33,7 +33,7 @@ def test_one_store_records_reads_and_closes(db_url: str, tmp_path: Path) -> None
             now = time.time()
             for i in range(10):
                 store.ledger.record(row(i, when=now, tokens=(3, 4)))
-                store.decisions.record(DecisionRow(f"req-{i}", now, "acme", "k1", "llama-2-7b-chat", "llama-2-7b-chat",
+                store.decisions.record(DecisionRow(f"{i:032x}", now, "acme", "k1", "llama-2-7b-chat", "llama-2-7b-chat",
                                                    "llama2", "allow", "env-allows"))
             minute = int(now) // 60 * 60
             buckets = await store.usage_buckets("1m", [minute])  # flushes this replica's rows first

@@ -1,6 +1,7 @@
 """Policy decisions (allow, deny, substitute, not_found): the audit trail's decision records, also in the
 database, written in batches like the ledger (the same `BatchWriter`), searchable by request id, tenant,
-model, decision and time range, newest first, one capped page at a time.
+model, decision and time range, newest first, one capped page at a time. One decision per request, keyed
+(and deduplicated, as the ledger is) by the gateway's request id.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from gateway.errors import GatewayError
 from gateway.store.batches import BatchWriter, Encoded
 from gateway.store.database import Database
 from gateway.store.dims import Dimensions
-from gateway.store.ledger import RowIds
+from gateway.store.ledger import request_key
 from gateway.store.schema import DECISION_DIM_COLUMNS, decision_dims, policy_decisions
 
 MAX_PAGE = 100
@@ -57,7 +58,6 @@ class Decisions:
                  log_outages: bool = True) -> None:
         self._db = db
         self._dims = Dimensions(db, decision_dims, DECISION_DIM_COLUMNS)
-        self._ids = RowIds()
         self.writer: BatchWriter[DecisionRow] = BatchWriter(
             "policy decisions", spool_dir, self._encode, self._write, interval_s=interval_s,
             on_outage=on_outage, max_spool_bytes=max_spool_bytes, log_outages=log_outages)
@@ -73,16 +73,15 @@ class Decisions:
         await self.writer.close(timeout)
 
     def _encode(self, rows: list[DecisionRow]) -> Encoded:
-        """As the ledger's: rows [id, request_id, time_ms, dim index], their strings once in "dims"."""
+        """As the ledger's: rows [request key, time_ms, dim index], their strings once in "dims"."""
         dims: dict[tuple, int] = {}
         out = []
-        prefix = self._ids.prefix
-        for n, r in zip(self._ids.take(len(rows)), rows):
+        for r in rows:
             key = (r.tenant, r.key_id, r.model_requested, r.model_served or "", r.license, r.decision, r.rule)
             index = dims.get(key)
             if index is None:
                 index = dims[key] = len(dims)
-            out.append([f"{prefix}{n:016x}", r.request_id, int(r.time * 1000), index])
+            out.append([request_key(r.request_id), int(r.time * 1000), index])
         return {"dims": [list(key) for key in dims], "rows": out}
 
     async def _write(self, batch: Encoded, payload: bytes) -> None:
@@ -92,16 +91,15 @@ class Decisions:
         async with self._db.writing() as conn:
             if self._db.is_sqlite:
                 await conn.exec_driver_sql(
-                    "INSERT INTO policy_decisions (id, request_id, time_ms, dim_id) SELECT json_extract(value, '$[0]'), "
-                    "coalesce(json_extract(value, '$[1]'), ''), json_extract(value, '$[2]'), "
-                    "json_extract(?, '$[' || json_extract(value, '$[3]') || ']') FROM json_each(?, '$.rows') "
-                    "WHERE true ON CONFLICT (id) DO NOTHING", (orjson.dumps(dim_ids).decode(), payload.decode()))
+                    "INSERT INTO policy_decisions (request_id, time_ms, dim_id) SELECT value ->> 0, value ->> 1, "
+                    "json_extract(?, '$[' || (value ->> 2) || ']') FROM json_each(?, '$.rows') "
+                    "WHERE true ON CONFLICT (request_id) DO NOTHING", (orjson.dumps(dim_ids).decode(), payload.decode()))
             else:
                 raw = (await conn.get_raw_connection()).driver_connection
                 await raw.execute(
-                    "INSERT INTO policy_decisions (id, request_id, time_ms, dim_id) SELECT (e->>0)::uuid, "
-                    "coalesce(e->>1, ''), (e->>2)::int8, ($2::int4[])[(e->>3)::int4 + 1] "
-                    "FROM json_array_elements($1::json -> 'rows') AS e ORDER BY 1 ON CONFLICT (id) DO NOTHING",
+                    "INSERT INTO policy_decisions (request_id, time_ms, dim_id) SELECT DISTINCT ON (1) (e->>0)::uuid, "
+                    "(e->>1)::int8, ($2::int4[])[(e->>2)::int4 + 1] "
+                    "FROM json_array_elements($1::json -> 'rows') AS e ORDER BY 1 ON CONFLICT (request_id) DO NOTHING",
                     payload.decode(), dim_ids)
 
     async def search(self, *, request_id: str | None = None, tenant: str | None = None, model: str | None = None,
@@ -123,7 +121,7 @@ class Decisions:
                            "since")
             where += [p.time_ms >= int(start * 1000), p.time_ms < int(end * 1000)]
         else:
-            where.append(p.request_id == request_id)
+            where.append(p.request_id == request_key(request_id))
             if since is not None:
                 where.append(p.time_ms >= int(since * 1000))
             if until is not None:
@@ -135,20 +133,20 @@ class Decisions:
         if decision is not None:
             where.append(d.decision == decision)
         if cursor is not None:
-            where.append(tuple_(p.time_ms, p.id) < _cursor(cursor))
-        query = (select(p.id, p.request_id, p.time_ms, *[d[c] for c in DECISION_DIM_COLUMNS])
+            where.append(tuple_(p.time_ms, p.request_id) < _cursor(cursor))
+        query = (select(p.request_id, p.time_ms, *[d[c] for c in DECISION_DIM_COLUMNS])
                  .select_from(policy_decisions.join(decision_dims, d.id == p.dim_id))
-                 .where(and_(*where)).order_by(p.time_ms.desc(), p.id.desc()).limit(limit + 1))
+                 .where(and_(*where)).order_by(p.time_ms.desc(), p.request_id.desc()).limit(limit + 1))
         async with self._db.reading() as conn:
             rows = (await conn.execute(query)).all()
         page = rows[:limit]
-        data = [{"id": str(row[0]).replace("-", ""), "request_id": row[1], "time": row[2] / 1000,
-                 **dict(zip(DECISION_DIM_COLUMNS, row[3:]))} for row in page]
+        data = [{"request_id": str(row[0]).replace("-", ""), "time": row[1] / 1000,
+                 **dict(zip(DECISION_DIM_COLUMNS, row[2:]))} for row in page]
         for item in data:
             item["model_served"] = item["model_served"] or None
         more = len(rows) > limit
         last = page[-1] if page else None
-        token = base64.urlsafe_b64encode(f"{last[2]}:{str(last[0]).replace('-', '')}".encode()).decode() \
+        token = base64.urlsafe_b64encode(f"{last[1]}:{str(last[0]).replace('-', '')}".encode()).decode() \
             if more and last is not None else None
         return DecisionPage(data, token)
 

@@ -12,7 +12,6 @@ Rollup rows are upserted in key order, so replicas flushing at once queue on row
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,19 +64,6 @@ class LedgerRow:
     usage_source: str  # engine | gateway | gateway_estimate | none
     status: int
     latency_ms: float
-
-
-class RowIds:
-    """Row ids made by this process (the policy decisions' keys): a random 64-bit prefix and a counter, as a UUID's 32 hex digits.
-    Unique without coordination; a batch takes a range of the counter at once."""
-
-    def __init__(self) -> None:
-        self.prefix = os.urandom(8).hex()
-        self._next = 1
-
-    def take(self, count: int) -> range:
-        first, self._next = self._next, self._next + count
-        return range(first, first + count)
 
 
 class Ledger:
@@ -184,9 +170,7 @@ _SQLITE_TEMP = (
     "dim_index INTEGER, input_tokens INTEGER, output_tokens INTEGER, status INTEGER, latency_ms INTEGER)",
     "CREATE TEMP TABLE IF NOT EXISTS ledger_batch_dims (dim_index INTEGER PRIMARY KEY, dim_id INTEGER, "
     "by_gateway INTEGER)",
-    "DELETE FROM temp.ledger_batch",
-    "DELETE FROM temp.ledger_batch_dims",
-)
+)  # empty at the start of every transaction: emptied at its end, and a rollback empties them too
 
 
 def _sqlite_clamped(index: int, high: int) -> str:

@@ -1,8 +1,8 @@
 """The tables (SQLAlchemy Core), one schema for PostgreSQL and SQLite. Alembic's migrations create them
 (gateway/store/migrations/versions/); a test checks that the two agree.
 
-Sizes: a ledger row holds numbers and the 16-byte request id (its primary key); a decision row numbers,
-a 16-byte row id and the request id; everything that repeats
+Sizes: a ledger row and a decision row hold numbers and the 16-byte request id (their primary key: one
+of each per request); everything that repeats
 (tenant, key id, models, license, environment, attestations, endpoint, usage source; a decision's verdict
 and rule) lives once in a dimension table (`usage_dims`, `decision_dims`), bounded by the configuration.
 Times are integers (unix milliseconds in row tables, unix seconds for buckets and keys): 8 bytes on
@@ -120,11 +120,9 @@ policy_decisions = Table(
     "policy_decisions", metadata,
     Column("time_ms", BigInteger, nullable=False),
     Column("dim_id", Integer, nullable=False),
-    Column("id", Uuid(as_uuid=False), primary_key=True),
-    Column("request_id", Text, nullable=False),
+    Column("request_id", Uuid(as_uuid=False), primary_key=True),  # one decision per request, as the ledger's
     Index("ix_policy_decisions_time", "time_ms", postgresql_using="brin"),
     Index("ix_policy_decisions_dim_time", "dim_id", "time_ms"),
-    Index("ix_policy_decisions_request", "request_id"),
 )
 
 # Console sign-ins (gateway/store/sessions.py): the token's hash only, never the token.

@@ -82,12 +82,10 @@ def upgrade() -> None:
         "policy_decisions",
         sa.Column("time_ms", sa.BigInteger, nullable=False),
         sa.Column("dim_id", sa.Integer, nullable=False),
-        sa.Column("id", sa.Uuid(as_uuid=False), primary_key=True),
-        sa.Column("request_id", sa.Text, nullable=False),
+        sa.Column("request_id", sa.Uuid(as_uuid=False), primary_key=True),
     )
     op.create_index("ix_policy_decisions_time", "policy_decisions", ["time_ms"], postgresql_using="brin")
     op.create_index("ix_policy_decisions_dim_time", "policy_decisions", ["dim_id", "time_ms"])
-    op.create_index("ix_policy_decisions_request", "policy_decisions", ["request_id"])
 
     op.create_table(
         "responses",
