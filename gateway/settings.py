@@ -107,9 +107,10 @@ class Settings(BaseSettings):
     # Audit records accepted but not yet written, at most; beyond it a record is refused, counted in
     # gateway_audit_records_dropped_total, and the trail is unhealthy (never blocks the event loop).
     audit_max_pending: int = Field(default=100_000, ge=1)
-    # When the audit trail is unhealthy (writes failing, or records refused for a full backlog):
-    # keep serving (default; failures are counted and logged) or refuse production/staging requests
-    # with 503 until it recovers, so that no request is served without its audit record.
+    # When the audit trail is unhealthy (writes failing, or records refused for a full backlog), or the
+    # database's records (ledger, decisions) can be neither written nor spooled: keep serving (default;
+    # failures are counted and logged) or refuse production/staging requests with 503 until it recovers,
+    # so that no request is served without its records.
     audit_fail_closed: bool = False
     # At shutdown (after the drain), how long to keep retrying failed audit writes before giving up.
     audit_flush_timeout_s: float = Field(default=5.0, ge=0)
@@ -123,13 +124,13 @@ class Settings(BaseSettings):
     # it up to one more quota per replica).
     quota_outage_unknown_tenants: Literal["refuse", "admit"] = "refuse"
     # GET /v1/organization/usage/completions, per tenant and replica: requests per minute, calls at once
-    # (429 rate_limit_exceeded beyond), and counter entries one call may read (a page stops early beyond,
-    # with has_more and next_page). It reads counters, not engines: its own limits, not the tenant's.
-    # An entry costs the replica ~10-20 us (redis-py's parser, on one core), so a full page ~20-40 ms.
+    # (429 rate_limit_exceeded beyond), and ledger rollup rows one call may read (a page stops early
+    # beyond, with has_more and next_page). It reads the database, not engines: its own limits, not the
+    # tenant's.
     usage_api_rpm: int = Field(default=60, gt=0)
     usage_api_max_concurrent: int = Field(default=2, gt=0)
     usage_api_max_rows: int = Field(default=2_000, gt=0)
-    # A usage record per finished request (audit trail), usage counters and tokens-by-license metrics.
+    # A usage record per finished request (audit trail and usage ledger) and tokens-by-license metrics.
     # Off only to measure what they cost (load_tests/bench_usage.py); quotas apply either way.
     usage_records: bool = True
     # The database (usage ledger, API keys, policy decisions, stored responses): libpq's
