@@ -11,7 +11,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from collections.abc import Awaitable
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import aiohttp
 from pydantic import BaseModel
@@ -35,16 +35,19 @@ from gateway.routing.picker import RoutingHints, RoutingPolicy, backends_in_try_
 from gateway.routing.report import no_ready_pods, unusable_backends
 from gateway.settings import Settings
 from gateway.snapshot import Snapshot
+from gateway.admission.holds import Hold, Holds
+from gateway.admission.quota import LocalQuotas, QuotaExceeded, QuotaUnavailable
+from gateway.admission.ratelimit import Admission, RateLimited, RateLimiter, RateLimitUnavailable
+from gateway.store.decisions import DecisionRow
 from gateway.tenancy.auth import authenticate
 from gateway.tenancy.extras import require_allowed_extras
-from gateway.tenancy.holds import Hold, Holds
-from gateway.tenancy.ratelimit import Admission, RateLimited, RateLimiter, RateLimitUnavailable
 from gateway.tenancy.tenants import Caller, Environment
-from gateway.usage.counters import UsageCounters
-from gateway.usage.quota import LocalQuotas, QuotaExceeded, QuotaUnavailable
-from gateway.usage.record import UsageLines, recorder
+from gateway.usage.record import UsageRecorder
 from gateway.wire.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.wire.validation import parse_request
+
+if TYPE_CHECKING:
+    from gateway.store.store import Store
 
 
 _AUDITED_ENVIRONMENTS = (Environment.PRODUCTION, Environment.STAGING)
@@ -57,24 +60,29 @@ class GatewayState:
     snapshot: Snapshot
     limiter: RateLimiter
     audit: AuditTrail
+    store: "Store"  # the database: ledger, decisions, keys (gateway/store/store.py)
+    usage: UsageRecorder  # writes each finished request's usage record (audit line, ledger row, metrics)
     metrics: Metrics = field(default_factory=Metrics)
     fleet: Fleet = field(default_factory=Fleet)
     budget: RetryBudget = field(default_factory=RetryBudget)
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
-    quotas: Any = field(default_factory=LocalQuotas)  # LocalQuotas | RedisQuotas (gateway/usage/quota.py)
-    usage: UsageCounters = field(default_factory=UsageCounters)
-    usage_lines: UsageLines = field(default_factory=UsageLines)
+    quotas: Any = field(default_factory=LocalQuotas)  # LocalQuotas | RedisQuotas (gateway/admission/quota.py)
     holds: Holds = field(default_factory=Holds)  # each tenant's open requests here, uploads included
+
+    def caller(self, authorization: str | None) -> Caller:
+        """Who is calling (401 otherwise): a key of the tenants file, else a live key of the database."""
+        return authenticate(authorization, self.snapshot.tenants, self.store.keys)
 
 
 @dataclass(frozen=True)
 class Endpoint:
+    name: str  # in usage records and the ledger: chat | completions (| responses)
     schema: type[BaseModel]
     prepare: Callable[[Model, Any, int | None], UpstreamCall]
 
 
-CHAT = Endpoint(ChatCompletionRequest, prepare_chat)
-COMPLETIONS = Endpoint(CompletionRequest, prepare_completion)
+CHAT = Endpoint("chat", ChatCompletionRequest, prepare_chat)
+COMPLETIONS = Endpoint("completions", CompletionRequest, prepare_completion)
 
 
 def identify(state: GatewayState, authorization: str | None) -> Caller:
@@ -83,14 +91,14 @@ def identify(state: GatewayState, authorization: str | None) -> Caller:
         raise GatewayError(503, "The gateway is shutting down; retry on another replica.",
                            type="service_unavailable_error", code="shutting_down",
                            headers={"Retry-After": "1"})
-    return authenticate(authorization, state.snapshot.tenants)
+    return state.caller(authorization)
 
 
 def hold(state: GatewayState, caller: Caller) -> Hold | None:
     """The second step, still before the body: the request counts against its tenant's concurrency on
     this replica from now on (429 at once past it). Released when its outcome is reported."""
     try:
-        return state.holds.take(caller.tenant)
+        return state.holds.take(caller.tenant.name, caller.tenant.limits.max_concurrent)
     except GatewayError:
         state.metrics.rejected(caller.tenant.name, "concurrency")
         raise
@@ -126,8 +134,9 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
         raise snapshot.missing(body.model, caller.tenant)
     decision = snapshot.decide(caller.tenant, requested)
     if not _audit(state, context, caller, requested, decision) and _audit_required(state, caller):
-        raise GatewayError(503, "The audit trail cannot be written right now, and this gateway serves "
-                           f"{caller.tenant.environment.value} tenants only with an audit record. Retry shortly.",
+        raise GatewayError(503, "The audit trail or the usage ledger cannot be written right now, and this "
+                           f"gateway serves {caller.tenant.environment.value} tenants only with those records. "
+                           "Retry shortly.",
                            type="service_unavailable_error", code="audit_unavailable",
                            headers={"Retry-After": str(state.settings.retry_after_s)})
     model = _served_model(snapshot, requested, decision)
@@ -143,8 +152,9 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
     limited = caller.tenant.limits.any or bool(caller.tenant.quotas)
     outcome = Outcome(releases=[_reconcile(admission, call, reserve)] if limited else [], on_done=[record.outcome])
     if state.settings.usage_records:
-        outcome.on_done.append(recorder(state, snapshot, caller, requested, model, call, context.request_id,
-                                        record.started, context.client_request_id))
+        outcome.on_done.append(state.usage.recorder(snapshot, snapshot is state.snapshot, caller, requested, model,
+                                                    call, endpoint.name, context.request_id, record.started,
+                                                    context.client_request_id))
     LIFECYCLE.enter()
     outcome.on_done.append(_leave)
     if held is not None:  # with the limiter's slot, before the answer: a client's next request finds it free
@@ -245,20 +255,27 @@ def _audit_required(state: GatewayState, caller: Caller) -> bool:
 
 
 def _audit(state: GatewayState, context: RequestContext, caller: Caller, model: Model, decision: Decision) -> bool:
-    """Record the decision; False when the trail refused it or cannot currently be written."""
+    """Record the decision (audit trail and database); False when the trail refused it or cannot currently
+    be written, or the database's records can be neither written nor spooled."""
     request_id, client_request_id = context.request_id, context.client_request_id
+    tenant = caller.tenant.name
     if decision.hidden:  # answered as a missing model (404 either way): nothing may tell that it exists
         state.audit.record(AuditRecord(
-            request_id=request_id, tenant=caller.tenant.name, key_id=caller.key_id, model_requested=model.id,
+            request_id=request_id, tenant=tenant, key_id=caller.key_id, model_requested=model.id,
             model_served=None, license="", decision="not_found", rule="not-found",
             client_request_id=client_request_id))
+        state.store.decisions.record(DecisionRow(request_id, time.time(), tenant, caller.key_id, model.id, None,
+                                                 "", "not_found", "not-found"))
         return True
-    state.metrics.child(state.metrics.policy, decision.verdict.value, model.license).inc()
+    verdict = decision.verdict.value
+    state.metrics.child(state.metrics.policy, verdict, model.license).inc()
+    state.store.decisions.record(DecisionRow(request_id, time.time(), tenant, caller.key_id, model.id,
+                                             decision.served_model, model.license, verdict, decision.rule))
     return state.audit.record(AuditRecord(
-        request_id=request_id, tenant=caller.tenant.name, key_id=caller.key_id, model_requested=model.id,
-        model_served=decision.served_model, license=model.license, decision=decision.verdict.value,
+        request_id=request_id, tenant=tenant, key_id=caller.key_id, model_requested=model.id,
+        model_served=decision.served_model, license=model.license, decision=verdict,
         rule=decision.rule, client_request_id=client_request_id,
-    )) and state.audit.healthy
+    )) and state.audit.healthy and state.store.durable
 
 
 async def _admit(state: GatewayState, caller: Caller, reserve: int) -> Admission:

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    """Where the embedded database and the ledger's spool live when GATEWAY_DATA_DIR is unset: the XDG
+    data directory, so the same gateway finds its ledger whichever directory it was started from and
+    never writes a database into a source checkout. Kubernetes sets GATEWAY_DATA_DIR to a volume."""
+    if os.environ.get("XDG_DATA_HOME"):
+        return Path(os.environ["XDG_DATA_HOME"]) / "llm-gateway"
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError):  # an arbitrary container uid with no HOME and no passwd entry
+        return Path("data")
+    return home / ".local" / "share" / "llm-gateway" if home.is_absolute() else Path("data")
 
 
 POOL_HEADROOM = 64  # upstream connections beyond max_inflight: health probes and tokenizer calls
@@ -93,9 +107,10 @@ class Settings(BaseSettings):
     # Audit records accepted but not yet written, at most; beyond it a record is refused, counted in
     # gateway_audit_records_dropped_total, and the trail is unhealthy (never blocks the event loop).
     audit_max_pending: int = Field(default=100_000, ge=1)
-    # When the audit trail is unhealthy (writes failing, or records refused for a full backlog):
-    # keep serving (default; failures are counted and logged) or refuse production/staging requests
-    # with 503 until it recovers, so that no request is served without its audit record.
+    # When the audit trail is unhealthy (writes failing, or records refused for a full backlog), or the
+    # database's records (ledger, decisions) can be neither written nor spooled: keep serving (default;
+    # failures are counted and logged) or refuse production/staging requests with 503 until it recovers,
+    # so that no request is served without its records.
     audit_fail_closed: bool = False
     # At shutdown (after the drain), how long to keep retrying failed audit writes before giving up.
     audit_flush_timeout_s: float = Field(default=5.0, ge=0)
@@ -109,15 +124,26 @@ class Settings(BaseSettings):
     # it up to one more quota per replica).
     quota_outage_unknown_tenants: Literal["refuse", "admit"] = "refuse"
     # GET /v1/organization/usage/completions, per tenant and replica: requests per minute, calls at once
-    # (429 rate_limit_exceeded beyond), and counter entries one call may read (a page stops early beyond,
-    # with has_more and next_page). It reads counters, not engines: its own limits, not the tenant's.
-    # An entry costs the replica ~10-20 us (redis-py's parser, on one core), so a full page ~20-40 ms.
+    # (429 rate_limit_exceeded beyond), and ledger rollup rows one call may read (a page stops early
+    # beyond, with has_more and next_page). It reads the database, not engines: its own limits, not the
+    # tenant's.
     usage_api_rpm: int = Field(default=60, gt=0)
     usage_api_max_concurrent: int = Field(default=2, gt=0)
     usage_api_max_rows: int = Field(default=2_000, gt=0)
-    # A usage record per finished request (audit trail), usage counters and tokens-by-license metrics.
+    # A usage record per finished request (audit trail and usage ledger) and tokens-by-license metrics.
     # Off only to measure what they cost (load_tests/bench_usage.py); quotas apply either way.
     usage_records: bool = True
+    # The database (usage ledger, API keys, policy decisions, stored responses): libpq's
+    # `postgresql://user:password@host:port/db` (shared by replicas) or `sqlite:///path`; unset: an
+    # SQLite file in data_dir (one replica, no server).
+    database_url: str | None = None
+    # This replica's own files: the embedded database (when database_url is unset) and the ledger's spool.
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    # Ledger and decision rows wait in memory at most this long before they are made durable (spool, then
+    # database): what a `kill -9` can lose.
+    store_flush_interval_s: float = Field(default=1.0, gt=0)
+    # Ledger rows and policy decisions are kept this many days (the hourly and daily rollups 400 days).
+    ledger_retention_days: int = Field(default=90, ge=1)
 
     # Kubernetes. The deployed view (`gateway deploy render` writes it per overlay): only these backends,
     # and the models that have one, exist for this gateway; unset: every registry backend.

@@ -53,12 +53,19 @@ class Snapshot:
 
     def current(self, caller: Caller) -> Caller:
         """The caller as this snapshot knows it: the same object when it was authenticated against this
-        snapshot, else looked up again by its key (a reload between the headers and the body). A key that
-        the reload removed is refused (401), and a tenant it changed is judged by its new rules."""
+        snapshot, else looked up again by its key (a reload between the headers and the body), or, for a
+        database key, by its tenant's name. A key (or tenant) that the reload removed is refused (401), and
+        a tenant it changed is judged by its new rules."""
         tenants = self.tenants
         if tenants is None:
             return caller if not caller.key_hash else ANONYMOUS
-        found = tenants.by_key_hash.get(caller.key_hash)
+        if caller.source == "database":  # its tenant, as this snapshot has it
+            tenant = tenants.tenants.get(caller.tenant.name)
+            if tenant is caller.tenant:
+                return caller
+            found = Caller(tenant, caller.key_id, caller.key_hash, caller.source) if tenant is not None else None
+        else:
+            found = tenants.by_key_hash.get(caller.key_hash)
         if found is None:
             raise invalid_api_key()
         return found

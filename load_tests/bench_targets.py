@@ -246,6 +246,7 @@ def gateway_files(tmp: Path, backends: dict[str, dict[str, Any]]) -> dict[str, s
         "engine_extras": ["vllm_xargs"]}]}))  # the slow-streams scenario sets the mock's timing there
     return {"GATEWAY_REGISTRY": f"{ROOT / 'model_registry.yaml'},{tmp / 'overlay.yaml'}",
             "GATEWAY_TENANTS": str(tmp / "tenants.yaml"), "GATEWAY_AUDIT_SINK": str(tmp / "audit.jsonl"),
+            "GATEWAY_DATA_DIR": str(tmp / "data"),  # the embedded database and spool: the bench's own
             # 2,000 open streams must be admitted and each needs its own upstream connection
             "GATEWAY_MAX_INFLIGHT": "100000", "GATEWAY_POOL_MAX_CONNECTIONS": "8192"}
 

@@ -4,7 +4,8 @@ its line after the main benchmark; alone: `python load_tests/bench_usage.py [--d
 
 Configurations: off (GATEWAY_USAGE_RECORDS=false, a tenant without quotas) and on (usage records +
 a tenant with daily and monthly quotas that never bind), each per process and, when `redis-server` is
-installed, with GATEWAY_REDIS_URL (rate limits, quotas and counters in Redis). Runs alternate off/on so
+installed, with GATEWAY_REDIS_URL (rate limits and quotas in Redis; the
+usage ledger in the embedded database either way). Runs alternate off/on so
 drift on the machine hits both alike; the median of the repeats is compared.
 """
 
@@ -38,6 +39,7 @@ def _gateway(procs: bt.Procs, tmp: Path, mock_url: str, name: str, on: bool, red
         tenants["tenants"][0]["limits"].update(tokens_per_day=10**15, tokens_per_month=10**15)
     Path(env["GATEWAY_TENANTS"]).write_text(yaml.safe_dump(tenants))
     env["GATEWAY_USAGE_RECORDS"] = "true" if on else "false"
+    env["GATEWAY_DATA_DIR"] = str(d / "data")  # its own embedded database and spool
     if redis_url:
         env["GATEWAY_REDIS_URL"] = redis_url
     port = bt.free_port()

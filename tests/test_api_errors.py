@@ -154,6 +154,6 @@ def test_retrieving_an_unknown_model_is_404(client: openai.OpenAI) -> None:
 
 
 def test_health_and_ready(gateway: Server) -> None:
-    assert httpx.get(gateway.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(gateway.url + "/health").json() == {"status": "ok", "database": "ok"}
     ready = httpx.get(gateway.url + "/ready")
-    assert ready.status_code == 200 and ready.json()["models"] == 51
+    assert ready.status_code == 200 and ready.json()["models"] == 51 and ready.json()["database"] == "ok"

@@ -301,7 +301,7 @@ def test_sighup_reopens_and_lifespan_shutdown_flushes(tmp_path: Path, monkeypatc
     root = Path(__file__).resolve().parent.parent
     path, rotated = tmp_path / "audit.jsonl", tmp_path / "audit.jsonl.1"
     settings = Settings(registry=str(root / "model_registry.yaml"), tenants=None, audit_sink=str(path),
-                        health_probe_interval_s=3600, redis_url=None)
+                        health_probe_interval_s=3600, redis_url=None, data_dir=tmp_path / "data")
 
     async def run() -> None:
         app = create_app(settings)

@@ -27,7 +27,7 @@ import gateway.admin as admin
 from gateway.policy.decide import Verdict, decide
 from gateway.registry import RegistryError, load_registry
 from gateway.settings import Settings
-from gateway.tenancy.ratelimit import Limits
+from gateway.admission.ratelimit import Limits
 from gateway.tenancy.tenants import Environment, Tenant, TenantsError, hash_key, load_tenants
 from tests.conftest import LLAMA2_CONDITIONS, ROOT, TINY_VLLM_MODELS
 from tests.support.processes import Server, free_port, start_server

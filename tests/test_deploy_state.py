@@ -24,8 +24,8 @@ import pytest
 import redis
 import yaml
 
-from gateway.usage.quota import Quotas
-from gateway.usage.quota_redis import RedisQuotas
+from gateway.admission.quota import Quotas
+from gateway.admission.quota_redis import RedisQuotas
 from tests.support import sandbox
 from tests.support.deploy import ROOT, build, objects
 from tests.support.local_cluster import Cluster

@@ -17,7 +17,7 @@ from gateway.policy.decide import Verdict, decide
 from gateway.registry import RegistryError, deployed_view, load_registry, read_deployed
 from gateway.settings import Settings
 from gateway.snapshot import load_config
-from gateway.tenancy.ratelimit import Limits
+from gateway.admission.ratelimit import Limits
 from gateway.tenancy.tenants import Environment, Tenant
 from tests.support.deploy import ROOT
 

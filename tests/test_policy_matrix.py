@@ -12,7 +12,7 @@ import pytest
 
 from gateway.policy.decide import Verdict, decide
 from gateway.registry import load_registry
-from gateway.tenancy.ratelimit import Limits
+from gateway.admission.ratelimit import Limits
 from gateway.tenancy.tenants import Environment, Tenant
 from tests.test_registry_reference import REFERENCE
 

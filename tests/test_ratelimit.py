@@ -15,7 +15,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from gateway.tenancy.ratelimit import (
+from gateway.admission.ratelimit import (
     Admission,
     Limits,
     LocalRateLimiter,
@@ -25,8 +25,8 @@ from gateway.tenancy.ratelimit import (
     format_duration,
     make_rate_limiter,
 )
-from gateway.tenancy.ratelimit_redis import _RECOUNT_CAP as RECOUNT_CAP
-from gateway.tenancy.ratelimit_redis import RedisRateLimiter, tenant_prefix
+from gateway.admission.ratelimit_redis import _RECOUNT_CAP as RECOUNT_CAP
+from gateway.admission.ratelimit_redis import RedisRateLimiter, tenant_prefix
 from tests.support.processes import free_port
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -307,7 +307,7 @@ def test_fail_open_on_unreachable_redis_warns_once(caplog: pytest.LogCaptureFixt
         assert not limiter.redis_healthy and limiter.fallbacks == 5
         await limiter.close()
 
-    with caplog.at_level(logging.WARNING, logger="gateway.tenancy.ratelimit"):
+    with caplog.at_level(logging.WARNING, logger="gateway.admission.ratelimit"):
         asyncio.run(main())
     assert sum("unavailable" in r.getMessage() for r in caplog.records) == 1
 

@@ -1,5 +1,7 @@
-"""Usage ledger and quotas without engines: quota periods (local, and the Redis script's calendar), the
-usage record's token source and status, in-process counters, and `gateway usage report` over audit files."""
+"""Usage records and quotas without engines: quota periods (local, and the Redis script's calendar), the
+usage record's token source and status, what one record writes (audit line, ledger row, metrics), local
+quotas seeded from the ledger, quotas reseeded when Redis lost them, and `gateway usage report` over audit
+files."""
 
 from __future__ import annotations
 
@@ -15,11 +17,17 @@ import redis
 
 from gateway.cli import main
 from gateway.backends.relay import StreamWatch
-from gateway.usage.counters import UsageCounters
-from gateway.usage.quota import DAY_S, LocalQuotas, QuotaExceeded, Quotas, month_number, month_reset
-from gateway.usage.quota_lua import PERIODS_LUA
-from gateway.tenancy.ratelimit_lua import LUA_HELPERS as _LUA_HELPERS
-from gateway.usage.record import status, tokens
+from gateway.admission.quota import (DAY_S, LocalQuotas, QuotaExceeded, Quotas, QuotaUnavailable, month_number,
+                                     month_reset)
+from gateway.admission.quota_lua import PERIODS_LUA
+from gateway.admission.ratelimit import Limits
+from gateway.admission.ratelimit_lua import LUA_HELPERS as _LUA_HELPERS
+from gateway.admission.ratelimit_redis import RedisRateLimiter, tenant_prefix
+from gateway.observability.metrics import Metrics
+from gateway.registry import load_registry
+from gateway.tenancy.auth import ANONYMOUS
+from gateway.tenancy.tenants import Caller
+from gateway.usage.record import UsageRecorder, status, tokens
 from tests.support.processes import free_port
 from tests.test_ratelimit import start_redis
 
@@ -96,15 +104,106 @@ def test_usage_source_and_status() -> None:
     assert status(refused) == 502 and refused.watch.failure is None  # a 502, the backend not blamed
 
 
-def test_process_counters_bucket_by_width() -> None:
-    counters = UsageCounters()
-    t = _at("2026-12-02T10:00:30")
-    counters.add(t, "a", "k1", "m", "llama2", 5, 7)
-    counters.add(t + 60, "a", "k1", "m", "llama2", 1, 1)
-    minute = asyncio.run(counters.read("1m", [int(t) - 30, int(t) + 30]))
-    assert list(minute.values()) == [{("a", "k1", "m", "llama2"): [5, 7, 1]}, {("a", "k1", "m", "llama2"): [1, 1, 1]}]
-    day = asyncio.run(counters.read("1d", [int(_at("2026-12-02T00:00:00"))]))
-    assert list(day.values()) == [{("a", "k1", "m", "llama2"): [6, 8, 2]}]
+REGISTRY = load_registry([Path(__file__).resolve().parents[1] / "model_registry.yaml"])
+
+
+class _Lines:
+    def __init__(self) -> None:
+        self.lines: list[dict] = []
+
+    def record_line(self, line: str) -> bool:
+        self.lines.append(json.loads(line))
+        return True
+
+
+def test_one_usage_record_is_an_audit_line_a_ledger_row_and_metrics() -> None:
+    lines, rows, metrics = _Lines(), [], Metrics()
+    recorder = UsageRecorder(lines, SimpleNamespace(record=rows.append), metrics)
+    snapshot = SimpleNamespace(registry=REGISTRY)
+    model = REGISTRY.models["llama-2-7b-chat"]
+    caller = Caller(ANONYMOUS.tenant, "abcd1234")
+    call = SimpleNamespace(prompt_bound=9, stream=False)
+    for endpoint in ("chat", "completions"):
+        record = recorder.recorder(snapshot, True, caller, model, model, call, endpoint, "0" * 31 + "1", 0.0, "mine")
+        record(_outcome(usage={"prompt_tokens": 3, "completion_tokens": 4}, status=200, backend_id="b",
+                        fell_back=False))
+    assert [line["endpoint"] for line in lines.lines] == ["chat", "completions"]
+    assert lines.lines[0]["client_request_id"] == "mine" and lines.lines[0]["total_tokens"] == 7
+    row = rows[0]
+    assert (row.request_id, row.tenant, row.key_id, row.model_served, row.license, row.commercial_use,
+            row.environment, row.endpoint, row.input_tokens, row.output_tokens, row.usage_source, row.status) == (
+        "0" * 31 + "1", "anonymous", "abcd1234", "llama-2-7b-chat", "llama2", "conditional", "development", "chat",
+        3, 4, "engine", 200)
+    assert rows[1].endpoint == "completions" and row.latency_ms > 0
+    exported = metrics.render()[0].decode()
+    assert 'gateway_license_tokens_total{direction="input",license="llama2",tenant="anonymous"} 6.0' in exported
+    # A snapshot that is no longer the current one is not cached: the next current one starts afresh.
+    recorder.recorder(SimpleNamespace(registry=REGISTRY), False, caller, model, model, call, "chat", "x", 0.0)
+    assert recorder._snapshot is snapshot  # noqa: SLF001
+
+
+def test_local_quotas_wait_for_the_ledger_then_continue_from_it() -> None:
+    now = _at("2026-12-02T10:00:00")
+    day = int(now // DAY_S)
+    waiting = LocalQuotas(clock=lambda: now, ready=False)
+    with pytest.raises(QuotaUnavailable):
+        waiting.admit_now("t", Quotas(tokens_per_day=1000), 10)
+    waiting.seed({"t": (day, 900, month_number(day), 950), "gone": (day - 40, 5, month_number(day) - 1, 5)})
+    with pytest.raises(QuotaExceeded):
+        waiting.admit_now("t", Quotas(tokens_per_day=1000), 101)  # 900 used today: 100 left
+    waiting.admit_now("t", Quotas(tokens_per_day=1000), 100)
+    periods = asyncio.run(waiting.periods("gone"))
+    assert periods.day_used == periods.month_used == 0  # another period: nothing carried over
+    # The operator's choice: admitted from zero until the ledger answers.
+    LocalQuotas(clock=lambda: now, ready=False, admit_unready=True).admit_now("t", Quotas(tokens_per_day=1000), 10)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server missing")
+def test_a_quota_redis_lost_is_reloaded_from_the_ledger_once_by_either_replica() -> None:
+    port = free_port()
+    process = start_redis(port)
+    reads: list[str] = []
+
+    async def used(tenant: str) -> tuple[int, int, int, int]:
+        reads.append(tenant)
+        await asyncio.sleep(0.05)  # both replicas read the ledger at once
+        day = int(datetime.now(timezone.utc).timestamp() // DAY_S)
+        return day, 700, month_number(day), 6000
+
+    async def down(tenant: str) -> tuple[int, int, int, int]:
+        raise OSError("the database is down too")
+
+    async def run() -> None:
+        url = f"redis://127.0.0.1:{port}/0"
+        a, b = RedisRateLimiter(url, quota_used=used), RedisRateLimiter(url, quota_used=used)
+        quotas = Quotas(tokens_per_day=1000, tokens_per_month=10_000)
+        first = await asyncio.gather(a.admit("t", Limits(), 100, quotas), b.admit("t", Limits(), 100, quotas))
+        client = redis.Redis(port=port, decode_responses=True)
+        stored = client.hgetall(f"{tenant_prefix('t')}:quota")
+        assert (int(stored["du"]), int(stored["mu"])) == (900, 6200)  # seeded once, then both reservations
+        assert sorted(r.headers["x-gateway-quota-remaining-tokens"] for r in first) == ["100", "200"]
+        with pytest.raises(QuotaExceeded):
+            await a.admit("t", Limits(), 101, quotas)
+        assert len(reads) == 2  # each replica read once; the second seed was a no-op
+        # Neither Redis nor the ledger knows a tenant: refused, or from zero where the operator chose it.
+        blind = RedisRateLimiter(url, quota_used=down)
+        with pytest.raises(QuotaUnavailable):
+            await blind.admit("u", Limits(), 10, quotas)
+        trusting = RedisRateLimiter(url, quota_used=down, admit_unknown_quotas=True)
+        assert (await trusting.admit("u", Limits(), 10, quotas)).headers["x-gateway-quota-remaining-tokens"] == "990"
+        # Without a ledger (quota_used None) a lost hash restarts from zero, as before.
+        client.delete(f"{tenant_prefix('t')}:quota")
+        plain = RedisRateLimiter(url)
+        assert (await plain.admit("t", Limits(), 10, quotas)).headers["x-gateway-quota-remaining-tokens"] == "990"
+        for limiter in (a, b, blind, trusting, plain):
+            await limiter.close()
+        client.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        process.terminate()
+        process.wait()
 
 
 def _usage_line(request_id: str, tenant: str, license_: str, commercial: str, env: str = "production",
@@ -145,9 +244,9 @@ def test_usage_report_over_replicas_skips_corrupt_lines(tmp_path: Path, capsys: 
 
 
 def test_redis_down_keeps_quotas_per_replica_or_fails_closed() -> None:
-    from gateway.tenancy.ratelimit import Limits
-    from gateway.tenancy.ratelimit_redis import RedisRateLimiter
-    from gateway.usage.quota import QuotaUnavailable
+    from gateway.admission.ratelimit import Limits
+    from gateway.admission.ratelimit_redis import RedisRateLimiter
+    from gateway.admission.quota import QuotaUnavailable
 
     async def run() -> None:
         url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there

@@ -1,25 +1,28 @@
-"""The usage API as a hostile tenant would use it, against a real gateway on a real redis-server: its own
-per-tenant limits (429 past them, other tenants unaffected), bounded pages that add up to the right
-totals when followed, strictly parsed parameters; and, on the same gateway (tenant labels off), metrics
-that name no tenant, rate-limit rejections included."""
+"""The usage API as a hostile tenant would use it, against a real gateway on a real redis-server and the
+usage ledger in a real database (SQLite, then PostgreSQL): its own per-tenant limits (429 past them,
+other tenants unaffected), bounded pages that add up to the right totals when followed, strictly parsed
+parameters; and, on the same gateway (tenant labels off), metrics that name no tenant, rate-limit
+rejections included."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import orjson
 import pytest
-import redis as redis_client
 import yaml
 
 from gateway.tenancy.tenants import hash_key
 from tests.conftest import ROOT
 from tests.support.processes import Server, free_port, start_redis, start_server
+from tests.support.store_fixtures import dim, module_db_url, pg_cluster, seed_rollups  # noqa: F401
 
 ADMIN_KEY, HEAVY_KEY, SPAM_KEY, SLOW_KEY, STRICT_KEY = (
     "sk-test-bounds-admin", "sk-test-bounds-heavy", "sk-test-bounds-spam", "sk-test-bounds-slow",
@@ -27,36 +30,36 @@ ADMIN_KEY, HEAVY_KEY, SPAM_KEY, SLOW_KEY, STRICT_KEY = (
 RPM_KEY, QUOTA_KEY = "sk-test-bounds-rpm", "sk-test-bounds-quota"
 TENANTS = ["bounds-admin-secret", "bounds-heavy-secret", "bounds-spam-secret", "bounds-slow-secret",
            "bounds-strict-secret", "bounds-rpm-secret", "bounds-quota-secret"]
-USAGE_RPM, MAX_ROWS = 20, 40
+USAGE_RPM, MAX_ROWS = 20, 20
 MINUTE = int(time.time()) // 60 * 60
 FIRST, BUCKETS = MINUTE - 40 * 60, 30  # the stored usage: 30 minute buckets, 40 to 11 minutes ago
 URL = "/v1/organization/usage/completions"
 
 
 def _stored_rows(i: int) -> list[tuple[list[str], tuple[int, int, int]]]:
-    """Bucket i's counter rows: 1 to 4 keys of the heavy tenant and one of the strict tenant."""
+    """Bucket i's rollup rows: 1 to 4 keys of the heavy tenant and one of the strict tenant."""
     rows = [(["bounds-heavy-secret", f"key{k}", "falcon-7b", "apache-2.0"], (10 * i + k, i + 1, k + 1))
             for k in range(i % 4 + 1)]
     return rows + [(["bounds-strict-secret", "keyS", "falcon-7b", "apache-2.0"], (1, 1, 1))]
 
 
 @pytest.fixture(scope="module")
-def redis_port(log_dir: Path) -> Iterator[int]:
+def redis_port(log_dir: Path, module_db_url: str) -> Iterator[int]:  # a fresh Redis for each database
     server, _ = start_redis("bounds-redis", log_dir)
-    port = int(server.url.rsplit(":", 1)[1])
-    store = redis_client.Redis(port=port)
-    for i in range(BUCKETS):  # in the documented layout (gateway/usage/counters.py), as replicas write it
-        name = f"gw:use:1m:{FIRST + 60 * i}"
-        for key, (inp, out, n) in _stored_rows(i):
-            field = orjson.dumps(key).decode()
-            store.hset(name, mapping={f"i|{field}": inp, f"o|{field}": out, f"n|{field}": n})
-        store.expire(name, 3600)
-    yield port
+    yield int(server.url.rsplit(":", 1)[1])
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def gateway(redis_port: int, log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def database(module_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The ledger's rollups as replicas would have written them: 30 minute buckets."""
+    rows = [(FIRST + 60 * i, dim(*key), values) for i in range(BUCKETS) for key, values in _stored_rows(i)]
+    asyncio.run(seed_rollups(module_db_url, tmp_path_factory.mktemp("seed"), "1m", rows))
+    return module_db_url
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_port: int, database: str, log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("usage-bounds")
     (tmp / "overlay.yaml").write_text(yaml.safe_dump({"models": [
         {"id": "falcon-7b", "backends": [{"id": "bounds-closed-port", "engine": "vllm", "engine_version": "0.32.0",
@@ -76,7 +79,7 @@ def gateway(redis_port: int, log_dir: Path, tmp_path_factory: pytest.TempPathFac
            "GATEWAY_TENANTS": str(tmp / "tenants.yaml"), "GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
            "GATEWAY_AUDIT_SINK": str(tmp / "audit.jsonl"), "GATEWAY_METRICS_TENANT_LABEL": "false",
            "GATEWAY_USAGE_API_RPM": str(USAGE_RPM), "GATEWAY_USAGE_API_MAX_CONCURRENT": "1",
-           "GATEWAY_USAGE_API_MAX_ROWS": str(MAX_ROWS)}
+           "GATEWAY_USAGE_API_MAX_ROWS": str(MAX_ROWS), "GATEWAY_DATABASE_URL": database}
     server = start_server("bounds-gateway", [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
                           port, "/ready", log_dir, env)
     server.wait_ready(60)
@@ -100,15 +103,46 @@ def test_a_tenant_past_its_usage_api_rate_gets_openais_429_and_others_do_not(gat
     assert _get(gateway, HEAVY_KEY, query).status_code == 200  # another tenant: its own budget
 
 
-def test_a_tenant_gets_one_usage_call_at_a_time(gateway: Server, redis_port: int) -> None:
+@contextmanager
+def _ledger_locked(url: str) -> Iterator[None]:
+    """The ledger table locked by someone else: a replica's write of its last rows (which the usage API
+    waits for, for at most 2 s, before it reads) waits too."""
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None, timeout=10)
+        conn.execute("BEGIN IMMEDIATE")  # the database's one write lock; readers go on (WAL)
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+        return
+    import asyncpg
+
+    loop = asyncio.new_event_loop()
+    conn = loop.run_until_complete(asyncpg.connect(url))
+    transaction = conn.transaction()
+    loop.run_until_complete(transaction.start())
+    loop.run_until_complete(conn.execute("LOCK TABLE usage_ledger IN EXCLUSIVE MODE"))
+    try:
+        yield
+    finally:
+        loop.run_until_complete(transaction.rollback())
+        loop.run_until_complete(conn.close())
+        loop.close()
+
+
+def test_a_tenant_gets_one_usage_call_at_a_time(gateway: Server, database: str) -> None:
     query = {"start_time": MINUTE - 3600, "bucket_width": "1m", "limit": 60}
     slow: list[httpx.Response] = []
-    redis_client.Redis(port=redis_port).execute_command("CLIENT", "PAUSE", "1500", "ALL")  # reads stall 1.5 s
-    first = threading.Thread(target=lambda: slow.append(_get(gateway, SLOW_KEY, query)))
-    first.start()
-    time.sleep(0.5)  # the first call waits on Redis
-    second = _get(gateway, SLOW_KEY, query)
-    first.join()
+    with _ledger_locked(database):
+        # A request of the tenant (refused by the closed port: still a ledger row) waits to be written.
+        httpx.post(gateway.url + "/v1/completions", json={"model": "falcon-7b", "prompt": "x", "max_tokens": 1},
+                   headers={"authorization": f"Bearer {SLOW_KEY}"})
+        first = threading.Thread(target=lambda: slow.append(_get(gateway, SLOW_KEY, query)))
+        first.start()
+        time.sleep(0.5)  # the first call waits for that write
+        second = _get(gateway, SLOW_KEY, query)
+        first.join()
     assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limit_exceeded"
     assert "1 calls at a time" in second.json()["error"]["message"]
     assert slow[0].status_code == 200
@@ -127,11 +161,11 @@ def test_a_page_reads_a_bounded_number_of_rows_and_pages_add_up(gateway: Server)
     query = {"start_time": FIRST, "end_time": FIRST + 60 * BUCKETS, "bucket_width": "1m", "limit": 1440,
              "group_by": "project_id"}
     pages = _pages(gateway, ADMIN_KEY, query)
-    assert len(pages) > 3  # 30 buckets of 4 to 13 hash fields do not fit in 40 entries per call
+    assert len(pages) > 3  # 30 buckets of 2 to 5 rollup rows do not fit in 20 rows per call
     starts = [bucket["start_time"] for page in pages for bucket in page["data"]]
     assert starts == [FIRST + 60 * i for i in range(BUCKETS)]  # no bucket lost, none twice
     for page in pages:
-        cost = sum(1 + 3 * len(_stored_rows((b["start_time"] - FIRST) // 60)) for b in page["data"])
+        cost = sum(1 + len(_stored_rows((b["start_time"] - FIRST) // 60)) for b in page["data"])
         assert cost <= MAX_ROWS or len(page["data"]) == 1
         assert page["has_more"] == (page is not pages[-1])
     totals: dict[str, list[int]] = {}

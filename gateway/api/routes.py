@@ -12,7 +12,7 @@ from gateway.api.models import model_card, visible_models
 from gateway.errors import license_forbidden, model_not_found
 from gateway.lifecycle import LIFECYCLE
 from gateway.routing.report import availability, backend_report
-from gateway.tenancy.auth import authenticate, require_admin
+from gateway.tenancy.auth import require_admin
 from gateway.usage import api as usage_api
 
 router = APIRouter()
@@ -26,7 +26,7 @@ def _state(request: Request) -> pipeline.GatewayState:
 async def list_models(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
     snapshot = state.snapshot
-    caller = authenticate(authorization, snapshot.tenants)
+    caller = state.caller(authorization)
     cards = [model_card(snapshot.registry, m, request.app.state.created,
                         availability(snapshot.upstreams.endpoints(m), state.fleet))  # engine pods, not Services
              for m in visible_models(snapshot.registry, caller.tenant)]
@@ -37,7 +37,7 @@ async def list_models(request: Request, authorization: str | None = Header(None)
 async def get_model(model_id: str, request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
     snapshot = state.snapshot
-    caller = authenticate(authorization, snapshot.tenants)
+    caller = state.caller(authorization)
     model = snapshot.registry.model(model_id)
     if model is None:
         raise snapshot.missing(model_id, caller.tenant)  # says so when this deployment does not run it
@@ -54,15 +54,16 @@ async def get_model(model_id: str, request: Request, authorization: str | None =
 @router.get("/v1/organization/usage/completions")
 async def usage_completions(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
-    caller = authenticate(authorization, state.snapshot.tenants)
+    caller = state.caller(authorization)
     api: usage_api.UsageApi = request.app.state.usage_api
-    return JSONResponse(await api.completions(state, caller, request.query_params))
+    tenants = state.snapshot.tenants.tenants if state.snapshot.tenants is not None else {}
+    return JSONResponse(await api.completions(tenants, caller, request.query_params))
 
 
 @router.post("/admin/reload")
 async def admin_reload(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
-    require_admin(authenticate(authorization, state.snapshot.tenants))
+    require_admin(state.caller(authorization))
     result = await reload_config(state)
     return JSONResponse(result.body(), status_code=200 if result.ok else 400)
 
@@ -70,7 +71,7 @@ async def admin_reload(request: Request, authorization: str | None = Header(None
 @router.get("/admin/backends")
 async def admin_backends(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
-    require_admin(authenticate(authorization, state.snapshot.tenants))
+    require_admin(state.caller(authorization))
     return JSONResponse({"data": backend_report(state)})
 
 
@@ -78,7 +79,7 @@ async def admin_backends(request: Request, authorization: str | None = Header(No
 async def metrics(request: Request, authorization: str | None = Header(None)) -> Response:
     state = _state(request)
     if not state.settings.metrics_public:  # tenant names, backends and licenses are not every caller's
-        require_admin(authenticate(authorization, state.snapshot.tenants))
+        require_admin(state.caller(authorization))
     limiter_up = getattr(state.limiter, "redis_healthy", None)
     if limiter_up is not None:
         state.metrics.ratelimit_backend_up.set(1 if limiter_up else 0)
@@ -86,16 +87,28 @@ async def metrics(request: Request, authorization: str | None = Header(None)) ->
     return Response(body, media_type=content_type)
 
 
+def _database(state: pipeline.GatewayState | None) -> str:
+    """"ok", or "degraded" while the database can't be written (rows wait in the spool: requests go on;
+    gateway_store_healthy says the same), or "unavailable" while even the spool can't be written."""
+    if state is None:
+        return "starting"
+    store = state.store
+    return "ok" if store.healthy else "degraded" if store.durable else "unavailable"
+
+
 @router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health(request: Request) -> dict[str, str]:
+    return {"status": "ok", "database": _database(getattr(request.app.state, "gateway", None))}
 
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
+    """503 only while starting or draining: a database outage degrades the records (spooled), not the
+    answers, so a replica whose database is unreachable stays in rotation and says so."""
     state = getattr(request.app.state, "gateway", None)
     if state is None:
         return JSONResponse({"status": "starting"}, status_code=503)
     if LIFECYCLE.draining:
         return JSONResponse({"status": "draining", "inflight": LIFECYCLE.inflight}, status_code=503)
-    return JSONResponse({"status": "ready", "models": len(state.snapshot.registry.models)})
+    return JSONResponse({"status": "ready", "models": len(state.snapshot.registry.models),
+                         "database": _database(state)})

@@ -1,5 +1,5 @@
-"""`gateway` command line: serve, check the configuration, list models, make keys, explain policy,
-render the Kubernetes manifests."""
+"""`gateway` command line: serve, check the configuration, list models, manage keys, explain policy and
+read its log, report usage, migrate the database, render the Kubernetes manifests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-from gateway.cli import config, deploy
+from gateway.cli import config, deploy, keys, records
+from gateway.store import cli as store_cli
 from gateway.cli.server import DrainingServer, http_protocol
 from gateway.cli.tables import format_formats, format_matrix, format_model_table
 from gateway.policy.decide import decide
@@ -18,7 +19,7 @@ from gateway.observability.lines import LineSink, LineSinkHandler, SecondCachedF
 from gateway.registry import Registry, load_registry
 from gateway.settings import get_settings
 from gateway.snapshot import load_config
-from gateway.tenancy.tenants import TenantDirectory, load_tenants, new_key
+from gateway.tenancy.tenants import TenantDirectory, load_tenants
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,12 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "usage":
         return _usage_report(args)
     if args.command == "keys":
-        key, key_hash = new_key()
-        print(f"API key for tenant '{args.tenant}' (shown once, store it now):\n  {key}")
-        print(f"Add this line under the tenant's api_key_hashes in the tenants file:\n  - \"{key_hash}\"")
-        return 0
+        return keys.run(args)
+    if args.command == "policy" and args.action == "log":
+        return records.policy_log(args)
     if args.command == "deploy":
         return deploy.run(args)
+    if args.command == "db":
+        return store_cli.run(args)
     files = config.resolve(args.registry, args.tenants)
     print(files.describe(), file=sys.stderr)  # stderr: stdout stays the table or verdict alone
     try:
@@ -54,12 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    keys = commands.add_parser("keys", help="make an API key")
-    keys.add_argument("action", choices=["new"])
-    keys.add_argument("--tenant", required=True)
-    usage = commands.add_parser("usage", help="usage by tenant x license x model from audit files")
+    keys.add_parser(commands)
+    usage = commands.add_parser("usage", help="usage by tenant x license x model, from the database (or audit files)")
     usage.add_argument("action", choices=["report"])
-    usage.add_argument("files", nargs="+", type=Path, help="audit files (JSON lines), one per replica")
+    usage.add_argument("files", nargs="*", type=Path,
+                       help="audit files (JSON lines), one per replica; none: the usage ledger in the database")
     usage.add_argument("--since", help="start (inclusive): unix seconds or ISO time, UTC by default")
     usage.add_argument("--until", help="end (exclusive): unix seconds or ISO time, UTC by default")
     usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -73,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--tenant", required=True)
     explain.add_argument("--model", required=True)
     _with_config(policy.add_parser("matrix", help="every tenant x every model"))
+    records.add_policy_log(policy)
     deploy.add_parser(commands)
+    store_cli.add_parser(commands)
     return parser
 
 
@@ -128,6 +131,8 @@ def _report(args: argparse.Namespace, registry: Registry, tenants: TenantDirecto
 
 
 def _usage_report(args: argparse.Namespace) -> int:
+    if not args.files:
+        return records.usage_report(args)
     from gateway.usage.report import build, parse_time, render
 
     try:
@@ -161,6 +166,9 @@ def _serve(host: str | None, port: int | None) -> int:
     settings = get_settings()
     try:
         registry, tenants = load_config(settings)  # fail here with a clean message, not inside uvicorn
+        from gateway.store.url import sqlalchemy_url
+
+        sqlalchemy_url(settings.database_url, settings.data_dir)  # a malformed GATEWAY_DATABASE_URL: stop here
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         hint = config.missing_registry_hint(settings.registry_paths)

@@ -56,6 +56,67 @@ class _AuditCollector:
                                 value=1 if audit is None or audit.healthy else 0)
 
 
+class WriterCounts(Protocol):
+    """One batching writer of the database store (gateway.store.batches.BatchWriter)."""
+
+    written_rows: int
+    spooled_rows: int
+    dropped_rows: int
+    rejected_rows: int
+    waiting_rows: int
+    spool_bytes: int
+    healthy: bool
+
+
+class StoreCounts(Protocol):
+    """What the database store exposes (gateway.store.store.Store)."""
+
+    writers: dict[str, WriterCounts]
+    healthy: bool
+    durable: bool
+    outages: int
+
+
+class _StoreCollector:
+    """The database store's writers, read at scrape time (the request path pays nothing for them)."""
+
+    def __init__(self) -> None:
+        self.store: StoreCounts | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(None)
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.store)
+
+    @staticmethod
+    def _families(store: StoreCounts | None) -> Iterator[Metric]:
+        writers = store.writers if store is not None else {}
+        for name, kind, help_, attr in (
+                ("gateway_store_rows_written", CounterMetricFamily, "Rows written to the database", "written_rows"),
+                ("gateway_store_rows_spooled", CounterMetricFamily,
+                 "Rows that waited in the local spool because the database was not writable", "spooled_rows"),
+                ("gateway_store_rows_dropped", CounterMetricFamily,
+                 "Rows lost: neither the database nor the spool could take them", "dropped_rows"),
+                ("gateway_store_rows_rejected", CounterMetricFamily,
+                 "Rows the database refused for their content (set aside in spool/rejected)", "rejected_rows"),
+                ("gateway_store_rows_waiting", GaugeMetricFamily,
+                 "Rows recorded, not yet in the database (memory and spool)", "waiting_rows"),
+                ("gateway_store_spool_bytes", GaugeMetricFamily, "Bytes in the local spool", "spool_bytes")):
+            family = kind(name, help_, labels=["writer"])
+            for writer, counts in writers.items():
+                family.add_metric([writer], getattr(counts, attr))
+            yield family
+        yield CounterMetricFamily("gateway_store_outages", "Database outages (each logged once)",
+                                  value=store.outages if store is not None else 0)
+        yield GaugeMetricFamily("gateway_store_healthy",
+                                "1 while the database takes the ledger and decisions, 0 during an outage",
+                                value=1 if store is None or store.healthy else 0)
+        yield GaugeMetricFamily("gateway_store_durable",
+                                "0 while records can be neither written to the database nor spooled",
+                                value=1 if store is None or store.durable else 0)
+
+
 class Metrics:
     def __init__(self, tenant_label: bool = True) -> None:
         """`tenant_label`: GATEWAY_METRICS_TENANT_LABEL; off, every tenant label reads "-" (`tenant()`)."""
@@ -94,6 +155,8 @@ class Metrics:
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._audit = _AuditCollector()
         r.register(self._audit)
+        self._store = _StoreCollector()
+        r.register(self._store)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, cached: prometheus-client's labels() takes a lock and ~1.5 µs on this
@@ -132,6 +195,10 @@ class Metrics:
     def watch_audit(self, audit: AuditCounts) -> None:
         """Export this audit trail's counts (gateway_audit_*)."""
         self._audit.audit = audit
+
+    def watch_store(self, store: StoreCounts) -> None:
+        """Export the database store's counts (gateway_store_*)."""
+        self._store.store = store
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,4 +1,7 @@
-"""Who is calling: the bearer key, looked up by its hash in the tenants directory.
+"""Who is calling: the bearer key, looked up by its hash in the tenants file's keys, then in the keys
+kept in the database (`gateway keys create`, `POST /admin/keys`): both are dictionary lookups in memory,
+no I/O. A database key belongs to a tenant of the tenants file; a key whose tenant the file no longer
+has is refused like an unknown one (401), as is a revoked or expired one.
 
 Without a tenants file the gateway runs in open access: every bearer token is one anonymous
 development tenant, and start-up logs a loud warning saying so.
@@ -7,10 +10,11 @@ development tenant, and start-up logs a loud warning saying so.
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
+from gateway.admission.ratelimit import Limits
 from gateway.errors import GatewayError
-from gateway.tenancy.ratelimit import Limits
-from gateway.tenancy.tenants import Caller, Environment, Tenant, TenantDirectory
+from gateway.tenancy.tenants import Caller, Environment, Tenant, TenantDirectory, hash_key
 
 log = logging.getLogger("gateway.tenancy")
 
@@ -28,7 +32,21 @@ def warn_open_access() -> None:
     )
 
 
-def authenticate(authorization: str | None, tenants: TenantDirectory | None) -> Caller:
+class DatabaseKey(Protocol):
+    id: str
+    tenant: str
+
+
+class KeyLookup(Protocol):
+    """The database's live keys in memory (gateway.store.keys.KeyStore)."""
+
+    def lookup(self, key_hash: str) -> DatabaseKey | None: ...
+
+    def touch(self, key_id: str) -> None: ...
+
+
+def authenticate(authorization: str | None, tenants: TenantDirectory | None,
+                 keys: KeyLookup | None = None) -> Caller:
     scheme, _, token = (authorization or "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
@@ -41,10 +59,17 @@ def authenticate(authorization: str | None, tenants: TenantDirectory | None) -> 
         )
     if tenants is None:
         return ANONYMOUS
-    caller = tenants.caller_for_key(token)
-    if caller is None:
-        raise invalid_api_key()
-    return caller
+    key_hash = hash_key(token)
+    caller = tenants.by_key_hash.get(key_hash)
+    if caller is not None:
+        return caller
+    if keys is not None:
+        record = keys.lookup(key_hash)  # None: unknown, revoked, expired
+        tenant = tenants.tenants.get(record.tenant) if record is not None else None
+        if record is not None and tenant is not None:
+            keys.touch(record.id)  # a set add; last_used_at is written in batches
+            return Caller(tenant, record.id, key_hash, "database")
+    raise invalid_api_key()
 
 
 def invalid_api_key() -> GatewayError:

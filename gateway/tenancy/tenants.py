@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.errors import ConfigError, field_path
 from gateway.registry import NotUtf8Error, Registry, read_config_text
-from gateway.tenancy.ratelimit import Limits
-from gateway.usage.quota import Quotas
+from gateway.admission.ratelimit import Limits
+from gateway.admission.quota import Quotas
 from gateway.wire.protocol import PRIVILEGED_EXTRAS
 
 KEY_PREFIX = "sk-gw-"
@@ -43,7 +43,7 @@ class LimitsSpec(BaseModel):
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
     max_concurrent: int | None = Field(default=None, gt=0)
-    # Token quotas over UTC calendar periods (gateway/usage/quota.py): 429 insufficient_quota past them.
+    # Token quotas over UTC calendar periods (gateway/admission/quota.py): 429 insufficient_quota past them.
     tokens_per_day: int | None = Field(default=None, gt=0)
     tokens_per_month: int | None = Field(default=None, gt=0)
 
@@ -101,6 +101,7 @@ class Caller:
     tenant: Tenant
     key_id: str
     key_hash: str = ""  # how the caller is found again in a reloaded directory ("" in open access)
+    source: str = "file"  # where its key is kept: the tenants "file", or the "database" (gateway/store/keys.py)
 
 
 class TenantsError(ConfigError):

@@ -1,4 +1,6 @@
-"""`GET /v1/organization/usage/completions`: OpenAI's usage API over the gateway's counters.
+"""`GET /v1/organization/usage/completions`: OpenAI's usage API over the usage ledger (the database: its
+minute, hour and day rollups, gateway/store/queries.py). Every replica answers the same: all of them
+write to one database, and a replica writes its own last rows before it reads.
 
 OpenAI's query parameters: start_time (required), end_time, bucket_width (1m/1h/1d), project_ids,
 api_key_ids, models, batch, group_by (project_id, api_key_id, model; plus our `license`), limit, page. A
@@ -6,8 +8,8 @@ project is a tenant. Admin keys see every tenant; any other key sees only its ow
 another one is a 403). The gateway has neither users nor batches: `user_ids` and a `group_by` on
 user_id, batch or service_tier are a 400; `batch=false` is every request, `batch=true` none; the
 cached/audio/image token fields are always 0.
-Our extra top-level field `gateway` says whether the counters are shared by all replicas (`redis`) or
-this replica's alone (`process`), and shows the tenants' token quotas.
+Our extra top-level field `gateway` says where the figures come from (`"counters": "database"`), how long
+buckets of that width are kept (`retention_s`), and shows the tenants' token quotas.
 
 Parameters are parsed strictly (a client's mistake is a 400 naming the parameter, never a 500 or a
 silently different answer): integers are ASCII digits, at most 12 of them; an unknown parameter, or a
@@ -16,31 +18,44 @@ single-valued one given twice, is a 400.
 What one call may cost is bounded. Each tenant has its own small limits on this endpoint, per replica
 (GATEWAY_USAGE_API_RPM requests per minute, GATEWAY_USAGE_API_MAX_CONCURRENT calls at once; past them
 OpenAI's 429 `rate_limit_exceeded` with Retry-After), and one call reads at most
-GATEWAY_USAGE_API_MAX_ROWS counter entries (each bucket counts one more): a page that would read more
+GATEWAY_USAGE_API_MAX_ROWS rollup rows (each bucket counts one more): a page that would read more
 stops early, with `has_more: true` and a `next_page` cursor, as OpenAI pages. A page holds at least one
-bucket, whose entries the configuration bounds (tenants x keys x models).
+bucket, whose rows the configuration bounds (tenants x keys x models x endpoints).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.datastructures import QueryParams
 
+from gateway.admission import quota as quota_mod
+from gateway.admission.ratelimit import Limits, LocalRateLimiter, RateLimited
 from gateway.errors import GatewayError
-from gateway.tenancy.ratelimit import Limits, LocalRateLimiter, RateLimited
-from gateway.usage import quota as quota_mod
-from gateway.usage.counters import RETENTION_S, WIDTHS
+from gateway.store.ledger import WIDTHS
+from gateway.store.responses import StoreUnavailable
+from gateway.store.retention import ROLLUP_RETENTION_S
 
 if TYPE_CHECKING:
-    from gateway.pipeline import GatewayState
     from gateway.settings import Settings
-    from gateway.tenancy.tenants import Caller
+    from gateway.tenancy.tenants import Caller, Tenant
 
-GROUPS = {"project_id": 0, "api_key_id": 1, "model": 2, "license": 3}  # index into a counter key
+
+class UsageSource(Protocol):
+    """The ledger's rollups (gateway.store.store.Store)."""
+
+    async def usage_page(self, width: str, starts: list[int], max_entries: int | None, *,
+                         tenants: Iterable[str] = (), key_ids: Iterable[str] = (),
+                         models: Iterable[str] = ()) -> tuple[dict, int]: ...
+
+
+class Rejections(Protocol):
+    def rejected(self, tenant: str, limit: str) -> None: ...
+
+GROUPS = {"project_id": 0, "api_key_id": 1, "model": 2, "license": 3}  # index into a usage key
 UNSUPPORTED_GROUPS = {"user_id", "batch", "service_tier"}
 LIMITS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}  # OpenAI's default and maximum per width
 SINGLE = {"start_time", "end_time", "bucket_width", "batch", "limit", "page"}
@@ -52,19 +67,26 @@ class UsageApi:
     """The endpoint with its own per-tenant, per-replica limits (it is not generation: it has no tokens
     to charge, and must not spend the tenant's generation limits either)."""
 
-    def __init__(self, settings: "Settings") -> None:
+    def __init__(self, settings: "Settings", source: UsageSource, quotas: Any, metrics: Rejections) -> None:
+        """`quotas`: the quota counts shown beside the usage (LocalQuotas or RedisQuotas: `periods()`)."""
         self.limits = Limits(rpm=settings.usage_api_rpm, max_concurrent=settings.usage_api_max_concurrent)
         self.max_rows = settings.usage_api_max_rows
         self._limiter = LocalRateLimiter()
+        self._source, self._quotas, self._metrics = source, quotas, metrics
 
-    async def completions(self, state: "GatewayState", caller: "Caller", params: QueryParams) -> dict:
+    async def completions(self, tenants: Mapping[str, "Tenant"], caller: "Caller", params: QueryParams) -> dict:
+        """`tenants`: the current configuration's (for the quotas shown)."""
         try:
             admission = self._limiter.admit_now(caller.tenant.name, self.limits, 0)
         except RateLimited as exc:
-            state.metrics.rejected(caller.tenant.name, "usage_api")
+            self._metrics.rejected(caller.tenant.name, "usage_api")
             raise _refusal(exc, self.limits) from None
         try:
-            return await completions(state, caller, params, self.max_rows)
+            return await completions(self._source, self._quotas, tenants, caller, params, self.max_rows)
+        except StoreUnavailable:
+            raise GatewayError(503, "The usage ledger (the database) cannot be read right now; retry shortly. "
+                               "Requests are still served and recorded.", type="service_unavailable_error",
+                               code="database_unavailable", headers={"Retry-After": "5"}) from None
         finally:
             admission.settle()
 
@@ -117,8 +139,8 @@ def _batch(params: QueryParams) -> bool | None:
     raise _bad(f"`batch` must be true or false, not {raw[:40]!r}.", "batch")
 
 
-async def completions(state: "GatewayState", caller: "Caller", params: QueryParams,
-                      max_rows: int | None = None) -> dict:
+async def completions(source: UsageSource, quotas: Any, tenants: Mapping[str, "Tenant"], caller: "Caller",
+                      params: QueryParams, max_rows: int | None = None) -> dict:
     _check_names(params)
     if _list(params, "user_ids"):
         raise _bad("`user_ids` is not supported by this gateway: it has no users (every result's user_id is "
@@ -161,22 +183,23 @@ async def completions(state: "GatewayState", caller: "Caller", params: QueryPara
                                f"`{others[0][:60]}`.", type="permission_error", param="project_ids",
                                code="forbidden_project")
         projects = [tenant]
-    filters = [set(projects), set(_list(params, "api_key_ids")), set(_list(params, "models"))]
+    key_ids, models = _list(params, "api_key_ids"), _list(params, "models")
+    filters = [set(projects), set(key_ids), set(models)]
     count = max(0, min(limit, -(-(end - first) // size)))
     starts = [first + i * size for i in range(count)]
     if only_batches:  # no request here is a batch request: empty buckets, nothing to read
         counts, taken = {}, count
-    else:
-        counts, taken = await state.usage.read_page(width, starts, max_rows)
+    else:  # the filters go to the database: a tenant's page reads its own rows only
+        counts, taken = await source.usage_page(width, starts, max_rows, tenants=projects, key_ids=key_ids,
+                                                models=models)
     data = [{"object": "bucket", "start_time": s, "end_time": s + size,
              "results": _results(counts.get(s, {}).items(), filters, groups)} for s in starts[:taken]]
     following = first + taken * size
     has_more = following < end
     return {
         "object": "page", "data": data, "has_more": has_more, "next_page": str(following) if has_more else None,
-        "gateway": {"counters": "redis" if state.usage.shared else "process",
-                    "retention_s": RETENTION_S[width],
-                    "quotas": await _quotas(state, caller, projects)},
+        "gateway": {"counters": "database", "retention_s": ROLLUP_RETENTION_S[width],
+                    "quotas": await _quotas(quotas, tenants, caller, projects)},
     }
 
 
@@ -199,10 +222,9 @@ def _results(rows: Iterable, filters: list[set[str]], groups: list[str]) -> list
     } for (project, key_id, model, license_), (inp, out, n) in sorted(totals.items(), key=lambda kv: str(kv[0]))]
 
 
-async def _quotas(state: "GatewayState", caller: "Caller", projects: list[str]) -> dict:
-    tenants = state.snapshot.tenants.tenants if state.snapshot.tenants is not None else {}
+async def _quotas(quotas: Any, tenants: Mapping[str, "Tenant"], caller: "Caller", projects: list[str]) -> dict:
     out = {}
     for name, tenant in sorted(tenants.items()):
         if tenant.quotas and (not projects or name in projects) and (caller.tenant.admin or name == caller.tenant.name):
-            out[name] = quota_mod.status(tenant.quotas, await state.quotas.periods(name))
+            out[name] = quota_mod.status(tenant.quotas, await quotas.periods(name))
     return out

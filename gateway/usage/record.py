@@ -1,5 +1,6 @@
 """The usage record of one finished request: one `"type": "usage"` line in the audit trail, beside the
-decision record of the same request id, and the same figures added to the usage counters and metrics.
+decision record of the same request id, one row in the usage ledger (gateway/store/ledger.py: what the
+usage API, `gateway usage report` and quota reloads read), and the tokens in the metrics.
 
 Written once the answer is complete (an `Outcome` callback): success, error and a client gone mid-stream
 alike. Tokens are the engine's own `usage` where it reported one (`usage_source: "engine"`); llama.cpp
@@ -12,15 +13,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from gateway.observability.timestamps import utc_now_iso
+from gateway.store.ledger import LedgerRow
 
-if TYPE_CHECKING:  # the pipeline imports this module
+if TYPE_CHECKING:
     from gateway.backends.dispatch import Outcome
-    from gateway.pipeline import GatewayState
+    from gateway.observability.metrics import Metrics
     from gateway.prompts.prepare import UpstreamCall
     from gateway.registry import Model
     from gateway.tenancy.tenants import Caller
@@ -53,70 +55,96 @@ def status(outcome: "Outcome") -> int:
     return 200 if watch.completed else 499  # nginx's "client closed request": gone mid-stream
 
 
-class UsageLines:
-    """The parts of usage records that depend only on the configuration, per (tenant, key, requested model,
-    served model): their JSON and their token counters, made once, not per request (building and
-    encoding the whole record per request was ~10 % of the gateway's request-path CPU). Dropped when the
-    configuration is reloaded; bounded by it (tenants x keys x models)."""
+class Lines(Protocol):
+    """Where usage lines go: the audit trail (gateway/observability/audit.py)."""
 
-    def __init__(self) -> None:
+    def record_line(self, line: str) -> bool: ...
+
+
+class Rows(Protocol):
+    """Where ledger rows go: `Ledger.record` (a list append)."""
+
+    def record(self, row: LedgerRow) -> None: ...
+
+
+_Static = tuple[str, tuple, Any, Any]  # audit JSON fields, ledger fields, input and output token counters
+
+
+class UsageRecorder:
+    """Writes usage records into what it is handed: the audit trail's lines, the ledger's rows (None: no
+    ledger) and the metrics.
+
+    The parts of a record that depend only on the configuration, per (tenant, key, requested model, served
+    model), are made once, not per request (building and encoding the whole record per request was ~10 %
+    of the gateway's request-path CPU): the audit line's JSON fields, the ledger row's fields and the
+    token counters. Cached for the current snapshot only, dropped when it changes; bounded by it
+    (tenants x keys x models)."""
+
+    def __init__(self, lines: Lines, rows: Rows | None, metrics: "Metrics") -> None:
+        self._lines = lines
+        self._rows = rows
+        self._metrics = metrics
         self._snapshot: object = None
-        self._static: dict[tuple[str, str, str, str], tuple[str, Any, Any]] = {}
+        self._static: dict[tuple[str, str, str, str], _Static] = {}
 
-    def static(self, state: "GatewayState", snapshot: Any, caller: "Caller", requested: "Model",
-               model: "Model") -> tuple[str, Any, Any]:
-        """`snapshot`: the one the request was judged against. Cached only for the current snapshot: a
-        request judged against an older one (a reload while it was admitted) must not seed the cache
-        that later requests read."""
+    def recorder(self, snapshot: Any, current: bool, caller: "Caller", requested: "Model", model: "Model",
+                 call: "UpstreamCall", endpoint: str, request_id: str, started: float,
+                 client_request_id: str | None = None) -> Callable[["Outcome"], None]:
+        """The Outcome callback that writes the request's usage record. `snapshot`: the one the request was
+        judged against; `current`: whether it is still the gateway's current one (a request judged against
+        an older one, a reload while it was admitted, must not seed the cache that later requests read).
+        `request_id` is the gateway's (the decision record's); `client_request_id` the client's, if any.
+        `started`: time.monotonic() when the request arrived; `endpoint`: chat | completions | responses."""
+        fields, ledger_fields, tokens_in, tokens_out = self._cached(snapshot, current, caller, requested, model)
+        lines, rows = self._lines, self._rows
+
+        def record(outcome: "Outcome") -> None:
+            prompt, completion, source = tokens(outcome, call)
+            now = time.monotonic()
+            watch = outcome.watch
+            ttft = watch.first_event_at - started if watch is not None and watch.first_event_at else None
+            code = status(outcome)
+            duration_ms = (now - started) * 1000
+            varying = orjson.dumps({
+                "request_id": request_id, "client_request_id": client_request_id, "backend": outcome.backend_id,
+                "fallback": outcome.fell_back, "endpoint": endpoint,
+                "stream": call.stream, "prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion, "usage_source": source, "status": code,
+                "duration_ms": round(duration_ms, 1), "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
+            }).decode()
+            lines.record_line(f'{{"time":"{utc_now_iso()}",{fields},{varying[1:]}')
+            if rows is not None:
+                rows.record(LedgerRow(request_id, time.time(), *ledger_fields, endpoint, prompt, completion, source,
+                                      code, duration_ms))
+            if prompt:
+                tokens_in.inc(prompt)
+            if completion:
+                tokens_out.inc(completion)
+
+        return record
+
+    def _cached(self, snapshot: Any, current: bool, caller: "Caller", requested: "Model", model: "Model") -> _Static:
         if snapshot is not self._snapshot:
-            if snapshot is not state.snapshot:
-                return self._build(state, snapshot, caller, requested, model)
+            if not current:
+                return self._build(snapshot, caller, requested, model)
             self._snapshot, self._static = snapshot, {}
         key = (caller.tenant.name, caller.key_id, requested.id, model.id)
         found = self._static.get(key)
         if found is None:
-            found = self._static[key] = self._build(state, snapshot, caller, requested, model)
+            found = self._static[key] = self._build(snapshot, caller, requested, model)
         return found
 
-    @staticmethod
-    def _build(state: "GatewayState", snapshot: Any, caller: "Caller", requested: "Model",
-               model: "Model") -> tuple[str, Any, Any]:
+    def _build(self, snapshot: Any, caller: "Caller", requested: "Model", model: "Model") -> _Static:
         tenant = caller.tenant
         license_ = snapshot.registry.licenses.get(model.license)
+        commercial_use = license_.commercial_use.value if license_ is not None else "unknown"
+        attestations = tuple(sorted(tenant.attestations))
         fields = orjson.dumps({
             "type": "usage", "tenant": tenant.name, "key_id": caller.key_id,
             "environment": tenant.environment.value, "model_requested": requested.id, "model_served": model.id,
-            "license": model.license,
-            "commercial_use": license_.commercial_use.value if license_ is not None else "unknown",
-            "attestations": sorted(tenant.attestations),
+            "license": model.license, "commercial_use": commercial_use, "attestations": list(attestations),
         }).decode()[1:-1]
-        return (fields, *state.metrics.license_token_counters(model.license, state.metrics.tenant(tenant.name)))
-
-
-def recorder(state: "GatewayState", snapshot: Any, caller: "Caller", requested: "Model", model: "Model",
-             call: "UpstreamCall", request_id: str, started: float,
-             client_request_id: str | None = None) -> Callable[["Outcome"], None]:
-    """The Outcome callback that writes the usage record, counts the tokens and exports them.
-    `request_id` is the gateway's (the decision record's); `client_request_id` the client's, if it sent one."""
-    fields, tokens_in, tokens_out = state.usage_lines.static(state, snapshot, caller, requested, model)
-
-    def record(outcome: "Outcome") -> None:
-        prompt, completion, source = tokens(outcome, call)
-        now = time.monotonic()
-        watch = outcome.watch
-        ttft = watch.first_event_at - started if watch is not None and watch.first_event_at else None
-        varying = orjson.dumps({
-            "request_id": request_id, "client_request_id": client_request_id, "backend": outcome.backend_id,
-            "fallback": outcome.fell_back,
-            "stream": call.stream, "prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion, "usage_source": source, "status": status(outcome),
-            "duration_ms": round((now - started) * 1000, 1), "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
-        }).decode()
-        state.audit.record_line(f'{{"time":"{utc_now_iso()}",{fields},{varying[1:]}')
-        state.usage.add(time.time(), caller.tenant.name, caller.key_id, model.id, model.license, prompt, completion)
-        if prompt:
-            tokens_in.inc(prompt)
-        if completion:
-            tokens_out.inc(completion)
-
-    return record
+        ledger_fields = (tenant.name, caller.key_id, requested.id, model.id, model.license, commercial_use,
+                         tenant.environment.value, attestations)
+        metrics = self._metrics
+        return (fields, ledger_fields, *metrics.license_token_counters(model.license, metrics.tenant(tenant.name)))

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,12 +78,17 @@ def start_server(
 ) -> Server:
     """`inherit_env=False`: the process gets `env` only (a container's environment)."""
     log_path = log_dir / f"{name}.log"
+    env = dict(env or {})
+    if argv[1:4] == ["-m", "gateway", "serve"] and "GATEWAY_DATA_DIR" not in env:
+        # Each gateway its own data directory (embedded database, spool), unless the test shares one:
+        # never the user's ~/.local/share/llm-gateway, and no test sees another's ledger.
+        env["GATEWAY_DATA_DIR"] = tempfile.mkdtemp(prefix=f"{name}-data-", dir=log_dir)
     log = log_path.open("wb")
     process = subprocess.Popen(
         argv,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**(os.environ if inherit_env else {}), **(env or {})},
+        env={**(os.environ if inherit_env else {}), **env},
         start_new_session=True,  # its own process group, so stop() takes its workers down too
     )
     return Server(name, process, f"http://127.0.0.1:{port}", ready_path, log_path)
@@ -99,10 +105,11 @@ def wait_for_port(port: int, timeout_s: float = 20) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def start_redis(name: str, log_dir: Path) -> tuple[Server, str]:
-    """A throwaway redis-server (no persistence), ready; returns it and its redis:// URL."""
+def start_redis(name: str, log_dir: Path, port: int | None = None) -> tuple[Server, str]:
+    """A throwaway redis-server (no persistence), ready; returns it and its redis:// URL. `port`: that
+    one (a Redis restarted empty where the gateways expect it), else a free one."""
     assert shutil.which("redis-server"), "redis-server missing: make test installs it"
-    port = free_port()
+    port = port or free_port()
     server = start_server(name, ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
                           port, "", log_dir)
     wait_for_port(port)

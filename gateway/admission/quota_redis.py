@@ -1,4 +1,4 @@
-"""Token quotas shared exactly by every replica, in Redis (layout and semantics: gateway/usage/quota.py).
+"""Token quotas shared exactly by every replica, in Redis (layout and semantics: gateway/admission/quota.py).
 
 One Lua script admits (check both periods, then reserve in both or neither) on Redis' clock; one more
 reconciles at the end of the answer, in the periods the reservation was made in. Malformed state (a field
@@ -15,13 +15,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.tenancy.ratelimit_lua import LUA_HELPERS as _LUA_HELPERS
-from gateway.tenancy.ratelimit_redis import tenant_prefix
-from gateway.usage.quota_lua import PERIODS_LUA
-from gateway.usage.quota import (KEY_TTL_S, LocalQuotas, Periods, QuotaGrant, Quotas, QuotaUnavailable,
+from gateway.admission.ratelimit_lua import LUA_HELPERS as _LUA_HELPERS
+from gateway.admission.ratelimit_redis import tenant_prefix
+from gateway.admission.quota_lua import PERIODS_LUA
+from gateway.admission.quota import (KEY_TTL_S, LocalQuotas, Periods, QuotaGrant, Quotas, QuotaUnavailable,
                                  exceeded, headers)
 
-log = logging.getLogger("gateway.usage.quota")
+log = logging.getLogger("gateway.admission.quota")
 
 # KEYS: quota hash.  ARGV: per_day, per_month (-1 = none), reserve, ttl_s.
 # Returns {admitted, which (0 ok, 1 day, 2 month), now_ms, day, month, day_used, month_used}.

@@ -287,11 +287,13 @@ class LocalRateLimiter:
         self._tenants.clear()
 
 
-def make_rate_limiter(redis_url: str | None, *, fail_closed: bool = False,
-                      admit_unknown_quotas: bool = False) -> RateLimiter:
-    """The Redis limiter when a URL is configured (limits shared by every replica), else the in-process one."""
+def make_rate_limiter(redis_url: str | None, *, fail_closed: bool = False, admit_unknown_quotas: bool = False,
+                      quota_used=None) -> RateLimiter:  # type: ignore[no-untyped-def]
+    """The Redis limiter when a URL is configured (limits shared by every replica), else the in-process one.
+    `quota_used`: see RedisRateLimiter (quotas that survive Redis)."""
     if not redis_url:
         return LocalRateLimiter()
-    from gateway.tenancy.ratelimit_redis import RedisRateLimiter  # redis is only needed when configured
+    from gateway.admission.ratelimit_redis import RedisRateLimiter  # redis is only needed when configured
 
-    return RedisRateLimiter(redis_url, fail_closed=fail_closed, admit_unknown_quotas=admit_unknown_quotas)
+    return RedisRateLimiter(redis_url, fail_closed=fail_closed, admit_unknown_quotas=admit_unknown_quotas,
+                            quota_used=quota_used)

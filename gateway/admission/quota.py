@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from gateway.tenancy.ratelimit import format_duration
+from gateway.admission.ratelimit import format_duration
 
 DAY_S = 86_400
 KEY_TTL_S = 32 * DAY_S
@@ -146,13 +146,32 @@ def _which(quotas: Quotas, day_used: int, month_used: int, reserve: int) -> str 
 
 
 class LocalQuotas:
-    """Per-process quota counts. admit() never awaits between check and record: atomic on one loop."""
+    """Per-process quota counts. admit() never awaits between check and record: atomic on one loop.
+
+    A gateway without Redis starts them from the ledger (`seed`, the use of this day and month per tenant),
+    so a restart hands out no fresh quotas; until that read succeeded (`ready` False: the database was
+    down at start) quota tenants are refused with QuotaUnavailable, unless `admit_unready` (the operator's
+    GATEWAY_QUOTA_OUTAGE_UNKNOWN_TENANTS=admit) lets them start from zero."""
 
     shared = False
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, *, ready: bool = True,
+                 admit_unready: bool = False) -> None:
         self._clock = clock
         self._tenants: dict[str, list[int]] = {}  # tenant -> [day, day_used, month, month_used]
+        self.ready = ready
+        self._admit_unready = admit_unready
+
+    def seed(self, used: dict[str, tuple[int, int, int, int]]) -> None:
+        """Start from these totals, {tenant: (day, day_used, month, month_used)}, never below what this
+        process counted already (a period that is not the current one counts nothing)."""
+        for tenant, (day, day_used, month, month_used) in used.items():
+            state, _ = self._state(tenant)
+            if state[0] == day:
+                state[1] = max(state[1], day_used)
+            if state[2] == month:
+                state[3] = max(state[3], month_used)
+        self.ready = True
 
     def _state(self, tenant: str) -> tuple[list[int], float]:
         now = self._clock()
@@ -169,6 +188,9 @@ class LocalQuotas:
         return self.admit_now(tenant, quotas, reserve)
 
     def admit_now(self, tenant: str, quotas: Quotas, reserve: int) -> QuotaGrant:
+        if not self.ready and not self._admit_unready:
+            raise QuotaUnavailable("This replica has not read its tenants' quota use from the database yet "
+                                   "(it was unreachable at start).")
         state, now = self._state(tenant)
         reserve = max(0, int(reserve))
         which = _which(quotas, state[1], state[3], reserve)
@@ -216,17 +238,33 @@ class OutageQuotas(LocalQuotas):
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         super().__init__(clock)
         self._seen: dict[str, tuple[int, int, int, int]] = {}  # tenant -> day, day_used, month, month_used
+        self._epochs: dict[str, str] = {}  # tenant -> the quota hash's seed epoch ("e") when last seen
         self._seeded: set[str] = set()  # tenants continued from _seen in the current outage
-        # (tenant, day, month) -> [day tokens, month tokens, day baseline, month baseline] not yet in Redis
-        self.owed: dict[tuple[str, int, int], list[int]] = {}
+        # (tenant, day, month) -> [day tokens, month tokens, day baseline, month baseline, epoch] not yet in Redis
+        self.owed: dict[tuple[str, int, int], list] = {}
 
-    def saw(self, tenant: str, day: int, day_used: int, month: int, month_used: int) -> None:
-        """What Redis holds for the tenant (after an admission there): the start of any later outage."""
+    def saw(self, tenant: str, day: int, day_used: int, month: int, month_used: int, epoch: str = "") -> None:
+        """What Redis holds for the tenant (after an admission there): the start of any later outage.
+        `epoch`: which seed of the hash that was (gateway/admission/quota_reseed.py)."""
         self._seen[tenant] = (day, day_used, month, month_used)
+        self._epochs[tenant] = epoch
         self._seeded.discard(tenant)
 
     def knows(self, tenant: str) -> bool:
         return tenant in self._seen or tenant in self._seeded
+
+    def last_known(self, tenant: str) -> tuple[int, int, int, int] | None:
+        """This replica's latest idea of the tenant's totals (day, day_used, month, month_used): its outage
+        count where one continued, else what Redis last showed it; None when it has neither."""
+        if tenant in self._seeded and tenant in self._tenants:
+            day, day_used, month, month_used = self._tenants[tenant]
+            return day, day_used, month, month_used
+        return self._seen.get(tenant)
+
+    def forget_owed(self, tenant: str) -> None:
+        """Drop what the tenant owes Redis: a reseed from the ledger already counts it."""
+        for key in [key for key in self.owed if key[0] == tenant]:
+            del self.owed[key]
 
     def admit_now(self, tenant: str, quotas: Quotas, reserve: int) -> QuotaGrant:
         if tenant not in self._seeded and tenant in self._seen:
@@ -241,25 +279,26 @@ class OutageQuotas(LocalQuotas):
         if owed is None:
             seen = self._seen.get(tenant)
             owed = self.owed[key] = [0, 0, seen[1] if seen and seen[0] == day else 0,
-                                     seen[3] if seen and seen[2] == month else 0]
+                                     seen[3] if seen and seen[2] == month else 0, self._epochs.get(tenant, "")]
         owed[0] += day_delta
         owed[1] += month_delta
 
-    def take_owed(self) -> dict[tuple[str, int, int], list[int]]:
+    def take_owed(self) -> dict[tuple[str, int, int], list]:
         owed, self.owed = self.owed, {}
         return owed
 
-    def give_back(self, owed: dict[tuple[str, int, int], list[int]]) -> None:
+    def give_back(self, owed: dict[tuple[str, int, int], list]) -> None:
         """Write-back failed: keep it for the next attempt, merged with what was spent meanwhile."""
         for key, entry in owed.items():
-            mine = self.owed.setdefault(key, [0, 0, entry[2], entry[3]])
+            mine = self.owed.setdefault(key, [0, 0, entry[2], entry[3], entry[4]])
             mine[0] += entry[0]
             mine[1] += entry[1]
 
 
-def make_quotas(redis_url: str | None, *, fail_closed: bool = False):
+def make_quotas(redis_url: str | None, *, fail_closed: bool = False, ready: bool = True,
+                admit_unready: bool = False):
     if not redis_url:
-        return LocalQuotas()
-    from gateway.usage.quota_redis import RedisQuotas
+        return LocalQuotas(ready=ready, admit_unready=admit_unready)
+    from gateway.admission.quota_redis import RedisQuotas
 
     return RedisQuotas(redis_url, fail_closed=fail_closed)

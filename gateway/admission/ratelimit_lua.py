@@ -1,9 +1,9 @@
 """The Redis rate limiter's two Lua scripts (admit, finish), with the quota checks of gateway.usage inside
-them: one round trip per admission and one per finish. See gateway.tenancy.ratelimit_redis for the keys."""
+them: one round trip per admission and one per finish. See gateway.admission.ratelimit_redis for the keys."""
 
 from __future__ import annotations
 
-from gateway.usage.quota_lua import PERIODS_LUA
+from gateway.admission.quota_lua import PERIODS_LUA
 
 # Shared by both scripts. Nothing in a tenant's keys is trusted: whatever wrote them (an older gateway, a
 # person with redis-cli, a bug), a value that doesn't parse is repaired or dropped, never an error, because a
@@ -40,12 +40,18 @@ end
 
 # KEYS: req, tok, toksum, inf[, quota, open quota reservations].  ARGV: rpm, tpm, max_concurrent (-1 = unlimited),
 # reserve, id, window_ms, stale_ms, walk_cap, recount_cap[, tokens_per_day, tokens_per_month (-1 = none), quota
-# ttl_s, open reservation ttl_ms].  Returns
+# ttl_s, open reservation ttl_ms, reseed (1: report a missing quota hash instead of counting from zero)].
+# A missing quota hash (Redis restarted empty, or failed over to a fresh replica; or the tenant's first
+# admission in 32 days) is answered with quota_which 3 before anything is read or written: the gateway
+# reloads the tenant's use from the ledger (QUOTA_SEED_LUA) and admits again.  Returns
 # {admitted, requests, tokens, inflight, wait_req, wait_tok, wait_conc, too_large, reset_req, reset_tok,
-# repaired, quota_which, quota_now_ms, day, month, day_used, month_used}; waits in ms, -1 where that limit
+# repaired, quota_which, quota_now_ms, day, month, day_used, month_used, quota_epoch}; waits in ms, -1 where that limit
 # doesn't block; repaired > 0 when malformed state was found (and fixed); quota_which 0 = the quotas (if
-# any: gateway/usage/quota.py) admit it, 1/2 = the daily/monthly quota refuses it.
+# any: gateway/admission/quota.py) admit it, 1/2 = the daily/monthly quota refuses it.
 ADMIT_LUA = LUA_HELPERS + PERIODS_LUA + """
+if #KEYS >= 5 and ARGV[14] == '1' and redis.call('EXISTS', KEYS[5]) == 0 then
+  return {0, 0, 0, 0, -1, -1, -1, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0}
+end
 local rpm, tpm, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local reserve, id = count(ARGV[4]) or 0, ARGV[5]
 local window, stale, cap, recount_cap = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -159,8 +165,10 @@ local lr = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 if #lr > 0 then reset_req = tonumber(lr[2]) + window - now end
 local lt = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
 if #lt > 0 then reset_tok = tonumber(lt[2]) + window - now end
+local qepoch = ''
+if #KEYS >= 5 then qepoch = redis.call('HGET', KEYS[5], 'e') or '' end
 return {admitted, nreq, total, ninf, wait_req, wait_tok, wait_conc, too_large, reset_req, reset_tok, repaired,
-        qwhich, qnow, qday, qmonth, qdu, qmu}
+        qwhich, qnow, qday, qmonth, qdu, qmu, qepoch}
 """
 
 # KEYS: tok, toksum, inf[, quota, open quota reservations].  ARGV: id, reserved, actual (-1 = keep the
@@ -196,26 +204,52 @@ return 1
 """
 
 # KEYS: quota.  ARGV: day, month, day tokens, month tokens (deltas, may be < 0), day baseline, month baseline,
-# ttl_s.  Adds what a replica counted during a Redis outage to the periods it was spent in. A period the hash
-# does not hold yet (Redis lost the key, or no admission there since) starts from the baseline: the total
-# the replica last saw in Redis for that period. A hash already on a later period keeps it.
+# ttl_s, missing (1: leave a missing hash alone), epoch (the hash's `e` when the replica last saw it).  Adds what a replica counted during a Redis outage to the
+# periods it was spent in, and returns 1. A hash that is missing (Redis lost it) is, with `missing` 1, not
+# written (returns 2): the gateway reseeds it from the ledger, which already holds what was spent. A period the hash does not hold yet (no admission there since)
+# starts from the baseline: the total the replica last saw in Redis for that period. A hash already on a
+# later period keeps it.
 QUOTA_WRITE_BACK_LUA = LUA_HELPERS + """
 expect(KEYS[1], 'hash')
+if ARGV[8] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then return 2 end
 local day, month = count(ARGV[1]), count(ARGV[2])
 local dd, dm = tonumber(ARGV[3]) or 0, tonumber(ARGV[4]) or 0
 local bd, bm = count(ARGV[5]) or 0, count(ARGV[6]) or 0
-local h = redis.call('HMGET', KEYS[1], 'd', 'du', 'm', 'mu')
+local h = redis.call('HMGET', KEYS[1], 'd', 'du', 'm', 'mu', 'e')
 local hd, hm = count(h[1]), count(h[3])
+-- Reseeded from the ledger since this replica last saw the hash (another epoch): the seed holds what the
+-- ledger had of the outage's spend, so the replica's total is merged (the larger), not added again.
+local merge = (h[5] or '') ~= (ARGV[9] or '')
+local function after(current, baseline, delta)
+  if merge then return math.max(current, baseline + delta) end
+  return current + delta
+end
 if hd == day then
-  redis.call('HSET', KEYS[1], 'du', fmt(math.max(0, (count(h[2]) or 0) + dd)))
+  redis.call('HSET', KEYS[1], 'du', fmt(math.max(0, after(count(h[2]) or 0, bd, dd))))
 elseif hd == nil or hd < day then
   redis.call('HSET', KEYS[1], 'd', fmt(day), 'du', fmt(math.max(0, bd + dd)))
 end
 if hm == month then
-  redis.call('HSET', KEYS[1], 'mu', fmt(math.max(0, (count(h[4]) or 0) + dm)))
+  redis.call('HSET', KEYS[1], 'mu', fmt(math.max(0, after(count(h[4]) or 0, bm, dm))))
 elseif hm == nil or hm < month then
   redis.call('HSET', KEYS[1], 'm', fmt(month), 'mu', fmt(math.max(0, bm + dm)))
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
+return 1
+"""
+
+# KEYS: quota.  ARGV: day, day tokens, month, month tokens (from the ledger and this replica's own count), ttl_s,
+# epoch (a random id, the hash's `e`: replicas that saw the hash before the seed merge their outage spend).
+# Set if absent: a hash that exists (another replica seeded it first, or an admission made it) is left as it
+# is, so two replicas reseeding at once never count a tenant's use twice. Periods are Redis' own: a seed for
+# a day or month that is not Redis' current one counts nothing.
+QUOTA_SEED_LUA = LUA_HELPERS + PERIODS_LUA + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local now, day, month = quota_periods(KEYS[1])
+local du, mu = 0, 0
+if count(ARGV[1]) == day then du = count(ARGV[2]) or 0 end
+if count(ARGV[3]) == month then mu = count(ARGV[4]) or 0 end
+quota_reserve(KEYS[1], day, month, du, mu, tonumber(ARGV[5]))
+redis.call('HSET', KEYS[1], 'e', ARGV[6])
 return 1
 """

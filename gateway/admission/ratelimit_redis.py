@@ -9,7 +9,7 @@ Keys, per tenant (the braces are a Redis Cluster hash tag: one tenant's keys sha
   gw:rl:{t}:tok    ZSET  member="<id>:<reserved tokens>", score=ms  (token reservations)
   gw:rl:{t}:toksum STR   running sum of the reservations in :tok   (the TPM check is O(1), no scan)
   gw:rl:{t}:inf    ZSET  member=admission id,            score=ms  (in flight; stale after 15 min)
-  gw:rl:{t}:quota  HASH  the token quota's periods and counts (gateway/usage/quota.py)
+  gw:rl:{t}:quota  HASH  the token quota's periods and counts (gateway/admission/quota.py)
   gw:rl:{t}:qres   ZSET  member=admission id,            score=ms  (open quota reservations: a finish
                                                                     reconciles only one it finds; 2 h)
 Expired entries are pruned with ZRANGEBYSCORE/ZREMRANGEBYSCORE from the old end: each entry is removed once,
@@ -42,13 +42,16 @@ from collections import deque
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
-from gateway.usage.quota import DAY_S, KEY_TTL_S, OutageQuotas, Periods, Quotas, QuotaUnavailable, month_number
-from gateway.usage.quota import exceeded as quota_exceeded
-from gateway.usage.quota import headers as quota_headers
-from gateway.tenancy.ratelimit_lua import ADMIT_LUA, FINISH_LUA, QUOTA_WRITE_BACK_LUA
-from gateway.tenancy.ratelimit import (
+from gateway.admission.quota import (DAY_S, KEY_TTL_S, OutageQuotas, Periods, Quotas, QuotaUnavailable,
+                                     month_number)
+from gateway.admission.quota import exceeded as quota_exceeded
+from gateway.admission.quota import headers as quota_headers
+from gateway.admission.quota_reseed import Reseeder, UsedFromLedger
+from gateway.admission.ratelimit_lua import ADMIT_LUA, FINISH_LUA, QUOTA_WRITE_BACK_LUA
+from gateway.admission.ratelimit import (
     RETRY_WALK_CAP,
     STALE_INFLIGHT_S,
     WINDOW_S,
@@ -61,7 +64,7 @@ from gateway.tenancy.ratelimit import (
     refusal,
 )
 
-log = logging.getLogger("gateway.tenancy.ratelimit")
+log = logging.getLogger("gateway.admission.ratelimit")
 
 _WINDOW_MS = int(WINDOW_S * 1000)
 _STALE_MS = int(STALE_INFLIGHT_S * 1000)
@@ -125,7 +128,10 @@ class RedisRateLimiter:
         probe_interval_s: float = 1.0,
         max_connections: int = 32,
         admit_unknown_quotas: bool = False,
+        quota_used: UsedFromLedger | None = None,
     ) -> None:
+        """`quota_used(tenant)`: the tenant's use this day and month from the ledger, to reseed a quota
+        that Redis lost (gateway/admission/quota_reseed.py); None: a lost quota restarts from zero."""
         # A blocking pool: a burst queues briefly for a connection instead of failing with "Too many
         # connections" (which would wrongly fail open). No client-side retries: a retried admit whose
         # first reply was lost would record twice.
@@ -148,6 +154,8 @@ class RedisRateLimiter:
         self._probe_interval_s = probe_interval_s
         self._fallback = LocalRateLimiter()
         self._quota_fallback = OutageQuotas()  # continues from what Redis showed; owes what it spent
+        self._reseeder = (Reseeder(self._redis, quota_used, self._quota_fallback, admit_unknown_quotas)
+                          if quota_used is not None else None)
         self._healthy = True
         self._skip_until = 0.0  # during an outage, try Redis again only after this (monotonic)
         self._pending_finishes: deque[tuple[str, str, int, int | None, tuple[int, int] | None]] = deque(maxlen=10_000)
@@ -159,9 +167,10 @@ class RedisRateLimiter:
     def redis_healthy(self) -> bool:
         return self._healthy
 
-    admits_quotas = True  # token quotas are checked in the same script (gateway/usage/quota.py)
+    admits_quotas = True  # token quotas are checked in the same script (gateway/admission/quota.py)
 
-    async def admit(self, tenant: str, limits: Limits, reserve_tokens: int, quotas: Quotas | None = None) -> Admission:
+    async def admit(self, tenant: str, limits: Limits, reserve_tokens: int, quotas: Quotas | None = None,
+                    *, _again: bool = False) -> Admission:
         reserve = _tokens(reserve_tokens)
         if reserve is None:
             raise ValueError(f"reserve_tokens must be a finite number, not {reserve_tokens!r}")
@@ -181,9 +190,14 @@ class RedisRateLimiter:
         args += [reserve, admission_id, _WINDOW_MS, _STALE_MS, RETRY_WALK_CAP, _RECOUNT_CAP]
         if quotas:
             keys += [f"{prefix}:quota", f"{prefix}:qres"]
-            args += [_arg(quotas.tokens_per_day), _arg(quotas.tokens_per_month), KEY_TTL_S, _OPEN_RESERVATION_MS]
+            args += [_arg(quotas.tokens_per_day), _arg(quotas.tokens_per_month), KEY_TTL_S, _OPEN_RESERVATION_MS,
+                     1 if self._reseeder is not None else 0]
         try:
             reply = await self._admit_script(keys=keys, args=args)
+            if quotas and int(reply[11]) == 3 and self._reseeder is not None:  # Redis lost the quota's counts
+                await self._reseeder.reseed(tenant, f"{prefix}:quota")  # QuotaUnavailable: refused
+                args[-1] = 0  # seeded now (or from zero, as the operator chose): count, don't ask again
+                reply = await self._admit_script(keys=keys, args=args)
         except _STORE_ERRORS as exc:
             # A timed-out (or failed: Redis doesn't roll a script back) script may still have recorded: queue
             # its undo (zero tokens, free the slot, give back a quota reservation it made), so a phantom
@@ -196,6 +210,10 @@ class RedisRateLimiter:
                 self.script_errors += 1
                 self._warn(prefix, "Redis rejected the rate-limit script for tenant %r (%s); admitting it %s.",
                            tenant, exc, "nothing (fail-closed)" if self._fail_closed else "by local limits")
+            elif isinstance(exc, RedisConnectionError) and not _again and await self._flush_pending():
+                # A pooled connection that a restarted Redis had closed: this attempt is undone (just
+                # replayed, on a new connection), so admitting once more is safe; one outage it was not.
+                return await self.admit(tenant, limits, reserve, quotas, _again=True)
             else:
                 self._mark_down(exc)
             return await self._degraded(tenant, limits, reserve, quotas)
@@ -205,7 +223,9 @@ class RedisRateLimiter:
         if quotas:
             which, now_ms, day, month, du, mu = (int(v) for v in reply[11:17])
             periods = Periods(now_ms / 1000, day, month, du, mu)
-            self._quota_fallback.saw(tenant, day, du, month, mu)
+            epoch = reply[17] if len(reply) > 17 else b""
+            self._quota_fallback.saw(tenant, day, du, month, mu,
+                                     epoch.decode() if isinstance(epoch, bytes) else str(epoch or ""))
             if which and usage.admitted:  # the rate limits would admit it: the quota is what refuses
                 raise quota_exceeded(quotas, periods, reserve, "tokens_per_day" if which == 1 else "tokens_per_month")
         if repaired:
@@ -315,17 +335,26 @@ class RedisRateLimiter:
 
     async def _write_back_quotas(self) -> bool:
         """Add what tenants spent on this replica's outage counts to Redis' quota hashes; False if Redis
-        failed (kept for the next attempt). A hash that Redis lost (a restart without persistence) starts
-        from the total this replica last saw, so the outage's tokens are not the only ones counted."""
+        failed (kept for the next attempt). A hash that Redis lost (a restart without persistence) is
+        reseeded from the ledger and this replica's count instead (which hold the outage's tokens already);
+        without a ledger it starts from the total this replica last saw."""
         owed = self._quota_fallback.take_owed()
         items = list(owed.items())
-        for index, ((tenant, day, month), (day_tokens, month_tokens, day_base, month_base)) in enumerate(items):
-            if not day_tokens and not month_tokens:
+        reseeded: set[str] = set()
+        for index, ((tenant, day, month), (day_tokens, month_tokens, day_base, month_base, epoch)) in enumerate(items):
+            if (not day_tokens and not month_tokens) or tenant in reseeded:
                 continue
+            key = f"{tenant_prefix(tenant)}:quota"
             try:
-                await self._write_back_script(keys=[f"{tenant_prefix(tenant)}:quota"],
-                                              args=[day, month, day_tokens, month_tokens, day_base, month_base,
-                                                    KEY_TTL_S])
+                lost = await self._write_back_script(keys=[key], args=[
+                    day, month, day_tokens, month_tokens, day_base, month_base, KEY_TTL_S,
+                    1 if self._reseeder is not None else 0, epoch])
+                if lost == 2 and self._reseeder is not None:
+                    reseeded.add(tenant)
+                    try:
+                        await self._reseeder.reseed(tenant, key)
+                    except QuotaUnavailable:
+                        pass  # nothing known here: its next admission reseeds it, or is refused
             except _STORE_ERRORS as exc:
                 if _tenant_local(exc):
                     self.script_errors += 1

@@ -11,7 +11,6 @@ bounds what one replica lets a tenant hold.
 from __future__ import annotations
 
 from gateway.errors import GatewayError
-from gateway.tenancy.tenants import Tenant
 
 HOLD_RETRY_S = 1  # holds free when requests finish, which no clock predicts
 
@@ -35,20 +34,19 @@ class Holds:
     def __init__(self) -> None:
         self._open: dict[str, int] = {}
 
-    def take(self, tenant: Tenant) -> Hold | None:
-        """A hold for one request of `tenant`, or the 429 (and the connection closed: a refused upload
-        must not keep its socket). None for a tenant without a concurrency limit: nothing to count."""
-        limit = tenant.limits.max_concurrent
+    def take(self, tenant: str, limit: int | None) -> Hold | None:
+        """A hold for one request of `tenant` (its `max_concurrent` is `limit`), or the 429 (and the
+        connection closed: a refused upload must not keep its socket). None without a limit: nothing to count."""
         if limit is None:
             return None
-        held = self._open.get(tenant.name, 0)
+        held = self._open.get(tenant, 0)
         if held >= limit:
             raise GatewayError(
                 429, f"Rate limit reached for concurrent requests (limit {limit}, counting requests still "
                 f"uploading their body). Retry in {HOLD_RETRY_S}s.", type="rate_limit_error",
                 code="rate_limit_exceeded", headers={"Retry-After": str(HOLD_RETRY_S), "Connection": "close"})
-        self._open[tenant.name] = held + 1
-        return Hold(self, tenant.name)
+        self._open[tenant] = held + 1
+        return Hold(self, tenant)
 
     def release(self, tenant: str) -> None:
         held = self._open.get(tenant, 0) - 1
