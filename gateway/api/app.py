@@ -15,11 +15,13 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from gateway.admin import reload_config
+from gateway.api import admin_views
 from gateway.api.errors import install_error_handlers
 from gateway.api.generation import GenerationRoutes
 from gateway.api.request_context import RequestContextMiddleware
 from gateway.api.routes import router
 from gateway.backends.upstream import make_http_client
+from gateway.console import mount_console
 from gateway.observability.audit import AuditTrail
 from gateway.observability.metrics import Metrics
 from gateway.lifecycle import settle_garbage_collector
@@ -70,6 +72,8 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     app = FastAPI(title="LLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(admin_views.router)
+    mount_console(app, settings)  # /console: its own router, off the request path
     # Outermost: request id + overhead headers and the access log, for every route alike.
     return RequestContextMiddleware(GenerationRoutes(app))
 

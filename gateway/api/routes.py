@@ -8,6 +8,7 @@ from starlette.responses import Response
 
 from gateway import pipeline
 from gateway.admin import reload_config
+from gateway.api.callers import request_caller
 from gateway.api.models import model_card, visible_models
 from gateway.errors import license_forbidden, model_not_found
 from gateway.lifecycle import LIFECYCLE
@@ -50,7 +51,7 @@ async def get_model(model_id: str, request: Request, authorization: str | None =
 @router.get("/v1/organization/usage/completions")
 async def usage_completions(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
-    caller = authenticate(authorization, state.snapshot.tenants)
+    caller = request_caller(request, authorization)  # a key, or a console session (gateway/api/callers.py)
     api: usage_api.UsageApi = request.app.state.usage_api
     return JSONResponse(await api.completions(state, caller, request.query_params))
 
@@ -66,7 +67,7 @@ async def admin_reload(request: Request, authorization: str | None = Header(None
 @router.get("/admin/backends")
 async def admin_backends(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
-    require_admin(authenticate(authorization, state.snapshot.tenants))
+    require_admin(request_caller(request, authorization))
     return JSONResponse({"data": backend_report(state)})
 
 
