@@ -25,6 +25,7 @@
     var source = document.getElementById("usage-chart-data");
     if (!canvas || !source || typeof window.Chart === "undefined") { return; }
     var data = JSON.parse(source.textContent);
+    window.Chart.defaults.color = "#1b1f24";  // the page's text colour: Chart.js's grey is too faint
     data.datasets.forEach(function (set, i) {
       set.backgroundColor = PALETTE[i % PALETTE.length];
       set.borderWidth = 0;
