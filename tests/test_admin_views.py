@@ -34,7 +34,8 @@ def _start(name: str, log_dir: Path, work: Path, env: dict[str, str] | None = No
     server = start_server(name, [sys.executable, "-m", "gateway", "serve", "--port", str(port)], port, "/ready",
                           log_dir, {"GATEWAY_REGISTRY": str(ROOT / "model_registry.yaml"),
                                     "GATEWAY_TENANTS": str(work / "tenants.yaml"),
-                                    "GATEWAY_AUDIT_SINK": str(work / "audit.jsonl"), **(env or {})})
+                                    "GATEWAY_AUDIT_SINK": str(work / "audit.jsonl"),
+                                    "GATEWAY_DATA_DIR": str(work / f"data-{name}"), **(env or {})})
     server.wait_ready(60)
     return server
 

@@ -164,6 +164,17 @@ def test_usage_shows_the_tokens_just_spent(browser, console_gateway: ConsoleGate
     page.goto(console_gateway.url + "/console/usage?range=7d&group=license&tenant=prod-app")
     row = page.locator('[data-testid="usage-totals"] tr[data-group="apache-2.0"]')
     assert int(row.get_attribute("data-input")) == expected["input"]
+    # The overview's license classes are the usage API's figures by license, summed by class.
+    now = int(time.time())
+    api = httpx.get(console_gateway.url + "/v1/organization/usage/completions", timeout=30,
+                    headers={"authorization": f"Bearer {ADMIN_KEY}"},
+                    params={"start_time": now // 3600 * 3600 - 23 * 3600, "bucket_width": "1h", "limit": 24,
+                            "group_by": "license"}).json()
+    commercial = sum(r["input_tokens"] + r["output_tokens"] for b in api["data"] for r in b["results"]
+                     if r["license"] == "apache-2.0")
+    page.goto(console_gateway.url + "/console/overview")
+    tile = page.locator('.tile[data-class="Commercial"]')
+    assert int(tile.get_attribute("data-tokens")) == commercial >= expected["input"] + expected["output"]
     # The tenant's own usage page shows its figures, and nobody else's.
     own = new_page(browser)
     sign_in(own, console_gateway.url, PROD_KEY)

@@ -22,7 +22,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
-from gateway.api.callers import live_caller
+from gateway.tenancy.vouched import live_caller
 from gateway.console import formatting
 from gateway.console.inprocess import ApiAnswer, ApiClient
 from gateway.console.security import (CSRF_FIELD, SESSION_COOKIE, SecurityHeaders, cross_site, same,

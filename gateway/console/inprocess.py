@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 import orjson
 from starlette.types import ASGIApp, Message
 
-from gateway.api.callers import VOUCHED_CALLER
+from gateway.tenancy.vouched import VOUCHED_CALLER
 from gateway.tenancy.tenants import Caller
 
 log = logging.getLogger("gateway.console")

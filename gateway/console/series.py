@@ -17,7 +17,9 @@ MAX_BUCKETS = {"1h": 168, "1d": 31}  # the usage API's largest `limit` per width
 RANGES = {"24h": ("1h", 24), "7d": ("1d", 7), "30d": ("1d", 30)}
 GROUPS = {"tenant": "project_id", "model": "model", "license": "license"}
 MAX_CUSTOM_DAYS = 400  # the usage API keeps day buckets this long
-MAX_CALLS = 20  # usage API pages one page view may read
+# Usage API pages one page view may read: each holds at least one bucket, so a preset range (31 buckets
+# at most) is always read whole; a longer custom range may stop early, and the page says so.
+MAX_CALLS = 31
 
 
 class BadQuery(ValueError):
@@ -159,8 +161,10 @@ def _iso(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def fetch(get: Callable[[str, Any], Awaitable[Any]], query: UsageQuery) -> UsageSeries:
-    """Read the usage API page by page (`next_page`) for the query's range, at most MAX_CALLS pages."""
+async def fetch(get: Callable[[str, Any], Awaitable[Any]], query: UsageQuery,
+                on_result: Callable[[dict], None] | None = None) -> UsageSeries:
+    """Read the usage API page by page (`next_page`) for the query's range, at most MAX_CALLS pages;
+    `on_result` sees every result object kept (for fields beyond tokens and requests)."""
     series = UsageSeries(query)
     key = GROUPS[query.group]
     page: str | None = None
@@ -172,6 +176,8 @@ async def fetch(get: Callable[[str, Any], Awaitable[Any]], query: UsageQuery) ->
                     continue
                 series.add(bucket["start_time"], str(result.get(key)), result.get("num_model_requests", 0),
                            result.get("input_tokens", 0), result.get("output_tokens", 0))
+                if on_result is not None:
+                    on_result(result)
         page = body.get("next_page") if body.get("has_more") else None
         if page is None:
             return series

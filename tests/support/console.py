@@ -72,7 +72,9 @@ def start_console_gateway(name: str, llama_cpp: Server, log_dir: Path, work: Pat
     server = start_server(name, [sys.executable, "-m", "gateway", "serve", "--port", str(port)], port, "/ready",
                           log_dir, {"GATEWAY_REGISTRY": ",".join(map(str, registry)), "GATEWAY_TENANTS": str(tenants),
                                     "GATEWAY_AUDIT_SINK": str(work / "audit.jsonl"),
-                                    "GATEWAY_HEALTH_PROBE_INTERVAL_S": "1", **(env or {})})
+                                    "GATEWAY_HEALTH_PROBE_INTERVAL_S": "1",
+                                    "GATEWAY_DATA_DIR": str(work / "data"),  # its own database, where it has one
+                                    **(env or {})})
     server.wait_ready(60)
     return ConsoleGateway(server, server.url, registry, tenants)
 
@@ -88,8 +90,8 @@ def console_gateway(llama_cpp: Server, log_dir: Path, tmp_path_factory: pytest.T
         gateway.server.stop()
 
 
-@pytest.fixture(scope="session")
-def browser():
+@pytest.fixture(scope="module")  # not the session: Playwright's sync API holds an event loop on this thread while
+def browser():                   # it runs, and later modules' asyncio.run() would find it running
     if not shutil.which(CHROMIUM):
         pytest.fail("Debian's chromium is missing: `make test` installs it (make chromium)")
     from playwright.sync_api import sync_playwright

@@ -5,11 +5,10 @@ quotas from /admin/tenants."""
 
 from __future__ import annotations
 
-import time
-
 from starlette.responses import Response
 
 from gateway.console.app import Visit
+from gateway.console.series import UsageQuery, fetch
 
 CLASSES = (("yes", "Commercial"), ("conditional", "Conditional"), ("no", "Non-commercial"))
 QUOTA_WARNING = 0.8  # a quota this full is a warning
@@ -17,24 +16,26 @@ TENANT_PAGES = 10
 
 
 async def show(visit: Visit) -> Response:
-    now = int(time.time())
-    start = now // 3600 * 3600 - 23 * 3600
-    usage = await visit.get("/v1/organization/usage/completions", [
-        ("start_time", str(start)), ("end_time", str(now + 1)), ("bucket_width", "1h"), ("limit", "24"),
-        ("group_by", "license")], "usage")
+    query = UsageQuery.from_params({"range": "24h", "group": "license"})
+    errors: dict[str, int] = {}
+
+    def count_errors(result: dict) -> None:  # where the usage API reports them (a gateway extra)
+        if "num_errors" in result:
+            errors[result["license"]] = errors.get(result["license"], 0) + result["num_errors"]
+
+    usage = await fetch(visit.get, query, on_result=count_errors)
     models = await visit.get("/admin/models", {"limit": "500"}, "models")
     classes = {use: {"label": label, "requests": 0, "input_tokens": 0, "output_tokens": 0, "errors": None}
                for use, label in CLASSES}
     licenses = models["licenses"]
-    for bucket in usage["data"]:
-        for result in bucket["results"]:
-            use = licenses.get(result["license"], {}).get("commercial_use", "no")
-            row = classes[use]
-            row["requests"] += result["num_model_requests"]
-            row["input_tokens"] += result["input_tokens"]
-            row["output_tokens"] += result["output_tokens"]
-            if "num_errors" in result:  # counted by the usage ledger (the `wiring` branch)
-                row["errors"] = (row["errors"] or 0) + result["num_errors"]
+    for total in usage.totals():
+        use = licenses.get(total["group"], {}).get("commercial_use", "no")
+        row = classes[use]
+        row["requests"] += total["requests"]
+        row["input_tokens"] += total["input_tokens"]
+        row["output_tokens"] += total["output_tokens"]
+        if total["group"] in errors:
+            row["errors"] = (row["errors"] or 0) + errors[total["group"]]
     if visit.admin:
         backends = (await visit.get("/admin/backends", None, "backends"))["data"]
         backend_rows = [{"id": b["id"], "model": b["model"], "engine": b["engine"], "role": b["role"],
@@ -45,7 +46,7 @@ async def show(visit: Visit) -> Response:
                         for m in models["data"] for b in m["backends"]]
     warnings = [w async for w in _quota_warnings(visit)]
     return visit.render("overview.html", title="Overview", current="overview", classes=list(classes.values()),
-                        since=start, backends=backend_rows, up=sum(b["up"] for b in backend_rows),
+                        since=query.start, truncated=usage.truncated, backends=backend_rows, up=sum(b["up"] for b in backend_rows),
                         down=sum(not b["up"] for b in backend_rows), warnings=warnings,
                         errors_known=any(c["errors"] is not None for c in classes.values()))
 
