@@ -58,7 +58,8 @@ def test_sign_in_and_move_around_by_keyboard_alone(browser, console_gateway: Con
     cell = page.locator('td.cell[data-tenant="prod-app"][data-model="llama-2-7b-chat"] summary')
     cell.focus()
     page.keyboard.press("Enter")
-    assert page.locator('td.cell[data-tenant="prod-app"][data-model="llama-2-7b-chat"] details').get_attribute("open") is not None
+    details = page.locator('td.cell[data-tenant="prod-app"][data-model="llama-2-7b-chat"] details')
+    assert details.get_attribute("open") is not None
     assert "has not attested" in cell.locator("xpath=..").inner_text()
 
 

@@ -29,7 +29,8 @@ def test_a_session_lives_until_its_expiry_and_no_longer() -> None:
         token, expires_at = await store.create("prod-app", "abcd1234", False, 60)
         assert expires_at == clock.now + 60
         session = await store.get(token)
-        assert session is not None and (session.tenant, session.key_id, session.is_admin) == ("prod-app", "abcd1234", False)
+        assert session is not None
+        assert (session.tenant, session.key_id, session.is_admin) == ("prod-app", "abcd1234", False)
         clock.now += 59.9
         assert await store.get(token) is not None
         clock.now += 0.1

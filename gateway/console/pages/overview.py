@@ -46,7 +46,8 @@ async def show(visit: Visit) -> Response:
                         for m in models["data"] for b in m["backends"]]
     warnings = [w async for w in _quota_warnings(visit)]
     return visit.render("overview.html", title="Overview", current="overview", classes=list(classes.values()),
-                        since=query.start, truncated=usage.truncated, backends=backend_rows, up=sum(b["up"] for b in backend_rows),
+                        since=query.start, truncated=usage.truncated, backends=backend_rows,
+                        up=sum(b["up"] for b in backend_rows),
                         down=sum(not b["up"] for b in backend_rows), warnings=warnings,
                         errors_known=any(c["errors"] is not None for c in classes.values()))
 

@@ -30,7 +30,8 @@ async def show(visit: Visit) -> Response:
     today = datetime.now(timezone.utc).date().isoformat()
     return visit.render(
         "usage.html", title="Usage", current="usage", query=query, series=series, totals=series.totals(),
-        grand=series.grand_total(), chart=series.chart(), rows=rows[(number - 1) * ROWS_PER_PAGE:number * ROWS_PER_PAGE],
+        grand=series.grand_total(), chart=series.chart(),
+        rows=rows[(number - 1) * ROWS_PER_PAGE:number * ROWS_PER_PAGE],
         rows_page=number, rows_pages=pages, ranges=list(RANGES) + ["custom"], groups=list(GROUPS),
         link=lambda **extra: urlencode({**links, **extra}), csv_query=urlencode(links), today=today,
         group_label={"tenant": "Tenant", "model": "Model", "license": "License"}[query.group])
