@@ -24,12 +24,12 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX2=ON -DGGML_FMA
 export LLMGW_CACHE LLMGW_VLLM_VENV LLMGW_VLLM_MPT_VENV LLMGW_TEST_MODELS LLMGW_LITELLM_VENV LLMGW_K8S_TOOLS \
   LLMGW_CHECKOV_VENV
 
-.PHONY: run test install engines test-models check clean redis-server postgres bench nginx k8s-tools render
+.PHONY: run test install engines test-models check clean redis-server postgres chromium bench nginx k8s-tools render
 
 run: $(VENV)/.installed
 	deploy/local/run.sh
 
-test: redis-server postgres
+test: redis-server postgres chromium
 	$(MAKE) -j3 $(VENV)/.installed-test $(LLMGW_VLLM_VENV)/.ready $(LLMGW_VLLM_MPT_VENV)/.ready k8s-tools
 	$(MAKE) test-models
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -97,6 +97,10 @@ redis-server:
 postgres:
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  (apt-get update -qq && apt-get install -y -qq postgresql)
+
+# The console's browser tests drive Debian's chromium with Playwright (its own browser download is not used).
+chromium:
+	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 
 # Side by side on the fast mock: direct, nginx, this gateway, LiteLLM; then real-engine added TTFT.
 # BENCH_ARGS e.g. --quick, --repeats 5, --skip-real-engines (see load_tests/README.md).

@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # /metrics needs an admin key (Prometheus: a bearer token) unless this is set (e.g. a scrape port
     # that only the monitoring namespace can reach).
     metrics_public: bool = False
+    # The web console at /console (gateway/console/): off the request path; false removes its routes.
+    console: bool = True
+    # A console session lasts this long after sign-in (the cookie's expiry and the server's alike).
+    console_session_ttl_s: int = Field(default=8 * 3600, gt=0)
     # Upstream connections at most; unset: max_inflight plus room for probes and tokenizer calls, so a
     # request never waits for a pooled connection (the in-flight cap answers 429 first).
     pool_max_connections: int | None = Field(default=None, gt=0)

@@ -127,6 +127,22 @@ def test_each_run_keeps_its_files_in_its_own_run_directory(two_runs: tuple[Run, 
     assert first.run_dir != second.run_dir
 
 
+def test_make_run_prints_the_console_and_the_admin_key_that_signs_in(two_runs: tuple[Run, Run]) -> None:
+    run = two_runs[0]
+    line = f"console: open {run.url}/console and sign in with the admin key {DEV_KEY}"
+    assert line in run.output.read_text().splitlines()
+    with httpx.Client(base_url=run.url, timeout=30) as http:
+        form = http.get("/console/sign-in")
+        token = form.text.split('name="csrf_token" value="')[1].split('"')[0]
+        signed_in = http.post("/console/sign-in", data={"key": DEV_KEY, "csrf_token": token})
+        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/console/overview"
+        # "Which models may local-prod use, and why not the others": its policy page says it.
+        page = http.get("/console/policy", params={"tenant": "local-prod"})
+        assert page.status_code == 200
+        assert 'data-model="smollm2-135m-instruct" data-verdict="allow"' in page.text
+        assert 'data-model="alpaca-7b" data-verdict="deny"' in page.text and "forbids commercial use" in page.text
+
+
 def test_a_port_in_use_stops_the_run_before_anything_serves(clone: Path) -> None:
     with socket.socket() as squatter:  # someone else's server on the llama.cpp port
         squatter.bind(("127.0.0.1", 0))

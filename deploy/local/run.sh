@@ -81,4 +81,9 @@ GATEWAY_PID=$!
 echo "$GATEWAY_PID" >"$RUN_DIR/gateway.pid"
 echo "gateway on http://$GATEWAY_HOST:$GATEWAY_PORT (pid $GATEWAY_PID in $RUN_DIR/gateway.pid; audit trail" \
   "$GATEWAY_AUDIT_SINK). Only smollm2-135m-instruct has a backend here; every other model answers 503."
+if [ "$GATEWAY_TENANTS" = deploy/local/tenants.yaml ]; then
+  echo "console: open http://$GATEWAY_HOST:$GATEWAY_PORT/console and sign in with the admin key sk-gw-local-dev"
+else
+  echo "console: open http://$GATEWAY_HOST:$GATEWAY_PORT/console and sign in with an API key of $GATEWAY_TENANTS"
+fi
 wait "$GATEWAY_PID"

@@ -18,6 +18,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.datastructures import QueryParams
 
 from gateway import pipeline
+from gateway.api.callers import request_caller
 from gateway.api.json import JSONResponse
 from gateway.errors import GatewayError
 from gateway.store.responses import StoreUnavailable
@@ -119,7 +120,7 @@ def _field(body: dict, name: str, kind: type | tuple, required: bool = False):  
 @router.post("/admin/keys")
 async def create_key(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
-    caller = state.caller(authorization)
+    caller = request_caller(request, authorization)
     require_admin(caller)
     body = await _body(request)
     unknown = sorted(set(body) - {"tenant", "name", "expires_at"})
@@ -143,7 +144,7 @@ async def create_key(request: Request, authorization: str | None = Header(None))
 @router.get("/admin/keys")
 async def list_keys(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
-    caller = state.caller(authorization)
+    caller = request_caller(request, authorization)
     params = _params(request.query_params, {"tenant", "limit", "after"})
     tenant = _own_tenant(caller, params.get("tenant"))
     try:
@@ -170,7 +171,7 @@ async def _database_key(state: pipeline.GatewayState, key_id: str):  # type: ign
 @router.post("/admin/keys/{key_id}/revoke")
 async def revoke_key(key_id: str, request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
-    caller = state.caller(authorization)
+    caller = request_caller(request, authorization)
     require_admin(caller)
     await _database_key(state, key_id)
     try:
@@ -185,7 +186,7 @@ async def revoke_key(key_id: str, request: Request, authorization: str | None = 
 @router.post("/admin/keys/{key_id}/rotate")
 async def rotate_key(key_id: str, request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
-    caller = state.caller(authorization)
+    caller = request_caller(request, authorization)
     require_admin(caller)
     body = await _body(request)
     unknown = sorted(set(body) - {"grace_seconds"})
@@ -205,7 +206,7 @@ async def rotate_key(key_id: str, request: Request, authorization: str | None = 
 @router.get("/admin/decisions")
 async def decisions(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
-    caller = state.caller(authorization)
+    caller = request_caller(request, authorization)
     params = _params(request.query_params, {"request_id", "tenant", "model", "decision", "since", "until",
                                             "limit", "cursor"})
     decision = params.get("decision")

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from gateway.admin import reload_config
+from gateway.api import admin_views
 from gateway.api.errors import install_error_handlers
 from gateway.api.generation import GenerationRoutes
 from gateway.api.request_context import RequestContextMiddleware
@@ -24,6 +25,7 @@ from gateway.api.routes import router
 from gateway.backends.discovery import Addresses, dns_resolver
 from gateway.backends.upstream import make_http_client
 from gateway.config_watch import watch_config
+from gateway.console import mount_console
 from gateway.observability.audit import AuditTrail
 from gateway.observability.metrics import Metrics
 from gateway.lifecycle import settle_garbage_collector
@@ -61,6 +63,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
                 app.state.created = int(time.time())
                 app.state.gateway = state
                 app.state.usage_api = UsageApi(settings, store, state.quotas, state.metrics)
+                app.state.console_sessions = store.sessions  # shared by every replica, sign-out included
                 _reload_on_sighup(state)
                 await _first_lookup(state)
                 settle_garbage_collector()
@@ -99,6 +102,8 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin_router)
+    app.include_router(admin_views.router)
+    mount_console(app, settings)  # /console: its own router, off the request path
     # Outermost: request id + overhead headers and the access log, for every route alike.
     return RequestContextMiddleware(GenerationRoutes(app))
 

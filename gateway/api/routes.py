@@ -8,6 +8,7 @@ from starlette.responses import Response
 
 from gateway import pipeline
 from gateway.admin import reload_config
+from gateway.api.callers import request_caller
 from gateway.api.models import model_card, visible_models
 from gateway.errors import license_forbidden, model_not_found
 from gateway.lifecycle import LIFECYCLE
@@ -26,7 +27,7 @@ def _state(request: Request) -> pipeline.GatewayState:
 async def list_models(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
     snapshot = state.snapshot
-    caller = state.caller(authorization)
+    caller = request_caller(request, authorization)
     cards = [model_card(snapshot.registry, m, request.app.state.created,
                         availability(snapshot.upstreams.endpoints(m), state.fleet))  # engine pods, not Services
              for m in visible_models(snapshot.registry, caller.tenant)]
@@ -37,7 +38,7 @@ async def list_models(request: Request, authorization: str | None = Header(None)
 async def get_model(model_id: str, request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
     snapshot = state.snapshot
-    caller = state.caller(authorization)
+    caller = request_caller(request, authorization)
     model = snapshot.registry.model(model_id)
     if model is None:
         raise snapshot.missing(model_id, caller.tenant)  # says so when this deployment does not run it
@@ -54,7 +55,7 @@ async def get_model(model_id: str, request: Request, authorization: str | None =
 @router.get("/v1/organization/usage/completions")
 async def usage_completions(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
-    caller = state.caller(authorization)
+    caller = request_caller(request, authorization)  # a key, or a console session (gateway/api/callers.py)
     api: usage_api.UsageApi = request.app.state.usage_api
     tenants = state.snapshot.tenants.tenants if state.snapshot.tenants is not None else {}
     return JSONResponse(await api.completions(tenants, caller, request.query_params))
@@ -63,7 +64,7 @@ async def usage_completions(request: Request, authorization: str | None = Header
 @router.post("/admin/reload")
 async def admin_reload(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
-    require_admin(state.caller(authorization))
+    require_admin(request_caller(request, authorization))
     result = await reload_config(state)
     return JSONResponse(result.body(), status_code=200 if result.ok else 400)
 
@@ -71,7 +72,7 @@ async def admin_reload(request: Request, authorization: str | None = Header(None
 @router.get("/admin/backends")
 async def admin_backends(request: Request, authorization: str | None = Header(None)) -> JSONResponse:
     state = _state(request)
-    require_admin(state.caller(authorization))
+    require_admin(request_caller(request, authorization))
     return JSONResponse({"data": backend_report(state)})
 
 
@@ -79,7 +80,7 @@ async def admin_backends(request: Request, authorization: str | None = Header(No
 async def metrics(request: Request, authorization: str | None = Header(None)) -> Response:
     state = _state(request)
     if not state.settings.metrics_public:  # tenant names, backends and licenses are not every caller's
-        require_admin(state.caller(authorization))
+        require_admin(request_caller(request, authorization))
     limiter_up = getattr(state.limiter, "redis_healthy", None)
     if limiter_up is not None:
         state.metrics.ratelimit_backend_up.set(1 if limiter_up else 0)

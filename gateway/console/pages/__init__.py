@@ -1,0 +1,1 @@
+"""The console pages, one module each; `gateway.console.app` routes them."""
