@@ -29,6 +29,7 @@ from gateway.policy.decide import Decision, Verdict
 from gateway.prompts.context import ensure_prompt_fits
 from gateway.prompts.prepare import UpstreamCall, prepare_chat, prepare_completion
 from gateway.registry import Model
+from gateway.responses.memory import MemoryResponseStore
 from gateway.routing.budget import RetryBudget
 from gateway.routing.fleet import Fleet
 from gateway.routing.picker import RoutingHints, RoutingPolicy, backends_in_try_order
@@ -62,16 +63,18 @@ class GatewayState:
     quotas: Any = field(default_factory=LocalQuotas)  # LocalQuotas | RedisQuotas (gateway/usage/quota.py)
     usage: UsageCounters = field(default_factory=UsageCounters)
     usage_lines: UsageLines = field(default_factory=UsageLines)
+    responses: Any = field(default_factory=MemoryResponseStore)  # a ResponseStore (gateway/responses/store.py)
 
 
 @dataclass(frozen=True)
 class Endpoint:
     schema: type[BaseModel]
     prepare: Callable[[Model, Any, int | None], UpstreamCall]
+    name: str = "chat"  # the endpoint tag of metrics, usage and audit records
 
 
-CHAT = Endpoint(ChatCompletionRequest, prepare_chat)
-COMPLETIONS = Endpoint(CompletionRequest, prepare_completion)
+CHAT = Endpoint(ChatCompletionRequest, prepare_chat, "chat")
+COMPLETIONS = Endpoint(CompletionRequest, prepare_completion, "completions")
 
 
 def identify(state: GatewayState, authorization: str | None) -> Caller:
@@ -84,11 +87,14 @@ def identify(state: GatewayState, authorization: str | None) -> Caller:
 
 
 async def serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: bytes,
-                context: RequestContext, client_gone: ClientWatch | None = None) -> Response:
-    record = RequestRecord(state.metrics, state.settings.metrics_tenant_label, time.monotonic())
+                context: RequestContext, client_gone: ClientWatch | None = None,
+                request: BaseModel | None = None) -> Response:
+    """`request`: the body already parsed (a bridge translated it: gateway/responses), instead of `raw`."""
+    record = RequestRecord(state.metrics, state.settings.metrics_tenant_label, time.monotonic(),
+                           endpoint=endpoint.name)
     record.tenant = caller.tenant.name
     try:
-        response = await _serve(state, endpoint, caller, raw, context, record, client_gone)
+        response = await _serve(state, endpoint, caller, raw, context, record, client_gone, request)
     except GatewayError as exc:
         record.finished(exc.status)
         raise
@@ -100,15 +106,17 @@ async def serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: by
 
 
 async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: bytes,
-                 context: RequestContext, record: RequestRecord, client_gone: ClientWatch | None) -> Response:
+                 context: RequestContext, record: RequestRecord, client_gone: ClientWatch | None,
+                 request: BaseModel | None = None) -> Response:
     snapshot = state.snapshot  # one consistent configuration for the whole request
-    body = parse_request(raw, endpoint.schema)
+    body = parse_request(raw, endpoint.schema) if request is None else request
     require_allowed_extras(body, caller.tenant)
     requested = snapshot.registry.model(body.model)
     if requested is None:
         raise model_not_found(body.model)
     decision = snapshot.decide(caller.tenant, requested)
-    if not _audit(state, context.request_id, caller, requested, decision) and _audit_required(state, caller):
+    if not _audit(state, context.request_id, caller, requested, decision, endpoint.name) \
+            and _audit_required(state, caller):
         raise GatewayError(503, "The audit trail cannot be written right now, and this gateway serves "
                            f"{caller.tenant.environment.value} tenants only with an audit record. Retry shortly.",
                            type="service_unavailable_error", code="audit_unavailable",
@@ -125,7 +133,8 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
     limited = caller.tenant.limits.any or bool(caller.tenant.quotas)
     outcome = Outcome(releases=[_reconcile(admission, call)] if limited else [], on_done=[record.outcome])
     if state.settings.usage_records:
-        outcome.on_done.append(recorder(state, caller, requested, model, call, context.request_id, record.started))
+        outcome.on_done.append(recorder(state, caller, requested, model, call, context.request_id, record.started,
+                                        endpoint.name))
     LIFECYCLE.enter()
     outcome.on_done.append(_leave)
     try:
@@ -221,18 +230,19 @@ def _audit_required(state: GatewayState, caller: Caller) -> bool:
     return state.settings.audit_fail_closed and caller.tenant.environment in _AUDITED_ENVIRONMENTS
 
 
-def _audit(state: GatewayState, request_id: str, caller: Caller, model: Model, decision: Decision) -> bool:
+def _audit(state: GatewayState, request_id: str, caller: Caller, model: Model, decision: Decision,
+           endpoint: str = "chat") -> bool:
     """Record the decision; False when the trail refused it or cannot currently be written."""
     if decision.hidden:  # answered as a missing model (404 either way): nothing may tell that it exists
         state.audit.record(AuditRecord(
             request_id=request_id, tenant=caller.tenant.name, key_id=caller.key_id, model_requested=model.id,
-            model_served=None, license="", decision="not_found", rule="not-found"))
+            model_served=None, license="", decision="not_found", rule="not-found", endpoint=endpoint))
         return True
     state.metrics.child(state.metrics.policy, decision.verdict.value, model.license).inc()
     return state.audit.record(AuditRecord(
         request_id=request_id, tenant=caller.tenant.name, key_id=caller.key_id, model_requested=model.id,
         model_served=decision.served_model, license=model.license, decision=decision.verdict.value,
-        rule=decision.rule,
+        rule=decision.rule, endpoint=endpoint,
     )) and state.audit.healthy
 
 

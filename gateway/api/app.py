@@ -18,12 +18,15 @@ from gateway.admin import reload_config
 from gateway.api.errors import install_error_handlers
 from gateway.api.generation import GenerationRoutes
 from gateway.api.request_context import RequestContextMiddleware
+from gateway.api.responses import router as responses_router
 from gateway.api.routes import router
 from gateway.backends.upstream import make_http_client
 from gateway.observability.audit import AuditTrail
 from gateway.observability.metrics import Metrics
 from gateway.lifecycle import settle_garbage_collector
 from gateway.pipeline import GatewayState
+from gateway.responses.memory import MemoryResponseStore
+from gateway.responses.retention import purge_periodically
 from gateway.routing.budget import RetryBudget
 from gateway.routing.fleet import Fleet, OutlierPolicy
 from gateway.routing.health import Prober
@@ -49,14 +52,16 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
             settle_garbage_collector()
             prober = asyncio.create_task(Prober(lambda: state.snapshot, state.fleet, state.metrics,
                                                 settings.health_probe_interval_s).run())
+            purger = asyncio.create_task(purge_periodically(state.responses, settings.responses_purge_interval_s))
             try:
                 yield
             finally:
                 try:
                     asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-                    prober.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await prober
+                    for task in (prober, purger):
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
                     await state.limiter.close()
                     await state.quotas.close()
                     await state.usage.close()
@@ -68,6 +73,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     app = FastAPI(title="LLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(responses_router)
     # Outermost: request id + overhead headers and the access log, for every route alike.
     return RequestContextMiddleware(GenerationRoutes(app))
 
@@ -92,6 +98,7 @@ def _build_state(settings: Settings, client) -> GatewayState:
         fleet=fleet,
         budget=RetryBudget(ratio=settings.retry_budget_ratio),
         routing=RoutingPolicy(settings.prefix_affinity, settings.session_affinity, settings.affinity_load_factor),
+        responses=MemoryResponseStore(settings.responses_memory_capacity),
     )
 
 

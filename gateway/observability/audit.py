@@ -50,6 +50,7 @@ class AuditRecord:
     license: str
     decision: str
     rule: str
+    endpoint: str = "chat"  # chat | completions | responses
 
     def to_json(self) -> str:
         record = {"time": utc_now_iso(), **self.__dict__}

@@ -84,7 +84,7 @@ class UsageLines:
 
 
 def recorder(state: "GatewayState", caller: "Caller", requested: "Model", model: "Model", call: "UpstreamCall",
-             request_id: str, started: float) -> Callable[["Outcome"], None]:
+             request_id: str, started: float, endpoint: str = "chat") -> Callable[["Outcome"], None]:
     """The Outcome callback that writes the usage record, counts the tokens and exports them."""
     fields, tokens_in, tokens_out = state.usage_lines.static(state, caller, requested, model)
 
@@ -94,7 +94,7 @@ def recorder(state: "GatewayState", caller: "Caller", requested: "Model", model:
         watch = outcome.watch
         ttft = watch.first_event_at - started if watch is not None and watch.first_event_at else None
         varying = orjson.dumps({
-            "request_id": request_id, "backend": outcome.backend_id, "fallback": outcome.fell_back,
+            "request_id": request_id, "endpoint": endpoint, "backend": outcome.backend_id, "fallback": outcome.fell_back,
             "stream": call.stream, "prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion, "usage_source": source, "status": status(outcome),
             "duration_ms": round((now - started) * 1000, 1), "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
