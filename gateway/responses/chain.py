@@ -9,10 +9,14 @@ refused.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from gateway.errors import GatewayError
+from gateway.responses.errors import store_unavailable
 from gateway.responses.store import ResponseStore, StoredResponse
+
+log = logging.getLogger("gateway.responses")
 
 _CONTINUED = ("completed", "incomplete")  # a failed turn's partial output is not part of the conversation
 
@@ -32,7 +36,11 @@ async def load_history(store: ResponseStore, tenant: str, response_id: str | Non
                 400, f"The conversation that '{response_id}' ends is longer than {max_chain} responses; start a "
                 "new one with its last turns as input, or set truncation to 'auto'.",
                 param="previous_response_id", code="conversation_too_long")
-        stored = await store.get(tenant, current)
+        try:
+            stored = await store.get(tenant, current)
+        except Exception:
+            log.exception("reading stored response %s failed", current)
+            raise store_unavailable() from None
         if stored is None:
             raise previous_response_not_found(response_id, current)
         turns.append(stored)

@@ -46,3 +46,9 @@ def as_responses_error(exc: GatewayError, chat: TurnChat) -> GatewayError:
 
 def _label(origin: str) -> str:
     return "an earlier turn of the conversation (previous_response_id)" if origin == HISTORY else origin
+
+
+def store_unavailable() -> GatewayError:
+    return GatewayError(503, "The response store is unavailable right now; retry shortly, or send store: false "
+                        "without previous_response_id.", type="service_unavailable_error", code="store_unavailable",
+                        headers={"Retry-After": "1"})

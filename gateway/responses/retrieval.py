@@ -13,8 +13,16 @@ from typing import Any
 
 from starlette.datastructures import QueryParams
 
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
 from gateway.errors import GatewayError
+from gateway.responses.errors import store_unavailable
 from gateway.responses.store import ResponseStore
+
+log = logging.getLogger("gateway.responses")
+T = TypeVar("T")
 
 _RETRIEVE = frozenset({"include", "include[]", "stream", "starting_after", "include_obfuscation"})
 _LIST = frozenset({"limit", "order", "after", "include", "include[]"})
@@ -29,7 +37,7 @@ async def retrieve(store: ResponseStore, tenant: str, response_id: str, query: Q
                            "retrieve it without stream.", param="stream", code="unsupported_parameter")
     _bool(params, "include_obfuscation")
     _int(params, "starting_after", None, 0, 10**9)
-    stored = await store.get(tenant, response_id)
+    stored = await _reached(store.get(tenant, response_id))
     if stored is None:
         raise not_found(response_id)
     return stored.response
@@ -37,7 +45,7 @@ async def retrieve(store: ResponseStore, tenant: str, response_id: str, query: Q
 
 async def delete(store: ResponseStore, tenant: str, response_id: str, query: QueryParams) -> dict[str, Any]:
     _strict(query, frozenset())
-    if not await store.delete(tenant, response_id):
+    if not await _reached(store.delete(tenant, response_id)):
         raise not_found(response_id)
     return {"id": response_id, "object": "response", "deleted": True}
 
@@ -50,7 +58,7 @@ async def input_items(store: ResponseStore, tenant: str, response_id: str, query
     if order not in ("asc", "desc"):
         raise GatewayError(400, f"Invalid 'order': expected 'asc' or 'desc', got {order[:40]!r}.", param="order",
                            code="invalid_value")
-    stored = await store.get(tenant, response_id)
+    stored = await _reached(store.get(tenant, response_id))
     if stored is None:
         raise not_found(response_id)
     items = stored.input_items if order == "asc" else stored.input_items[::-1]
@@ -65,6 +73,14 @@ async def input_items(store: ResponseStore, tenant: str, response_id: str, query
     page = items[start:start + limit]
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)}
+
+
+async def _reached(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except Exception:
+        log.exception("the response store failed")
+        raise store_unavailable() from None
 
 
 def not_found(response_id: str) -> GatewayError:
