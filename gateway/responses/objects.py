@@ -17,7 +17,7 @@ INCOMPLETE = "incomplete"
 def skeleton(request: ResponsesRequest, response_id: str, created_at: int, store: bool) -> dict[str, Any]:
     """The response before its output: what `response.created` carries, and the base of the final one."""
     fmt = request.text.format if request.text is not None else None
-    return {
+    base = {
         "id": response_id,
         "object": "response",
         "created_at": created_at,
@@ -45,10 +45,11 @@ def skeleton(request: ResponsesRequest, response_id: str, created_at: int, store
         "top_logprobs": 0,
         "top_p": 1.0 if request.top_p is None else request.top_p,
         "truncation": request.truncation or "disabled",
-        "usage": None,
-        "user": request.user,
         "metadata": request.metadata or {},
     }
+    if request.user is not None:  # a string in the spec, never null (as `usage`: set once known)
+        base["user"] = request.user
+    return base
 
 
 def _format(fmt: Any) -> dict[str, Any]:
@@ -87,14 +88,17 @@ def finished(base: dict[str, Any], item_id: str, text: str, finish_reason: str |
     """The final response: `completed`, or `incomplete` when the length limit stopped the model."""
     stopped = finish_reason == "length"
     status = INCOMPLETE if stopped else "completed"
-    return {
+    final = {
         **base,
         "status": status,
         "completed_at": None if stopped else int(time.time()),
         "incomplete_details": {"reason": "max_output_tokens"} if stopped else None,
         "output": [message_item(item_id, status, [text_part(text)])],
-        "usage": usage(chat_usage),
     }
+    counted = usage(chat_usage)
+    if counted is not None:
+        final["usage"] = counted
+    return final
 
 
 def failed(base: dict[str, Any], item_id: str, text: str, code: str, message: str) -> dict[str, Any]:
