@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     responses_retention_s: int = Field(default=30 * 24 * 3600, gt=0)
     responses_purge_interval_s: float = Field(default=300.0, gt=0)
     responses_max_chain: int = Field(default=100, ge=1)
-    responses_memory_capacity: int = Field(default=100_000, ge=1)
+    responses_memory_capacity: int = Field(default=10_000, ge=1)
 
     @property
     def pool_size(self) -> int:

@@ -12,6 +12,7 @@ The engines never see `store`, `previous_response_id` or the response ids: the g
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import orjson
@@ -25,6 +26,7 @@ from gateway.backends.dispatch import ClientWatch
 from gateway.responses.chain import load_history
 from gateway.responses.errors import as_responses_error
 from gateway.responses.objects import skeleton
+from gateway.prompts.prepare import prepare_chat
 from gateway.responses.prepare import prepare_turn
 from gateway.responses.request import Turn, new_id, refuse_unsupported, to_turn
 from gateway.responses.store import StoredResponse
@@ -34,7 +36,8 @@ from gateway.wire.protocol import ChatCompletionRequest
 from gateway.wire.responses import ResponsesRequest
 from gateway.wire.validation import parse_request
 
-RESPONSES = pipeline.Endpoint(ChatCompletionRequest, prepare_turn, "responses")
+# The route's entry (gateway.api.generation); each request is served by one bound to its turn.
+RESPONSES = pipeline.Endpoint(ChatCompletionRequest, prepare_chat, "responses")
 
 
 async def create_response(state: pipeline.GatewayState, caller: Caller, raw: bytes, context: RequestContext,
@@ -43,16 +46,18 @@ async def create_response(state: pipeline.GatewayState, caller: Caller, raw: byt
     try:
         request = parse_request(raw, ResponsesRequest)
         refuse_unsupported(request)
-        history = await load_history(state.responses, caller.tenant.name, request.previous_response_id,
-                                     state.settings.responses_max_chain, request.truncation == "auto")
+        history = [] if request.previous_response_id is None else await load_history(
+            state.responses, caller.tenant.name, request.previous_response_id, state.settings.responses_max_chain,
+            request.truncation == "auto")
         turn = to_turn(request, history)
     except GatewayError as exc:  # refused before the pipeline: counted as the pipeline counts its refusals
         _count_refusal(state, caller, exc.status, arrived)
         raise
     try:
-        answer = await pipeline.serve(state, RESPONSES, caller, b"", context, client_gone, request=turn.chat)
+        endpoint = pipeline.Endpoint(ChatCompletionRequest, partial(prepare_turn, turn), RESPONSES.name)
+        answer = await pipeline.serve(state, endpoint, caller, b"", context, client_gone, request=turn.chat)
     except GatewayError as exc:
-        raise as_responses_error(exc, turn.chat) from None
+        raise as_responses_error(exc, turn) from None
     store = request.store is not False
     save = _saver(state, caller, request, turn) if store else None
     translator = ResponseTranslator(skeleton(request, new_id("resp_"), created_at, store), new_id("msg_"), save)
@@ -90,7 +95,11 @@ def _replace_body(answer: Response, body: bytes, status: int | None = None) -> N
     """The pipeline's JSON answer with the Response as its body: the same object, so that its outcome is
     still reported once it is sent (gateway.backends.dispatch.AnswerThenReport)."""
     answer.body = body
-    answer.headers["content-length"] = str(len(body))
+    raw = answer.raw_headers
+    for index, (name, _) in enumerate(raw):
+        if name == b"content-length":
+            raw[index] = (name, str(len(body)).encode())
+            break
     if status is not None:
         answer.status_code = status
 

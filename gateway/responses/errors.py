@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from gateway.errors import GatewayError
-from gateway.responses.request import HISTORY, TurnChat
+from gateway.responses.request import HISTORY, Turn
 
 _MESSAGE = re.compile(r"messages\[(\d+)\]")
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
@@ -22,8 +22,8 @@ _WORDS = (
 )
 
 
-def as_responses_error(exc: GatewayError, chat: TurnChat) -> GatewayError:
-    origins = chat._origins
+def as_responses_error(exc: GatewayError, turn: Turn) -> GatewayError:
+    origins = turn.origins
 
     def origin(index: int) -> str:
         return origins[index] if index < len(origins) else "input"

@@ -34,14 +34,14 @@ def skeleton(request: ResponsesRequest, response_id: str, created_at: int, store
         "parallel_tool_calls": True if request.parallel_tool_calls is None else request.parallel_tool_calls,
         "previous_response_id": request.previous_response_id,
         "prompt_cache_key": request.prompt_cache_key,
-        "reasoning": {"effort": None, "summary": None},
+        "reasoning": _NO_REASONING,
         "safety_identifier": request.safety_identifier,
         "service_tier": "default",
         "store": store,
         "temperature": 1.0 if request.temperature is None else request.temperature,
-        "text": {"format": _format(fmt), "verbosity": "medium"},
+        "text": _PLAIN_TEXT if fmt is None else {"format": _format(fmt), "verbosity": "medium"},
         "tool_choice": request.tool_choice if isinstance(request.tool_choice, str) else "auto",
-        "tools": [],
+        "tools": _NO_TOOLS,
         "top_logprobs": 0,
         "top_p": 1.0 if request.top_p is None else request.top_p,
         "truncation": request.truncation or "disabled",
@@ -50,6 +50,12 @@ def skeleton(request: ResponsesRequest, response_id: str, created_at: int, store
     if request.user is not None:  # a string in the spec, never null (as `usage`: set once known)
         base["user"] = request.user
     return base
+
+
+# Shared by every response (never mutated): the same values OpenAI echoes for a request that sets none.
+_NO_REASONING: dict[str, Any] = {"effort": None, "summary": None}
+_PLAIN_TEXT: dict[str, Any] = {"format": {"type": "text"}, "verbosity": "medium"}
+_NO_TOOLS: list[Any] = []
 
 
 def _format(fmt: Any) -> dict[str, Any]:

@@ -10,25 +10,28 @@ from __future__ import annotations
 
 from gateway.prompts.prepare import UpstreamCall, prepare_chat
 from gateway.registry import Model
-from gateway.responses.request import TurnChat
+from gateway.responses.request import Turn
+from gateway.wire.protocol import ChatCompletionRequest
 
 # As gateway.prompts.context's estimate where no tokenizer is asked: it undercounts only unusually dense
 # text, so the engine's own count (the pipeline's context check after this) has the last word.
 _BYTES_PER_TOKEN = 3
 
 
-def prepare_turn(model: Model, chat: TurnChat, _default_max_tokens: int | None = None) -> UpstreamCall:
+def prepare_turn(turn: Turn, model: Model, chat: ChatCompletionRequest,
+                 _default_max_tokens: int | None = None) -> UpstreamCall:
+    """The pipeline's `prepare` for this turn (bound to it: `functools.partial(prepare_turn, turn)`)."""
     call = prepare_chat(model, chat)
-    if chat._truncate:
-        call = _truncated(model, chat, call)
+    if turn.truncate:
+        call = _truncated(turn, model, chat, call)
     return call
 
 
-def _truncated(model: Model, chat: TurnChat, call: UpstreamCall) -> UpstreamCall:
+def _truncated(turn: Turn, model: Model, chat: ChatCompletionRequest, call: UpstreamCall) -> UpstreamCall:
     """Drop the chain's messages, oldest first, until the prompt's estimate fits the context; the history
     kept starts with a user turn (every 2023 chat format alternates from one). This turn's own input and
     the instructions are never dropped: if they alone do not fit, the context check refuses them."""
-    start, end = chat._history
+    start, end = turn.history
     room = model.context_length - (chat.max_tokens or 1)
     excess = _estimate(call) - room
     drop = start
@@ -43,7 +46,7 @@ def _truncated(model: Model, chat: TurnChat, call: UpstreamCall) -> UpstreamCall
         call = prepare_chat(model, chat.model_copy(update={"messages": messages[:start] + messages[drop:]}))
         excess = _estimate(call) - room
     if drop > start:  # errors about later messages must still name the right input item
-        chat._origins = chat._origins[:start] + chat._origins[drop:]
+        turn.origins = turn.origins[:start] + turn.origins[drop:]
     return call
 
 

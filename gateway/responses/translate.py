@@ -13,6 +13,12 @@ The chat stream it reads is the gateway's own relay output (`data: {...}\\n\\n` 
 `{"error": ...}` event on failure), with the usage chunk always present (gateway.responses.request asks
 for it). After `[DONE]` the relay still has to let go of the engine's connection and report the outcome:
 the final events go out first, and the chat stream is then read to its end.
+
+Cost: a token's chunk is the relay's hot loop. The common one (text, no finish reason, no usage) is not
+parsed: its text is copied as the JSON string it already is into the delta event (escapes and all: inside
+JSON strings every quote is escaped, so the key pattern can only be the real key). The rest (the role
+chunk, the last chunk, usage, anything shaped otherwise) is parsed. The text is kept JSON-escaped and
+decoded once, at the end.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ from gateway.responses import objects
 
 Save = Callable[[dict[str, Any]], Awaitable[None]]
 _DONE = b"[DONE]"
+_CONTENT = b'"delta":{"content":"'
+_UNFINISHED = b'"finish_reason":null'
+_USAGE = b'"usage":{'
+_BACKSLASH = 0x5C
 
 
 class ResponseTranslator:
@@ -37,14 +47,12 @@ class ResponseTranslator:
         self.item_id = item_id
         self._save = save
         self._sequence = 0
-        self._texts: list[str] = []
+        self._texts: list[bytes] = []  # the text so far, as JSON string contents (escaped, unquoted)
         self._finish_reason: str | None = None
         self._usage: dict[str, Any] | None = None
         self._done = False
         self._error: dict[str, Any] | None = None
-        ids = orjson.dumps(item_id)
-        self._delta_head = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
-                            b'"item_id":' + ids + b',"output_index":0,"content_index":0,"delta":')
+        self._delta_head = b""
 
     def body(self, data: bytes) -> dict[str, Any]:
         """A chat.completion body -> the final response."""
@@ -56,6 +64,9 @@ class ResponseTranslator:
 
     async def stream(self, chat_events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """The chat SSE stream -> the Responses event stream."""
+        self._delta_head = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                            b'"item_id":' + orjson.dumps(self.item_id) + b',"output_index":0,"content_index":0,'
+                            b'"delta":"')
         try:
             yield self._opening()
             ended = False
@@ -76,21 +87,46 @@ class ResponseTranslator:
             await chat_events.aclose()  # idempotent; shields its own engine release and bookkeeping
 
     def _read(self, blob: bytes) -> list[bytes]:
+        """The events of one relayed read. Offsets into `blob`, no slice per event, and each byte of a token's
+        chunk scanned about once: this loop runs per token."""
         out: list[bytes] = []
-        for event in blob.split(b"\n\n"):
-            if not event.startswith(b"data: "):
-                continue
-            data = event[6:]
-            if data == _DONE:
-                self._done = True
-                continue
-            try:
-                self._chunk(orjson.loads(data), out)
-            except (orjson.JSONDecodeError, AttributeError, TypeError):  # the relay checks only the braces
-                self._error = {"type": "upstream_error", "message": "The model backend sent a malformed stream."}
-            if self._error is not None:
-                break
+        texts, head, size = self._texts, self._delta_head, len(blob)
+        position = 0
+        while position < size:
+            if blob.startswith(b"data: ", position):
+                start = blob.find(_CONTENT, position)
+                if start >= 0:
+                    start += len(_CONTENT)
+                    end = _string_end(blob, start)
+                    stop = blob.find(b"\n\n", end) if end >= 0 else -1
+                    # After the text: not the last chunk (its finish reason), no usage riding along.
+                    if stop >= 0 and blob.find(_UNFINISHED, end, stop) >= 0 and blob.find(_USAGE, end, stop) < 0 \
+                            and blob.find(b"\n\n", position, start) < 0:  # the text is this event's
+                        if end > start:
+                            text = blob[start:end]
+                            texts.append(text)
+                            out.append(head + text + b'","logprobs":[],"sequence_number":%d}\n\n' % self._sequence)
+                            self._sequence += 1
+                        position = stop + 2
+                        continue
+            stop = blob.find(b"\n\n", position)
+            if stop < 0:
+                stop = size
+            if blob.startswith(b"data: ", position):
+                self._parse(blob[position + 6:stop], out)
+                if self._error is not None:
+                    break
+            position = stop + 2
         return out
+
+    def _parse(self, data: bytes, out: list[bytes]) -> None:
+        if data == _DONE:
+            self._done = True
+            return
+        try:
+            self._chunk(orjson.loads(data), out)
+        except (orjson.JSONDecodeError, AttributeError, TypeError):  # the relay checks only the braces
+            self._error = {"type": "upstream_error", "message": "The model backend sent a malformed stream."}
 
     def _chunk(self, chunk: dict[str, Any], out: list[bytes]) -> None:
         if "error" in chunk:
@@ -103,18 +139,19 @@ class ResponseTranslator:
             if text:
                 if not isinstance(text, str):
                     raise TypeError("content is not text")
-                self._texts.append(text)
-                out.append(self._delta_head + orjson.dumps(text) + b',"logprobs":[],"sequence_number":'
-                           + str(self._next()).encode() + b"}\n\n")
+                quoted = orjson.dumps(text)
+                self._texts.append(quoted[1:-1])
+                out.append(self._delta_head + quoted[1:] + b',"logprobs":[],"sequence_number":%d}\n\n' % self._next())
             if choice.get("finish_reason"):
                 self._finish_reason = choice["finish_reason"]
         if chunk.get("usage"):
             self._usage = chunk["usage"]
 
     def _opening(self) -> bytes:
+        base = orjson.dumps(self.base)  # once, for both events that carry it
         return b"".join((
-            self._event("response.created", response=self.base),
-            self._event("response.in_progress", response=self.base),
+            self._event_with_response("response.created", base),
+            self._event_with_response("response.in_progress", base),
             self._event("response.output_item.added", output_index=0,
                         item=objects.message_item(self.item_id, "in_progress", [])),
             self._event("response.content_part.added", item_id=self.item_id, output_index=0, content_index=0,
@@ -122,7 +159,7 @@ class ResponseTranslator:
         ))
 
     async def _closing(self) -> bytes:
-        text = "".join(self._texts)
+        text = orjson.loads(b'"' + b"".join(self._texts) + b'"')
         if self._error is not None:
             code = "invalid_prompt" if self._error.get("type") == "invalid_request_error" else "server_error"
             message = str(self._error.get("message") or "The model backend failed in the middle of the answer.")
@@ -153,6 +190,11 @@ class ResponseTranslator:
             self._event(f"response.{final['status']}", response=final),
         ))
 
+    def _event_with_response(self, kind: str, response: bytes) -> bytes:
+        head = kind.encode()
+        return (b"event: " + head + b'\ndata: {"type":"' + head + b'","response":' + response
+                + b',"sequence_number":%d}\n\n' % self._next())
+
     def _event(self, kind: str, **fields: Any) -> bytes:
         payload = {"type": kind, **fields, "sequence_number": self._next()}
         return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
@@ -160,3 +202,16 @@ class ResponseTranslator:
     def _next(self) -> int:
         self._sequence += 1
         return self._sequence - 1
+
+
+def _string_end(data: bytes, start: int) -> int:
+    """The index of the quote that ends the JSON string starting at `start` (-1: none)."""
+    end = data.find(b'"', start)
+    while end > start and data[end - 1] == _BACKSLASH:
+        before = end - 1
+        while before >= start and data[before] == _BACKSLASH:
+            before -= 1
+        if (end - 1 - before) % 2 == 0:  # an even run of backslashes escapes itself, not the quote
+            break
+        end = data.find(b'"', end + 1)
+    return end
