@@ -124,7 +124,7 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
     model = _served_model(snapshot, requested, decision)
     record.model = model.id
     call = endpoint.prepare(model, body, caller.tenant.default_max_tokens or model.default_max_tokens)
-    payloads = EnginePayloads(call, model.id)
+    payloads = EnginePayloads(call, model.id, model.context_length)
     payloads.require_some(backend.engine for backend in model.backends)  # a 400 before it costs a slot
     admission = await _admit(state, caller, call.reservation(model.context_length))  # counts, answered or not
     headers = dict(admission.headers)

@@ -49,6 +49,15 @@ def test_create_and_stream_agree(client: openai.OpenAI, model: str) -> None:
 
 
 @pytest.mark.parametrize("model", MODELS)
+def test_without_max_output_tokens_it_runs_to_the_context(client: openai.OpenAI, model: str) -> None:
+    """No gateway or engine default cuts it short (vLLM's completions endpoint alone would stop at 16)."""
+    response = client.responses.create(model=model, input="hello", temperature=0, extra_body=TO_LENGTH)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    # The tiny servers' context is 512 tokens; the rendered path leaves a bound of the prompt's bytes.
+    assert 350 < response.usage.input_tokens + response.usage.output_tokens <= 512
+
+
+@pytest.mark.parametrize("model", MODELS)
 def test_a_chain_is_the_conversation_the_engine_counts(client: openai.OpenAI, model: str,
                                                        vllm_fleet: dict[str, Server]) -> None:
     first = client.responses.create(model=model, input="hello", max_output_tokens=16, temperature=0,
