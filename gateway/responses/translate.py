@@ -14,9 +14,10 @@ The chat stream it reads is the gateway's own relay output (`data: {...}\\n\\n` 
 for it). After `[DONE]` the relay still has to let go of the engine's connection and report the outcome:
 the final events go out first, and the chat stream is then read to its end.
 
-Cost: a token's chunk is the relay's hot loop. The common one (text, no finish reason, no usage) is not
-parsed: its text is copied as the JSON string it already is into the delta event (escapes and all: inside
-JSON strings every quote is escaped, so the key pattern can only be the real key). The rest (the role
+Cost: a token's chunk is the relay's hot loop. The common one (text, no finish reason, no usage, in the
+compact shape of vLLM and of the gateway's own translators) is not parsed: its text is copied as the JSON
+string it already is into the delta event (escapes and all: inside JSON strings every quote is escaped,
+so the key pattern can only be the real key). The rest (the role
 chunk, the last chunk, usage, anything shaped otherwise) is parsed. The text is kept JSON-escaped and
 decoded once, at the end.
 """
@@ -34,8 +35,8 @@ from gateway.responses import objects
 Save = Callable[[dict[str, Any]], Awaitable[None]]
 _DONE = b"[DONE]"
 _CONTENT = b'"delta":{"content":"'
-_UNFINISHED = b'"finish_reason":null'
-_USAGE = b'"usage":{'
+_UNFINISHED_TAIL = b'"},"logprobs":null,"finish_reason":null'  # vLLM's and the gateway's own chunks
+_CONTENT_SIZE = len(_CONTENT)
 _BACKSLASH = 0x5C
 
 
@@ -87,36 +88,41 @@ class ResponseTranslator:
             await chat_events.aclose()  # idempotent; shields its own engine release and bookkeeping
 
     def _read(self, blob: bytes) -> list[bytes]:
-        """The events of one relayed read. Offsets into `blob`, no slice per event, and each byte of a token's
-        chunk scanned about once: this loop runs per token."""
+        """The events of one relayed read (the relay's own `data: ...\\n\\n` framing). Offsets into `blob`, no
+        slice per event, one scan of a token's chunk up to its text and O(1) checks after it (an event's
+        data is one line: JSON has no raw newline)."""
         out: list[bytes] = []
-        texts, head, size = self._texts, self._delta_head, len(blob)
+        texts, head, size, sequence = self._texts, self._delta_head, len(blob), self._sequence
+        find, startswith, endswith = blob.find, blob.startswith, blob.endswith
         position = 0
         while position < size:
-            if blob.startswith(b"data: ", position):
-                start = blob.find(_CONTENT, position)
-                if start >= 0:
-                    start += len(_CONTENT)
+            start = find(_CONTENT, position)
+            if start >= 0 and find(b"\n", position, start) < 0:
+                start += _CONTENT_SIZE
+                end = find(b'"', start)
+                if blob[end - 1] == _BACKSLASH:
                     end = _string_end(blob, start)
-                    stop = blob.find(b"\n\n", end) if end >= 0 else -1
-                    # After the text: not the last chunk (its finish reason), no usage riding along.
-                    if stop >= 0 and blob.find(_UNFINISHED, end, stop) >= 0 and blob.find(_USAGE, end, stop) < 0 \
-                            and blob.find(b"\n\n", position, start) < 0:  # the text is this event's
-                        if end > start:
-                            text = blob[start:end]
-                            texts.append(text)
-                            out.append(head + text + b'","logprobs":[],"sequence_number":%d}\n\n' % self._sequence)
-                            self._sequence += 1
-                        position = stop + 2
-                        continue
-            stop = blob.find(b"\n\n", position)
+                stop = find(b"\n", end)
+                # Right after the text: no finish reason yet; the object closes after `choices` (no usage).
+                if end >= 0 and startswith(_UNFINISHED_TAIL, end) and endswith(b"}]}", end, stop):
+                    if end > start:
+                        text = blob[start:end]
+                        texts.append(text)
+                        out.append(b'%s%s","logprobs":[],"sequence_number":%d}\n\n' % (head, text, sequence))
+                        sequence += 1
+                    position = stop + 2
+                    continue
+            stop = find(b"\n\n", position)
             if stop < 0:
                 stop = size
-            if blob.startswith(b"data: ", position):
+            self._sequence = sequence
+            if startswith(b"data: ", position):
                 self._parse(blob[position + 6:stop], out)
                 if self._error is not None:
                     break
+            sequence = self._sequence
             position = stop + 2
+        self._sequence = sequence
         return out
 
     def _parse(self, data: bytes, out: list[bytes]) -> None:
