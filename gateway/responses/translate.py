@@ -54,6 +54,7 @@ class ResponseTranslator:
         self._done = False
         self._error: dict[str, Any] | None = None
         self._delta_head = b""
+        self._prefix: bytes | None = None  # what precedes the text in this stream's token chunks
 
     def body(self, data: bytes) -> dict[str, Any]:
         """A chat.completion body -> the final response."""
@@ -94,11 +95,20 @@ class ResponseTranslator:
         out: list[bytes] = []
         texts, head, size, sequence = self._texts, self._delta_head, len(blob), self._sequence
         find, startswith, endswith = blob.find, blob.startswith, blob.endswith
-        position = 0
+        position, prefix = 0, self._prefix
         while position < size:
-            start = find(_CONTENT, position)
-            if start >= 0 and find(b"\n", position, start) < 0:
-                start += _CONTENT_SIZE
+            # A stream's token chunks share everything before their text (id, created, model): once seen,
+            # the next one is recognised by a compare, not a search.
+            if prefix and startswith(prefix, position):
+                start = position + len(prefix)
+            else:
+                start = find(_CONTENT, position)
+                if start < 0 or find(b"\n", position, start) >= 0:
+                    start = -1
+                else:
+                    start += _CONTENT_SIZE
+                    prefix = None if start - position > 512 else blob[position:start]
+            if start >= 0:
                 end = find(b'"', start)
                 if blob[end - 1] == _BACKSLASH:
                     end = _string_end(blob, start)
@@ -122,7 +132,7 @@ class ResponseTranslator:
                     break
             sequence = self._sequence
             position = stop + 2
-        self._sequence = sequence
+        self._sequence, self._prefix = sequence, prefix
         return out
 
     def _parse(self, data: bytes, out: list[bytes]) -> None:
