@@ -19,14 +19,14 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from gateway import pipeline
+from gateway.backends.dispatch import ClientWatch
 from gateway.errors import GatewayError
 from gateway.observability.record import RequestRecord
 from gateway.observability.request_context import RequestContext
-from gateway.backends.dispatch import ClientWatch
+from gateway.prompts.prepare import prepare_chat
 from gateway.responses.chain import load_history
 from gateway.responses.errors import as_responses_error
 from gateway.responses.objects import skeleton
-from gateway.prompts.prepare import prepare_chat
 from gateway.responses.prepare import prepare_turn
 from gateway.responses.request import Turn, new_id, refuse_unsupported, to_turn
 from gateway.responses.store import StoredResponse

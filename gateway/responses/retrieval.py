@@ -8,14 +8,11 @@ a malformed value is a 400 naming it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import logging
+from collections.abc import Awaitable, Mapping
+from typing import Any, TypeVar
 
 from starlette.datastructures import QueryParams
-
-import logging
-from collections.abc import Awaitable
-from typing import TypeVar
 
 from gateway.errors import GatewayError
 from gateway.responses.errors import store_unavailable
