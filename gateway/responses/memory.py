@@ -6,7 +6,7 @@ that the oldest is dropped, so a busy gateway's memory cannot grow with 30 days 
 
 Each response is kept as one JSON blob, not as the dicts it arrived as: bytes are invisible to the garbage
 collector, which otherwise scanned every stored object at each young collection (~25 µs per request at
-c64 once thousands were stored), and they take a fifth of the memory.
+c64 once thousands were stored), and they take a fifth of the memory (~1.5 KB for a short answer).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ class MemoryResponseStore:
         return len(self._items)
 
     async def save(self, item: StoredResponse, expires_at: int) -> None:
-        blob = orjson.dumps((item.response, item.input_items))
+        # Copied to its own size: orjson's result keeps its whole working buffer (16 KiB for a 1.3 KB answer).
+        blob = bytes(memoryview(orjson.dumps((item.response, item.input_items))))
         self._items[item.id] = (item.tenant, item.created_at, item.previous_response_id, blob, expires_at)
         self._items.move_to_end(item.id)
         while len(self._items) > self.capacity:
