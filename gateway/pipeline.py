@@ -67,6 +67,7 @@ class GatewayState:
     budget: RetryBudget = field(default_factory=RetryBudget)
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
     quotas: Any = field(default_factory=LocalQuotas)  # LocalQuotas | RedisQuotas (gateway/admission/quota.py)
+    responses: Any = None  # a ResponseStore (gateway/responses/store.py): the database's
     holds: Holds = field(default_factory=Holds)  # each tenant's open requests here, uploads included
 
     def caller(self, authorization: str | None) -> Caller:
@@ -76,7 +77,7 @@ class GatewayState:
 
 @dataclass(frozen=True)
 class Endpoint:
-    name: str  # in usage records and the ledger: chat | completions (| responses)
+    name: str  # the endpoint tag of metrics, usage records, the ledger and audit: chat | completions | responses
     schema: type[BaseModel]
     prepare: Callable[[Model, Any, int | None], UpstreamCall]
 
@@ -106,13 +107,15 @@ def hold(state: GatewayState, caller: Caller) -> Hold | None:
 
 async def serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: bytes,
                 context: RequestContext, client_gone: ClientWatch | None = None,
-                held: Hold | None = None) -> Response:
+                held: Hold | None = None, request: BaseModel | None = None) -> Response:
     """`held`: the caller's hold (`hold()`); it passes to the request's outcome once there is one, and the
-    caller releases it when this raises before (releasing is idempotent)."""
-    record = RequestRecord(state.metrics, state.settings.metrics_tenant_label, time.monotonic())
+    caller releases it when this raises before (releasing is idempotent). `request`: the body already
+    parsed (a bridge translated it: gateway/responses), instead of `raw`."""
+    record = RequestRecord(state.metrics, state.settings.metrics_tenant_label, time.monotonic(),
+                           endpoint=endpoint.name)
     record.tenant = caller.tenant.name
     try:
-        response = await _serve(state, endpoint, caller, raw, context, record, client_gone, held)
+        response = await _serve(state, endpoint, caller, raw, context, record, client_gone, held, request)
     except GatewayError as exc:
         record.finished(exc.status)
         raise
@@ -124,16 +127,17 @@ async def serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: by
 
 
 async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: bytes, context: RequestContext,
-                 record: RequestRecord, client_gone: ClientWatch | None, held: Hold | None) -> Response:
+                 record: RequestRecord, client_gone: ClientWatch | None, held: Hold | None,
+                 request: BaseModel | None = None) -> Response:
     snapshot = state.snapshot  # one consistent configuration for the whole request
     caller = snapshot.current(caller)  # a reload during the upload: judged by the new rules, or a 401
-    body = parse_request(raw, endpoint.schema)
+    body = parse_request(raw, endpoint.schema) if request is None else request
     require_allowed_extras(body, caller.tenant)
     requested = snapshot.registry.model(body.model)
     if requested is None:
         raise snapshot.missing(body.model, caller.tenant)
     decision = snapshot.decide(caller.tenant, requested)
-    if not _audit(state, context, caller, requested, decision) and _audit_required(state, caller):
+    if not _audit(state, context, caller, requested, decision, endpoint.name) and _audit_required(state, caller):
         raise GatewayError(503, "The audit trail or the usage ledger cannot be written right now, and this "
                            f"gateway serves {caller.tenant.environment.value} tenants only with those records. "
                            "Retry shortly.",
@@ -142,7 +146,7 @@ async def _serve(state: GatewayState, endpoint: Endpoint, caller: Caller, raw: b
     model = _served_model(snapshot, requested, decision)
     record.model = model.id
     call = endpoint.prepare(model, body, caller.tenant.default_max_tokens or model.default_max_tokens)
-    payloads = EnginePayloads(call, model.id)
+    payloads = EnginePayloads(call, model.id, model.context_length)
     payloads.require_some(backend.engine for backend in model.backends)  # a 400 before it costs a slot
     reserve = call.reservation(model.context_length)
     admission = await _admit(state, caller, reserve)  # counts, answered or not
@@ -254,7 +258,8 @@ def _audit_required(state: GatewayState, caller: Caller) -> bool:
     return state.settings.audit_fail_closed and caller.tenant.environment in _AUDITED_ENVIRONMENTS
 
 
-def _audit(state: GatewayState, context: RequestContext, caller: Caller, model: Model, decision: Decision) -> bool:
+def _audit(state: GatewayState, context: RequestContext, caller: Caller, model: Model, decision: Decision,
+           endpoint: str) -> bool:
     """Record the decision (audit trail and database); False when the trail refused it or cannot currently
     be written, or the database's records can be neither written nor spooled."""
     request_id, client_request_id = context.request_id, context.client_request_id
@@ -263,7 +268,7 @@ def _audit(state: GatewayState, context: RequestContext, caller: Caller, model: 
         state.audit.record(AuditRecord(
             request_id=request_id, tenant=tenant, key_id=caller.key_id, model_requested=model.id,
             model_served=None, license="", decision="not_found", rule="not-found",
-            client_request_id=client_request_id))
+            client_request_id=client_request_id, endpoint=endpoint))
         state.store.decisions.record(DecisionRow(request_id, time.time(), tenant, caller.key_id, model.id, None,
                                                  "", "not_found", "not-found"))
         return True
@@ -274,7 +279,7 @@ def _audit(state: GatewayState, context: RequestContext, caller: Caller, model: 
     return state.audit.record(AuditRecord(
         request_id=request_id, tenant=tenant, key_id=caller.key_id, model_requested=model.id,
         model_served=decision.served_model, license=model.license, decision=verdict,
-        rule=decision.rule, client_request_id=client_request_id,
+        rule=decision.rule, client_request_id=client_request_id, endpoint=endpoint,
     )) and state.audit.healthy and state.store.durable
 
 

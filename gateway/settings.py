@@ -163,6 +163,15 @@ class Settings(BaseSettings):
     # Kubernetes Secret or ConfigMap mount is updated in place); 0: only on SIGHUP or POST /admin/reload.
     config_watch_s: float = Field(default=0.0, ge=0)
 
+    # Stored responses (/v1/responses with `store`, OpenAI's default): kept this long (30 days, as OpenAI),
+    # then their content is purged every `responses_purge_interval_s`. A `previous_response_id` chain is
+    # followed for at most `responses_max_chain` responses. The in-memory store (the default until a
+    # database store is configured) holds at most `responses_memory_capacity`, dropping the oldest.
+    responses_retention_s: int = Field(default=30 * 24 * 3600, gt=0)
+    responses_purge_interval_s: float = Field(default=300.0, gt=0)
+    responses_max_chain: int = Field(default=100, ge=1)
+    responses_memory_capacity: int = Field(default=10_000, ge=1)
+
     @property
     def pool_size(self) -> int:
         return self.pool_max_connections or self.max_inflight + POOL_HEADROOM

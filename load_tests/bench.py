@@ -38,8 +38,9 @@ import bench_targets as bt  # noqa: E402
 
 LOADGEN = bt.ROOT / "load_tests" / "loadgen.py"
 RESULTS = bt.ROOT / "load_tests" / "results"
-SCENARIOS = ("c1", "c16", "c64", "c256", "stream", "open500", "sweep", "streams")
-QUICK_SCENARIOS = ("c1", "c64", "stream", "open500", "sweep", "streams")
+SCENARIOS = ("c1", "c16", "c64", "c256", "stream", "responses", "open500", "sweep", "streams")
+QUICK_SCENARIOS = ("c1", "c64", "stream", "responses", "open500", "sweep", "streams")
+RESPONSES_TARGETS = ("gateway",)  # the mock (so direct and nginx) has no /v1/responses
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -188,6 +189,13 @@ class Runner:
         if "stream" in sc:
             out["stream_c16"] = self.repeat(t, "stream c16 x128",
                                             ["--concurrency", "16", "--stream", "--max-tokens", "128"], a.duration)
+        if "responses" in sc and t.name in RESPONSES_TARGETS:
+            # Right after chat's c64 and stream c16 x128, on the same target: the bridge's own cost.
+            out["responses_c64"] = self.repeat(t, "responses c64", ["--endpoint", "responses", "--concurrency", "64"],
+                                               a.duration)
+            out["responses_stream_c16"] = self.repeat(
+                t, "responses stream c16 x128", ["--endpoint", "responses", "--concurrency", "16", "--stream",
+                                                 "--max-tokens", "128"], a.duration)
         best = max((out[k]["median"]["rps"] or 0 for k in ("c1", "c16", "c64", "c256") if k in out), default=0)
         if "open500" in sc:
             # far past saturation an open-loop run only queues: seconds of draining that say nothing more

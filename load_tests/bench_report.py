@@ -149,6 +149,11 @@ ROWS: list[tuple[str, Getter, int, bool]] = [
     ("stream c16 x128: chunks/s", _get("stream_c16", "chunks_per_s"), 0, True),
     ("stream c16 x128: TTFT p50 ms", _get("stream_c16", "ttft_p50"), 2, True),
     ("stream c16 x128: p99 ms", _get("stream_c16", "p99"), 1, True),
+    # /v1/responses (the gateway only): the same work as the chat rows above, through the bridge
+    ("responses c64: rps", _get("responses_c64", "rps"), 0, False),
+    ("responses c64: p99 ms", _get("responses_c64", "p99"), 1, False),
+    ("responses stream c16 x128: chunks/s", _get("responses_stream_c16", "chunks_per_s"), 0, False),
+    ("responses stream c16 x128: TTFT p50 ms", _get("responses_stream_c16", "ttft_p50"), 2, False),
     # RSS rows: no `*`; a busy generator does not change what the server holds per open stream
     ("slow streams: ok", _get("streams", "ok", False), 0, False),
     ("slow streams: peak open sockets", _get("streams", "peak_fds", False), 0, False),
@@ -216,7 +221,8 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     def add(name: str, value: float | None, limit: float, higher_is_better: bool, unit: str, note: str = "") -> None:
         ok = None if value is None else (value >= limit if higher_is_better else value <= limit)
-        out.append({"check": name, "value": value, "limit": limit, "unit": unit, "pass": ok, "note": note})
+        out.append({"check": name, "value": value, "limit": limit, "unit": unit, "pass": ok, "note": note,
+                    "higher": higher_is_better})
 
     x = None if gw_best is None or not lt_best else gw_best / lt_best
     add("gateway saturation throughput / LiteLLM's (non-streamed)", x, 10, True, "x",
@@ -226,6 +232,15 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     add("added p99 at 500 rps open loop", val(_added("open_500", "p99"), "gateway"), 5, False, "ms")
     add("streamed relay, SSE chunks/s (c16 x128)", val(_get("stream_c16", "chunks_per_s"), "gateway"), 50_000, True,
         "chunks/s")
+    def of_chat(scenario: str, chat: str, metric: str) -> float | None:
+        mine, theirs = val(_get(scenario, metric), "gateway"), val(_get(chat, metric), "gateway")
+        return None if mine is None or not theirs else mine / theirs
+
+    add("Responses / chat completions, non-streamed c64 rps", of_chat("responses_c64", "c64", "rps"), 0.9, True, "x")
+    # A Responses stream has 8 lifecycle events around its deltas, chat's 2 (role, usage): answers/s too.
+    add("Responses / chat completions, streamed c16 x128 chunks/s",
+        of_chat("responses_stream_c16", "stream_c16", "chunks_per_s"), 0.9, True, "x",
+        f"answers/s {of_chat('responses_stream_c16', 'stream_c16', 'rps') or 0:.2f}x")
     streams = (results.get("gateway", {}).get("streams") or {}).get("streams")
     add(f"gateway peak RSS with {streams or '?'} open streams", val(_get("streams", "peak_mb", False), "gateway"), 500,
         False, "MB", "" if streams in (None, 2000) else "fewer streams than the target's 2,000")
@@ -237,7 +252,7 @@ def render_checks(items: list[dict[str, Any]]) -> str:
     for c in items:
         verdict = {True: "PASS", False: "FAIL", None: "n/a "}[c["pass"]]
         value = "-" if c["value"] is None else f"{c['value']:,.2f}"
-        op = ">=" if c["check"].startswith(("gateway saturation", "streamed")) else "<="
+        op = ">=" if c.get("higher", c["check"].startswith(("gateway saturation", "streamed"))) else "<="
         note = f"  ({c['note']})" if c["note"] else ""
         lines.append(f"{verdict}  {c['check']}: {value} {c['unit']} (target {op} {c['limit']:,g}){note}")
     return "\n".join(lines)

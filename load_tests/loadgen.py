@@ -1,4 +1,4 @@
-"""A fast HTTP/1.1 load generator for OpenAI-compatible chat/completions endpoints, with JSON results.
+"""A fast HTTP/1.1 load generator for OpenAI-compatible chat/completions/responses endpoints, with JSON results.
 
 Closed loop (``--mode closed --concurrency N``): N keep-alive connections, each sends its next request as
 soon as the previous answer is complete. Open loop (``--mode open --rate R``): requests are due at fixed
@@ -168,6 +168,12 @@ class Conn(asyncio.Protocol):
                 break
             event = body[start:end]
             start = end + 2
+            kind = b""
+            if event.startswith(b"event: "):  # the Responses API: named events, no [DONE]
+                newline = event.find(b"\n")
+                kind, event = event[7:newline], event[newline + 1:]
+                if kind in (b"response.completed", b"response.incomplete"):
+                    self.done_seen = True
             if not event.startswith(b"data: "):
                 continue
             if event == b"data: [DONE]":
@@ -179,6 +185,10 @@ class Conn(asyncio.Protocol):
             else:
                 self.first_event_t = now
             self.last_event_t = now
+            if kind:
+                if kind == b"response.output_text.delta" and not self.first_token_t:
+                    self.first_token_t = now
+                continue
             if not self.first_token_t:
                 try:
                     choice = orjson.loads(bytes(event[6:]))["choices"]
@@ -207,13 +217,18 @@ def build_request(url: str, model: str, api_key: str | None, endpoint: str, stre
     if endpoint == "chat":
         path = base + "/chat/completions"
         body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "Say hello to the benchmark."}]}
+    elif endpoint == "responses":  # what the SDK sends: store (the default) and no stream options
+        path = base + "/responses"
+        body = {"model": model, "input": "Say hello to the benchmark.", "max_output_tokens": max_tokens}
     else:
         path = base + "/completions"
         body = {"model": model, "prompt": "Say hello to the benchmark."}
-    body["max_tokens"] = max_tokens
+    if endpoint != "responses":
+        body["max_tokens"] = max_tokens
     if stream:
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        if endpoint != "responses":
+            body["stream_options"] = {"include_usage": True}
     body.update(extra)
     data = orjson.dumps(body)
     head = (f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
@@ -503,7 +518,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8080 (…/v1 is added)")
     p.add_argument("--model", required=True)
     p.add_argument("--api-key", default=None)
-    p.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
+    p.add_argument("--endpoint", choices=("chat", "completions", "responses"), default="chat")
     p.add_argument("--mode", choices=("closed", "open"), default="closed")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--rate", type=float, default=100.0, help="open loop: requests/s")

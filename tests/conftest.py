@@ -27,6 +27,9 @@ VLLM_VENVS = {
 }
 TEST_MODELS = Path(os.environ.get("LLMGW_TEST_MODELS", CACHE / "test-models"))
 VLLM_READY_TIMEOUT_S = 420
+# The tiny servers' context; the overlay says so too, as a deployment's registry does (the gateway's own
+# context check and the room it leaves vLLM for an answer come from it).
+VLLM_MAX_MODEL_LEN = 512
 
 # Tiny checkpoint -> (vLLM version that serves it, registry ids it stands in for).
 # Template-less chat models (vicuna, redpajama chat, falcon instruct, mpt chat) are among them: their
@@ -118,7 +121,7 @@ def vllm_fleet_launched(log_dir: Path) -> Iterator[dict[str, Server]]:
         port = free_port()
         argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                 "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
-                "--max-model-len", "512", "--dtype", "bfloat16", "--enforce-eager",
+                "--max-model-len", str(VLLM_MAX_MODEL_LEN), "--dtype", "bfloat16", "--enforce-eager",
                 "--enable-log-requests"]  # logs each request's SamplingParams: what the engine received
         fleet[name] = start_server(f"vllm-{version}-{name}", argv, port, "/health", log_dir, env)
     try:
@@ -140,7 +143,7 @@ def _overlay(llama_cpp: Server, fleet: dict[str, Server], seq2seq: Server) -> di
     models[0]["backends"][0]["url"] = llama_cpp.url
     for name, (version, model_ids) in TINY_VLLM_MODELS.items():
         for model_id in model_ids:
-            models.append({"id": model_id, "backends": [{
+            models.append({"id": model_id, "context_length": VLLM_MAX_MODEL_LEN, "backends": [{
                 "id": f"test-{name}-for-{model_id}", "engine": "vllm", "engine_version": version,
                 "url": fleet[name].url, "role": "primary", "served_model_name": name,
                 "shared_with_other_licenses": True}]})  # test fixtures only: one checkpoint, several licenses

@@ -102,6 +102,18 @@ def test_loadgen_through_the_gateway(gateway: Server, mock: Server) -> None:
     assert stream["inter_chunk_ms"]["p50"] <= stream["inter_chunk_ms"]["p99"]
 
 
+def test_loadgen_on_the_responses_api(gateway: Server) -> None:
+    """The bench's Responses scenarios: `--endpoint responses`, its named events, its terminal event."""
+    result = loadgen("--url", gateway.url, "--model", MODEL, "--api-key", "sk-load-test", "--endpoint", "responses",
+                     "--mode", "closed", "--concurrency", "8", "--requests", "40", "--max-tokens", "16")
+    sane(result, 40)
+    result = loadgen("--url", gateway.url, "--model", MODEL, "--api-key", "sk-load-test", "--endpoint", "responses",
+                     "--mode", "closed", "--concurrency", "2", "--requests", "10", "--stream", "--max-tokens", "16",
+                     "--expect-events", str(4 + 16 + 4))  # created .. content_part.added, deltas, the done events
+    sane(result, 10)
+    assert result["stream"]["ttft_ms"]["p50"] <= result["latency_ms"]["p50"]
+
+
 def _bench_report():  # load_tests/ is not a package: load the module from its file
     import importlib.util
 
@@ -141,6 +153,8 @@ def test_bench_report_medians_table_checks_and_markdown(tmp_path: Path) -> None:
     steps = [{"rate": 100.0, "ok": True}, {"rate": 150.0, "ok": False}]
     assert rep.sweep_verdict(steps) == (100.0, "=") and rep.sweep_verdict(steps[1:]) == (150.0, "<")
     results["gateway"]["sweep"] = {"steps": steps, "saturation_rps": 100.0, "bound": "=", "p99_bound_ms": 100}
+    results["gateway"]["responses_c64"] = rep.summarise([_run(3800, 10, 22)])  # 0.95 of chat's 4,000
+    results["gateway"]["responses_stream_c16"] = rep.summarise([_run(9, 5, 9, chunks=50000)])  # 0.83 of 60,000
 
     rows = rep.table_rows(results)
     assert rows[0] == ["metric", "direct", "nginx", "gateway", "litellm", "gateway/litellm", "gateway/nginx"]
@@ -158,6 +172,11 @@ def test_bench_report_medians_table_checks_and_markdown(tmp_path: Path) -> None:
     assert verdicts["added latency, sequential p50"] is True and verdicts["added latency, sequential p99"] is True
     assert verdicts["streamed relay, SSE chunks/s (c16 x128)"] is True
     assert verdicts["gateway peak RSS with 2000 open streams"] is True
+    assert verdicts["Responses / chat completions, non-streamed c64 rps"] is True
+    assert verdicts["Responses / chat completions, streamed c16 x128 chunks/s"] is False
+    assert by_label["responses c64: rps"][3] == "3,800" and by_label["responses c64: rps"][1] == "-"
+    assert "PASS  Responses / chat completions, non-streamed c64 rps: 0.95 x (target >= 0.9)" in \
+        rep.render_checks(rep.checks(results))
 
     md = tmp_path / "BENCHMARKS.md"
     section = rep.markdown_section("now", "make bench", {"cores": 2}, rows, rep.checks(results), {}, "r.json", [])

@@ -21,6 +21,7 @@ from gateway.api.errors import install_error_handlers
 from gateway.api.generation import GenerationRoutes
 from gateway.api.request_context import RequestContextMiddleware
 from gateway.api.admin_routes import router as admin_router
+from gateway.api.responses import router as responses_router
 from gateway.api.routes import router
 from gateway.backends.discovery import Addresses, dns_resolver
 from gateway.backends.upstream import make_http_client
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     app.include_router(admin_router)
     app.include_router(admin_views.router)
     mount_console(app, settings)  # /console: its own router, off the request path
+    app.include_router(responses_router)
     # Outermost: request id + overhead headers and the access log, for every route alike.
     return RequestContextMiddleware(GenerationRoutes(app))
 
@@ -154,6 +156,7 @@ def _build_state(settings: Settings, client, store: Store, addresses: Addresses 
         fleet=fleet,
         budget=RetryBudget(ratio=settings.retry_budget_ratio),
         routing=RoutingPolicy(settings.prefix_affinity, settings.session_affinity, settings.affinity_load_factor),
+        responses=store.responses,  # the database's: a chain continues on any replica
     )
 
 

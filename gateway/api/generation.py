@@ -1,4 +1,4 @@
-"""The two generation routes, `POST /v1/chat/completions` and `POST /v1/completions`, as plain ASGI.
+"""The generation routes, `POST /v1/chat/completions`, `/v1/completions` and `/v1/responses`, as plain ASGI.
 
 They go straight to `gateway.pipeline`; every other request (models, admin, metrics, health) and the
 lifespan go on to the FastAPI app. Why not FastAPI routes: its middleware stack, routing and
@@ -22,10 +22,12 @@ from gateway import deadlines, pipeline
 from gateway.api.errors import error_response
 from gateway.errors import ClientGone, GatewayError
 from gateway.observability.request_context import RequestContext
+from gateway.responses.bridge import RESPONSES, create_response
 
 log = logging.getLogger("gateway.api")
 
-ENDPOINTS = {"/v1/chat/completions": pipeline.CHAT, "/v1/completions": pipeline.COMPLETIONS}
+ENDPOINTS = {"/v1/chat/completions": pipeline.CHAT, "/v1/completions": pipeline.COMPLETIONS,
+             "/v1/responses": RESPONSES}  # the Responses bridge onto the chat pipeline (gateway/responses)
 
 
 class GenerationRoutes:
@@ -69,6 +71,8 @@ class GenerationRoutes:
                 raise GatewayError(400, f"The request body has more than {settings.max_json_containers} JSON "
                                    f"objects and arrays or {settings.max_json_items} items.",
                                    code="request_too_complex")
+            if endpoint is RESPONSES:
+                return await create_response(state, caller, raw, context, lambda: _disconnected(receive), held)
             return await pipeline.serve(state, endpoint, caller, raw, context, lambda: _disconnected(receive),
                                         held)
         except BaseException:

@@ -14,6 +14,10 @@ llama-cpp-python 0.3.36's server, our seq2seq worker):
   `repeat_penalty`; `grammar` for tenants allowed it; `response_format` json_object on chat only.
   Its validation errors come back as 500s, and errors after a stream started as an empty stream.
 - Every engine: no empty prompt, `max_tokens` >= 1 (llama.cpp reads 0 as "no limit").
+- "No limit" (a chat the gateway rendered for `/v1/completions`, sent with `max_tokens: null`): llama.cpp
+  reads null so; vLLM's completions endpoint reads it as its default of 16 tokens, so vLLM gets a number
+  instead: the context length less the prompt's UTF-8 size, which no tokenizer exceeds (0.27 refuses a
+  prompt plus `max_tokens` longer than the context; 0.32 would clamp it).
 - seq2seq worker: batched and token-id prompts, `n`, `best_of` <= `n`; no logprobs, no suffix.
 """
 
@@ -58,8 +62,9 @@ class RequestTranslator:
     response_format: frozenset[str] = frozenset({"/v1/chat/completions", "/v1/completions"})  # endpoints
     output_formats: frozenset[str] = frozenset({"json_object", "json_schema"})
     stream_usage: bool = True  # sends the usage chunk of a stream when asked
+    null_max_tokens_is_unlimited: bool = True  # completions' `max_tokens: null` runs to the context's end
 
-    def translate(self, call: UpstreamCall) -> dict[str, Any]:
+    def translate(self, call: UpstreamCall, context_length: int | None = None) -> dict[str, Any]:
         payload = call.payload
         if not payload.keys().isdisjoint(_CHECKED):  # the common request has none of these: one set test
             self._refuse_what_this_engine_cannot_do(call)
@@ -74,6 +79,9 @@ class RequestTranslator:
             body = dict(payload)
         if call.path == COMPLETIONS_PATH and "prompt" in payload:
             body["prompt"] = self.prompt(payload["prompt"])
+            if not self.null_max_tokens_is_unlimited and context_length and "max_tokens" in payload \
+                    and payload["max_tokens"] is None:
+                body["max_tokens"] = _room(context_length, payload["prompt"])
         if call.stream and self.stream_usage:  # always: rate limits reconcile with the engine's count
             body["stream_options"] = {"include_usage": True}
         return body
@@ -120,7 +128,7 @@ _ALL_EXTRAS = _VLLM_EXTRAS | {"grammar"}
 # no per-engine check.
 _CHECKED = frozenset(_ALL_EXTRAS | {"n", "best_of", "suffix", "logprobs", "top_logprobs", "response_format"})
 
-VLLM = RequestTranslator("vLLM", extras=frozenset(_VLLM_EXTRAS))
+VLLM = RequestTranslator("vLLM", extras=frozenset(_VLLM_EXTRAS), null_max_tokens_is_unlimited=False)
 LLAMA_CPP = RequestTranslator(
     "llama.cpp", extras=frozenset({"top_k", "min_p", "repetition_penalty", "grammar"}),
     renames={"repetition_penalty": "repeat_penalty"}, several_choices=False, token_prompts=False,
@@ -136,21 +144,29 @@ TRANSLATORS: dict[Engine, RequestTranslator] = {Engine.VLLM: VLLM, Engine.LLAMA_
                                                  Engine.SEQ2SEQ: SEQ2SEQ}
 
 
+def _room(context_length: int, prompt: Any) -> int:
+    """Tokens left after a text prompt, at least (BPE and byte-fallback tokenizers make at most one token
+    per byte, plus BOS); 16 (the engines' own default) when the bound leaves less."""
+    size = len(prompt.encode()) if isinstance(prompt, str) else context_length
+    return max(16, context_length - size - 8)
+
+
 class EnginePayloads:
     """One request's body per engine, translated once and shared by every backend of that engine."""
 
-    __slots__ = ("call", "model_id", "_bodies")
+    __slots__ = ("call", "model_id", "context_length", "_bodies")
 
-    def __init__(self, call: UpstreamCall, model_id: str) -> None:
+    def __init__(self, call: UpstreamCall, model_id: str, context_length: int | None = None) -> None:
         self.call = call
         self.model_id = model_id
+        self.context_length = context_length
         self._bodies: dict[Engine, dict[str, Any] | Unsupported] = {}
 
     def body_for(self, engine: Engine) -> dict[str, Any] | Unsupported:
         body = self._bodies.get(engine)
         if body is None:
             try:
-                body = TRANSLATORS[engine].translate(self.call)
+                body = TRANSLATORS[engine].translate(self.call, self.context_length)
             except Unsupported as exc:
                 body = exc
             self._bodies[engine] = body

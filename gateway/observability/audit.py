@@ -54,6 +54,7 @@ class AuditRecord:
     # The client's own id for the request (x-client-request-id), kept beside the gateway's `request_id`,
     # which no client chooses (gateway/api/request_context.py).
     client_request_id: str | None = None
+    endpoint: str = "chat"  # chat | completions | responses
 
     def to_json(self) -> str:
         record = {"time": utc_now_iso(), **self.__dict__}

@@ -123,8 +123,8 @@ class Metrics:
         self.tenant_label = tenant_label
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("gateway_requests", "Requests answered", ["model", "backend", "status", "tenant"],
-                                registry=r)
+        self.requests = Counter("gateway_requests", "Requests answered",
+                                ["model", "backend", "status", "tenant", "endpoint"], registry=r)
         self.duration = Histogram("gateway_request_duration_seconds", "Time from request to last byte",
                                   ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("gateway_time_to_first_token_seconds", "Time from request to first streamed event",

@@ -18,6 +18,7 @@ class RequestRecord:
     tenant: str = "unauthenticated"
     model: str = "unknown"  # only registry ids ever replace this: label values stay bounded
     backend: str = "none"
+    endpoint: str = "chat"
     _counted: bool = False
     _deferred: bool = False
 
@@ -27,7 +28,7 @@ class RequestRecord:
         self._counted = True
         tenant = self.tenant if self.tenant_label else "-"
         m = self.metrics
-        m.child(m.requests, self.model, self.backend, str(status), tenant).inc()
+        m.child(m.requests, self.model, self.backend, str(status), tenant, self.endpoint).inc()
         m.child(m.duration, self.model).observe(time.monotonic() - self.started)
 
     def responded(self, response: Response) -> None:

@@ -110,7 +110,8 @@ class ChatMessage(_Part):
 # list of numbers costs a len(), not seconds of the event loop (longer than any context here).
 # gateway.wire.validation checks them before the model is validated.
 MAX_ITEMS = {"prompt": 32_768, "messages": 2_048, "stop_token_ids": 256, "logit_bias": 1_024,
-             "guided_choice": 1_024, "tools": 128, "functions": 128}
+             "guided_choice": 1_024, "tools": 128, "functions": 128,
+             "input": 2_048, "include": 32, "context_management": 16}  # the last three: /v1/responses
 
 
 class _Request(BaseModel):

@@ -1,0 +1,34 @@
+"""Stored responses: what the bridge keeps of each answered turn, and the protocol every store implements.
+
+The in-memory store (`gateway.responses.memory`) is the default; the SQL one
+(`gateway.store.responses.SqlResponseStore`) implements the same protocol for several replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    id: str  # "resp_..."
+    tenant: str
+    created_at: int  # unix seconds
+    previous_response_id: str | None
+    response: dict  # the full OpenAI response object, as returned to the client
+    input_items: list[dict]  # this turn's input items, each with an "id" (OpenAI input_items shape)
+
+
+class ResponseStore(Protocol):
+    async def save(self, item: StoredResponse, expires_at: int) -> None:
+        """Durable when it returns: a follow-up sent the moment the answer completed finds it."""
+
+    async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
+        """None: missing, expired, deleted, or another tenant's (the caller cannot tell which)."""
+
+    async def delete(self, tenant: str, response_id: str) -> bool:
+        """The content is gone when it returns; False when there was nothing of this tenant's to delete."""
+
+    async def purge_expired(self, now: int, batch: int = 5000) -> int:
+        """Drop the content of responses expired by `now`, at most `batch` of them; how many were dropped."""

@@ -1,0 +1,233 @@
+"""The chat answer -> the Response: a JSON body, or OpenAI's event stream (the translator of this bridge,
+as gateway.backends.translate holds those of the chat endpoints).
+
+The stream, in OpenAI's order, every event with `event:` and a `sequence_number`, one response id and one
+message id throughout (the SDK's stream helper refuses a change): `response.created`, `response.in_progress`,
+`response.output_item.added`, `response.content_part.added` (all four at once, before the first token),
+one `response.output_text.delta` per engine chunk with text, then `response.output_text.done`,
+`response.content_part.done`, `response.output_item.done` and `response.completed` (`response.incomplete`
+when the length limit stopped it). The final response is stored before its last event leaves (`save`).
+An engine that breaks off after the first byte ends the stream with `response.failed` and the reason.
+
+The chat stream it reads is the gateway's own relay output (`data: {...}\\n\\n` events, `[DONE]` last, an
+`{"error": ...}` event on failure), with the usage chunk always present (gateway.responses.request asks
+for it). After `[DONE]` the relay still has to let go of the engine's connection and report the outcome:
+the final events go out first, and the chat stream is then read to its end.
+
+Cost: a token's chunk is the relay's hot loop. The common one (text, no finish reason, no usage, in the
+compact shape of vLLM and of the gateway's own translators) is not parsed: its text is copied as the JSON
+string it already is into the delta event (escapes and all: inside JSON strings every quote is escaped,
+so the key pattern can only be the real key). The rest (the role
+chunk, the last chunk, usage, anything shaped otherwise) is parsed. The text is kept JSON-escaped and
+decoded once, at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from gateway.responses import objects
+
+Save = Callable[[dict[str, Any]], Awaitable[None]]
+_DONE = b"[DONE]"
+_CONTENT = b'"delta":{"content":"'
+_UNFINISHED_TAIL = b'"},"logprobs":null,"finish_reason":null'  # vLLM's and the gateway's own chunks
+_CONTENT_SIZE = len(_CONTENT)
+_BACKSLASH = 0x5C
+
+
+class ResponseTranslator:
+    """One request's translator. `save`: stores the final response (None: `store` is false)."""
+
+    def __init__(self, base: dict[str, Any], item_id: str, save: Save | None) -> None:
+        self.base = base
+        self.item_id = item_id
+        self._save = save
+        self._sequence = 0
+        self._texts: list[bytes] = []  # the text so far, as JSON string contents (escaped, unquoted)
+        self._finish_reason: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._done = False
+        self._error: dict[str, Any] | None = None
+        self._delta_head = b""
+        self._prefix: bytes | None = None  # what precedes the text in this stream's token chunks
+
+    def body(self, data: bytes) -> dict[str, Any]:
+        """A chat.completion body -> the final response."""
+        completion = orjson.loads(data)
+        choices = completion.get("choices") or [{}]
+        message = choices[0].get("message") or {}
+        return objects.finished(self.base, self.item_id, message.get("content") or "",
+                                choices[0].get("finish_reason"), completion.get("usage"))
+
+    async def stream(self, chat_events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The chat SSE stream -> the Responses event stream."""
+        self._delta_head = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                            b'"item_id":' + orjson.dumps(self.item_id) + b',"output_index":0,"content_index":0,'
+                            b'"delta":"')
+        try:
+            yield self._opening()
+            ended = False
+            async for blob in chat_events:
+                if ended:
+                    continue  # the relay finishing after [DONE] or an error: nothing more for the client
+                out = self._read(blob)
+                if self._done or self._error is not None:
+                    ended = True
+                    out.append(await asyncio.shield(self._closing()))
+                if out:
+                    yield b"".join(out)
+            if not ended:
+                self._error = {"type": "server_error",
+                               "message": "The model backend's stream ended without finishing the answer."}
+                yield await asyncio.shield(self._closing())
+        finally:
+            await chat_events.aclose()  # idempotent; shields its own engine release and bookkeeping
+
+    def _read(self, blob: bytes) -> list[bytes]:
+        """The events of one relayed read (the relay's own `data: ...\\n\\n` framing). Offsets into `blob`, no
+        slice per event, one scan of a token's chunk up to its text and O(1) checks after it (an event's
+        data is one line: JSON has no raw newline)."""
+        out: list[bytes] = []
+        texts, head, size, sequence = self._texts, self._delta_head, len(blob), self._sequence
+        find, startswith, endswith = blob.find, blob.startswith, blob.endswith
+        position, prefix = 0, self._prefix
+        while position < size:
+            # A stream's token chunks share everything before their text (id, created, model): once seen,
+            # the next one is recognised by a compare, not a search.
+            if prefix and startswith(prefix, position):
+                start = position + len(prefix)
+            else:
+                start = find(_CONTENT, position)
+                if start < 0 or find(b"\n", position, start) >= 0:
+                    start = -1
+                else:
+                    start += _CONTENT_SIZE
+                    prefix = None if start - position > 512 else blob[position:start]
+            if start >= 0:
+                end = find(b'"', start)
+                if blob[end - 1] == _BACKSLASH:
+                    end = _string_end(blob, start)
+                stop = find(b"\n", end)
+                # Right after the text: no finish reason yet; the object closes after `choices` (no usage).
+                if end >= 0 and startswith(_UNFINISHED_TAIL, end) and endswith(b"}]}", end, stop):
+                    if end > start:
+                        text = blob[start:end]
+                        texts.append(text)
+                        out.append(b'%s%s","logprobs":[],"sequence_number":%d}\n\n' % (head, text, sequence))
+                        sequence += 1
+                    position = stop + 2
+                    continue
+            stop = find(b"\n\n", position)
+            if stop < 0:
+                stop = size
+            self._sequence = sequence
+            if startswith(b"data: ", position):
+                self._parse(blob[position + 6:stop], out)
+                if self._error is not None:
+                    break
+            sequence = self._sequence
+            position = stop + 2
+        self._sequence, self._prefix = sequence, prefix
+        return out
+
+    def _parse(self, data: bytes, out: list[bytes]) -> None:
+        if data == _DONE:
+            self._done = True
+            return
+        try:
+            self._chunk(orjson.loads(data), out)
+        except (orjson.JSONDecodeError, AttributeError, TypeError):  # the relay checks only the braces
+            self._error = {"type": "upstream_error", "message": "The model backend sent a malformed stream."}
+
+    def _chunk(self, chunk: dict[str, Any], out: list[bytes]) -> None:
+        if "error" in chunk:
+            self._error = chunk["error"] if isinstance(chunk["error"], dict) else {}
+            return
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue  # one choice: the bridge never asks for more
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                if not isinstance(text, str):
+                    raise TypeError("content is not text")
+                quoted = orjson.dumps(text)
+                self._texts.append(quoted[1:-1])
+                out.append(self._delta_head + quoted[1:] + b',"logprobs":[],"sequence_number":%d}\n\n' % self._next())
+            if choice.get("finish_reason"):
+                self._finish_reason = choice["finish_reason"]
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+
+    def _opening(self) -> bytes:
+        base = orjson.dumps(self.base)  # once, for both events that carry it
+        return b"".join((
+            self._event_with_response("response.created", base),
+            self._event_with_response("response.in_progress", base),
+            self._event("response.output_item.added", output_index=0,
+                        item=objects.message_item(self.item_id, "in_progress", [])),
+            self._event("response.content_part.added", item_id=self.item_id, output_index=0, content_index=0,
+                        part=objects.text_part("")),
+        ))
+
+    async def _closing(self) -> bytes:
+        text = orjson.loads(b'"' + b"".join(self._texts) + b'"')
+        if self._error is not None:
+            code = "invalid_prompt" if self._error.get("type") == "invalid_request_error" else "server_error"
+            message = str(self._error.get("message") or "The model backend failed in the middle of the answer.")
+            final = objects.failed(self.base, self.item_id, text, code, message)
+            if self._save is not None:
+                try:
+                    await self._save(final)
+                except Exception:  # the failure is what the client must hear about
+                    pass
+            return self._event("response.failed", response=final)
+        final = objects.finished(self.base, self.item_id, text, self._finish_reason, self._usage)
+        if self._save is not None:
+            try:
+                await self._save(final)
+            except Exception:
+                # Acknowledged means stored: a completed event here would promise a chain that cannot continue.
+                final = objects.failed(self.base, self.item_id, text, "server_error",
+                                       "The response could not be stored (the response store is unavailable); "
+                                       "retry, or send store: false.")
+                return self._event("response.failed", response=final)
+        item = final["output"][0]
+        return b"".join((
+            self._event("response.output_text.done", item_id=self.item_id, output_index=0, content_index=0,
+                        text=text, logprobs=[]),
+            self._event("response.content_part.done", item_id=self.item_id, output_index=0, content_index=0,
+                        part=item["content"][0]),
+            self._event("response.output_item.done", output_index=0, item=item),
+            self._event(f"response.{final['status']}", response=final),
+        ))
+
+    def _event_with_response(self, kind: str, response: bytes) -> bytes:
+        head = kind.encode()
+        return (b"event: " + head + b'\ndata: {"type":"' + head + b'","response":' + response
+                + b',"sequence_number":%d}\n\n' % self._next())
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        payload = {"type": kind, **fields, "sequence_number": self._next()}
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+    def _next(self) -> int:
+        self._sequence += 1
+        return self._sequence - 1
+
+
+def _string_end(data: bytes, start: int) -> int:
+    """The index of the quote that ends the JSON string starting at `start` (-1: none)."""
+    end = data.find(b'"', start)
+    while end > start and data[end - 1] == _BACKSLASH:
+        before = end - 1
+        while before >= start and data[before] == _BACKSLASH:
+            before -= 1
+        if (end - 1 - before) % 2 == 0:  # an even run of backslashes escapes itself, not the quote
+            break
+        end = data.find(b'"', end + 1)
+    return end
