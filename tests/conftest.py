@@ -50,6 +50,7 @@ PROD_KEY = "sk-test-prod-key"
 SUBST_KEY = "sk-test-subst-key"
 LIMITED_KEY = "sk-test-limited-key"
 EXTRAS_KEY = "sk-test-extras-key"  # a tenant allowed one privileged engine knob
+GRAMMAR_KEY = "sk-test-grammar-key"  # a tenant allowed to have the engine compile its JSON schemas
 METERED_KEY = "sk-test-metered-key"  # a tenant whose token limit never binds: its headers show the charge
 METERED_TPM = 10_000_000
 LLAMA2_CONDITIONS = ["llama2-under-700m-mau", "llama2-no-improving-other-llms", "llama2-acceptable-use-policy"]
@@ -65,6 +66,7 @@ def tenants_document() -> dict:
         tenant("prod-subst", "production", SUBST_KEY, substitutions=True, attestations=LLAMA2_CONDITIONS),
         tenant("limited-dev", "development", LIMITED_KEY, limits={"rpm": 3, "max_concurrent": 2}),
         tenant("extras-lab", "research", EXTRAS_KEY, engine_extras=["prompt_logprobs"]),
+        tenant("grammar-lab", "research", GRAMMAR_KEY, engine_extras=["guided_json"]),
         tenant("metered-lab", "research", METERED_KEY, limits={"tpm": METERED_TPM}),
     ]}
 

@@ -14,6 +14,7 @@ and so does a gateway that knows more than the overlay deploys."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -53,8 +54,22 @@ def _wait_tcp(port: int, server: Server, timeout_s: float) -> None:
 
 
 class DevCluster:
-    def __init__(self, cluster: Cluster, servers: dict[str, Server]) -> None:
-        self.cluster, self.servers = cluster, servers
+    def __init__(self, cluster: Cluster, servers: dict[str, Server],
+                 launches: dict[str, tuple[list[str], dict[str, str]]]) -> None:
+        self.cluster, self.servers, self.launches = cluster, servers, launches
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one workload's process: a node lost, an OOM kill."""
+        server = self.servers[name]
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait(30)
+
+    def start_again(self, name: str) -> None:
+        """Its container started again on the same volumes, as the StatefulSet's replacement pod would be."""
+        argv, env = self.launches[name]
+        self.servers[name] = start_server(f"dev-{name}-{time.monotonic_ns()}", argv, self.cluster.local_port[name],
+                                          self.servers[name].ready_path, self.cluster.tmp, env, inherit_env=False)
+        _wait_tcp(self.cluster.local_port[name], self.servers[name], 60)
 
     @property
     def gateway(self) -> Server:
@@ -80,11 +95,13 @@ def dev_cluster() -> Iterator[DevCluster]:
     # containers download weights, which the local stand-ins replace).
     order = sorted(cluster.workloads, key=lambda d: d["metadata"]["name"] == "gateway")
     servers: dict[str, Server] = {}
+    launches: dict[str, tuple[list[str], dict[str, str]]] = {}
     try:
         for workload in order:
             name = workload["metadata"]["name"]
             (container,) = workload["spec"]["template"]["spec"]["containers"]
             argv, env = cluster.argv_env(workload, container, sandboxed=True)
+            launches[name] = (argv, env)
             probe = container["readinessProbe"]
             path = probe["httpGet"]["path"] if "httpGet" in probe else ""
             servers[name] = start_server(f"dev-{name}", argv, cluster.local_port[name], path, tmp, env,
@@ -98,7 +115,7 @@ def dev_cluster() -> Iterator[DevCluster]:
                 server.wait_ready(240)
             else:
                 _wait_tcp(cluster.local_port[name], server, 60)
-        yield DevCluster(cluster, servers)
+        yield DevCluster(cluster, servers, launches)
     finally:
         for server in servers.values():
             server.stop()
@@ -195,6 +212,50 @@ def test_a_changed_tenants_secret_reaches_the_gateway_with_no_reload_call(dev_cl
         time.sleep(0.5)
     assert response.status_code == 200, "the new tenant's key never worked"
     assert dev_cluster.gateway.log_lines_with("config changed")
+
+
+def _ledger_rows(dev_cluster: DevCluster, request_ids: list[str]) -> int:
+    url = dev_cluster.cluster.rewrite(dev_cluster.secret("gateway-database", "url"), {})
+    listed = ", ".join(f"'{request_id}'" for request_id in request_ids)
+    result = subprocess.run(["psql", url, "-tAc", f"select count(*) from usage_ledger where request_id in ({listed})"],
+                            capture_output=True, text=True, timeout=30)
+    return int(result.stdout.strip()) if result.returncode == 0 else -1
+
+
+def _wait_ledger_rows(dev_cluster: DevCluster, request_ids: list[str], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (found := _ledger_rows(dev_cluster, request_ids)) != len(request_ids):
+        assert time.monotonic() < deadline, f"{found} of {len(request_ids)} requests in the ledger"
+        time.sleep(0.5)
+
+
+def test_a_killed_postgresql_or_redis_loses_no_acknowledged_usage_or_quota(dev_cluster: DevCluster) -> None:
+    """What to build 10: the rendered PostgreSQL and Redis each killed (SIGKILL) and started again on
+    their volumes under the running gateway. Every answered request is in the ledger, including one
+    answered while PostgreSQL was down (the gateway's spool), and the tenant's rate-limit window goes on
+    where it was (Redis's AOF): a restart hands out nothing fresh."""
+    client = dev_cluster.client(PROD_KEY)
+
+    def chat() -> tuple[str, int]:
+        raw = client.chat.completions.with_raw_response.create(
+            model="flan-t5-small", messages=[{"role": "user", "content": "Hi."}], max_tokens=2)
+        raw.parse()
+        return raw.headers["x-request-id"], int(raw.headers["x-ratelimit-remaining-requests"])
+
+    before, _ = chat()
+    _wait_ledger_rows(dev_cluster, [before])
+    dev_cluster.kill("postgres")
+    during, _ = chat()  # acknowledged while the database is down
+    dev_cluster.start_again("postgres")
+    _wait_ledger_rows(dev_cluster, [before, during], timeout_s=90)
+
+    _, remaining = chat()
+    time.sleep(1.5)  # appendfsync everysec: what Redis acknowledged more than a second ago is on disk
+    dev_cluster.kill("redis")
+    dev_cluster.start_again("redis")
+    after, remaining_after = chat()
+    assert remaining_after < remaining, (remaining, remaining_after)  # the same window, not a fresh one
+    _wait_ledger_rows(dev_cluster, [before, during, after])
 
 
 def test_a_draining_gateway_finishes_the_stream_it_is_serving(dev_cluster: DevCluster) -> None:

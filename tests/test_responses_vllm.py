@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import RESEARCH_KEY
+from tests.conftest import GRAMMAR_KEY, RESEARCH_KEY
 from tests.support.processes import Server
 from tests.support.responses import check_agents_sdk, check_langchain
 
@@ -75,10 +75,11 @@ def test_a_chain_is_the_conversation_the_engine_counts(client: openai.OpenAI, mo
 
 
 def test_structured_output_where_the_engine_has_it(gateway: Server) -> None:
+    """For a tenant allowed `guided_json` (a schema is a grammar the shared engine compiles)."""
     schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
               "required": ["answer"], "additionalProperties": False}
     fmt = {"type": "json_schema", "name": "verdict", "schema": schema, "strict": True}
-    on_chat = httpx.post(gateway.url + "/v1/responses", headers={"authorization": f"Bearer {RESEARCH_KEY}"},
+    on_chat = httpx.post(gateway.url + "/v1/responses", headers={"authorization": f"Bearer {GRAMMAR_KEY}"},
                          json={"model": "llama-2-7b-chat", "input": "yes or no?", "max_output_tokens": 64,
                                "temperature": 0, "text": {"format": fmt}}, timeout=120)
     assert on_chat.status_code == 200, on_chat.text
@@ -88,7 +89,7 @@ def test_structured_output_where_the_engine_has_it(gateway: Server) -> None:
         assert json.loads(body["output"][0]["content"][0]["text"])["answer"] in ("yes", "no")
     else:
         assert body["output"][0]["content"][0]["text"].lstrip().startswith("{")
-    rendered = httpx.post(gateway.url + "/v1/responses", headers={"authorization": f"Bearer {RESEARCH_KEY}"},
+    rendered = httpx.post(gateway.url + "/v1/responses", headers={"authorization": f"Bearer {GRAMMAR_KEY}"},
                           json={"model": "vicuna-7b-v1.5", "input": "yes or no?", "max_output_tokens": 16,
                                 "text": {"format": fmt}}, timeout=120)
     error = rendered.json()["error"]

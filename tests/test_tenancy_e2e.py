@@ -78,7 +78,8 @@ def test_audit_trail_records_each_decision(gateway: Server, log_dir: Path) -> No
     assert deny | {"time": None} == {
         "time": None, "request_id": deny_id, "tenant": "prod-app", "key_id": hash_key(PROD_KEY)[7:15],
         "model_requested": "mpt-7b-chat", "model_served": None, "license": "cc-by-nc-sa-4.0",
-        "decision": "deny", "rule": "non-commercial-license-in-production", "client_request_id": "audit-deny-1"}
+        "decision": "deny", "rule": "non-commercial-license-in-production", "client_request_id": "audit-deny-1",
+        "endpoint": "completions"}
     assert subst["client_request_id"] == "audit-subst-1"  # a legacy x-request-id is kept as the client's
     assert (subst["decision"], subst["model_served"], subst["rule"]) == (
         "substitute", "vicuna-7b-v1.5", "substitute-commercial-twin")

@@ -30,7 +30,7 @@ def test_the_test_tenants_and_the_shipped_examples_load(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(tenants_document()))
     directory = load_tenants(path, REGISTRY)
     assert set(directory.tenants) == {"research-lab", "prod-app", "prod-subst", "limited-dev", "extras-lab",
-                                       "metered-lab"}
+                                       "grammar-lab", "metered-lab"}
     assert directory.tenants["extras-lab"].engine_extras == {"prompt_logprobs"}
     assert len(load_tenants(ROOT / "tenants.example.yaml", REGISTRY).tenants) == 3
     assert len(load_tenants(ROOT / "deploy/local/tenants.yaml", REGISTRY).tenants) == 2
