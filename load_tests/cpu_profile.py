@@ -12,7 +12,8 @@ each sample's on-CPU time put in one bucket of the request path:
     upstream  aiohttp and our backend client (gateway/backends)
     relay     what goes back to the client (gateway/api/generation, responses bridge)
     logging   logs, audit, metrics (gateway/observability, logging, prometheus_client)
-    usage     usage records and the ledger (gateway/usage, gateway/store)
+    usage     usage records and the ledger (gateway/usage, gateway/store, SQLAlchemy and its drivers'
+              threads)
     pipeline  the rest of gateway/ (pipeline.py, api routes)
     loop      the event loop itself (asyncio, uvloop callbacks), gc
 
@@ -47,7 +48,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # (bucket, pattern on the frame's file path), first match wins: the gateway's own folders before the
 # libraries they call, so that pydantic called from gateway/wire is `parse` however it is reached.
 BUCKETS: list[tuple[str, re.Pattern[str]]] = [(name, re.compile(pattern)) for name, pattern in [
-    ("usage", r"gateway/(usage|store)/"),
+    ("usage", r"gateway/(usage|store)/|aiosqlite/|sqlalchemy/|asyncpg/"),
     ("logging", r"gateway/observability/|/logging/|prometheus_client/"),
     ("limits", r"gateway/admission/"),
     ("policy", r"gateway/(policy/|snapshot\.py)"),
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             window = int(a.duration - 1)
             us_per_request = (after - before) / (rps * window) * 1e6
             counts = breakdown((tmp / "stacks.txt").read_text())
+            if os.environ.get("PROFILE_KEEP"):
+                shutil.copy(tmp / "stacks.txt", os.environ["PROFILE_KEEP"])
         finally:
             procs.stop_all()
     total = sum(counts.values()) or 1
