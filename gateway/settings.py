@@ -128,9 +128,9 @@ class Settings(BaseSettings):
     # it up to one more quota per replica).
     quota_outage_unknown_tenants: Literal["refuse", "admit"] = "refuse"
     # GET /v1/organization/usage/completions, per tenant and replica: requests per minute, calls at once
-    # (429 rate_limit_exceeded beyond), and ledger rollup rows one call may read (a page stops early
-    # beyond, with has_more and next_page). It reads the database, not engines: its own limits, not the
-    # tenant's.
+    # (429 rate_limit_exceeded beyond), and results (rollups summed by group_by, one per bucket x group)
+    # one call may answer (a page stops early beyond, with has_more and next_page). It reads the
+    # database, not engines: its own limits, not the tenant's.
     usage_api_rpm: int = Field(default=60, gt=0)
     usage_api_max_concurrent: int = Field(default=2, gt=0)
     usage_api_max_rows: int = Field(default=2_000, gt=0)

@@ -101,10 +101,10 @@ async def seed_database(url: str | None, data_dir: Path, spread: list[tuple[str,
     # The row's key: its own uuid `id` beside a text request id, or the request id itself as the uuid.
     keys = ("id, request_id", f"{uuid}, 'bench-' || g") if "id" in columns else ("request_id", uuid)
     began = time.perf_counter()
-    async with db.writing() as conn:
+    async with db.writing() as conn:  # g a bigint: g * 7919 passes PostgreSQL's integer
         await conn.execute(text(
             "INSERT INTO usage_ledger (time_ms, dim_id, input_tokens, output_tokens, latency_ms, status, "
-            f"{keys[0]}) WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < {rows}) "
+            f"{keys[0]}) WITH RECURSIVE s(g) AS (SELECT CAST(1 AS BIGINT) UNION ALL SELECT g + 1 FROM s WHERE g < {rows}) "
             f"SELECT {start_ms} + g * {step_ms}, 1 + (g * 7919) % {len(dims)}, 20 + g % 500, 5 + g % 300, "
             f"50 + g % 2000, CASE WHEN g % 20 = 0 THEN 429 ELSE 200 END, {keys[1]} FROM s"))
     print(f"  {rows:,} ledger rows ({time.perf_counter() - began:.1f} s)", flush=True)

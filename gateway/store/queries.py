@@ -29,9 +29,9 @@ DAY_S, HOUR_S = 86400, 3600
 
 async def usage_buckets(db: Database, width: str, starts: Sequence[int], *, tenants: Iterable[str] = (),
                         key_ids: Iterable[str] = (), models: Iterable[str] = ()) -> dict[int, dict[Key, list[int]]]:
-    """{bucket start: {(tenant, key id, model, license): [input, output, requests]}}, the shape
-    the usage API reads; buckets with nothing are left out. Empty filters
-    mean all. The rollup rows are read as they are (their key is (bucket, dimension)) and summed here by
+    """{bucket start: {(tenant, key id, model, license): [input, output, requests]}}, every dimension's
+    figures (the usage API reads usage_page(), grouped in SQL); buckets with nothing are left out. Empty
+    filters mean all. The rollup rows are read as they are (their key is (bucket, dimension)) and summed here by
     the four key fields: no join and no text grouping in the database."""
     if width not in ROLLUPS:
         raise ValueError(f"width must be one of {', '.join(ROLLUPS)}, not {width!r}")
@@ -75,54 +75,68 @@ async def usage_buckets(db: Database, width: str, starts: Sequence[int], *, tena
     return out
 
 
+GROUP_COLUMNS = ("tenant", "key_id", "model", "license")  # what a page may group by, in Key order
+_DIM_OF = {"tenant": "tenant", "key_id": "key_id", "model": "model_served", "license": "license"}
+Group = tuple[str | None, str | None, str | None, str | None]  # a Key with None for what is not grouped
+
+
 async def usage_page(db: Database, width: str, starts: Sequence[int], max_entries: int | None, *,
-                     tenants: Iterable[str] = (), key_ids: Iterable[str] = (),
-                     models: Iterable[str] = ()) -> tuple[dict[int, dict[Key, list[int]]], int]:
-    """usage_buckets() of the first buckets of `starts` whose rollup rows, one more per bucket, add up to
-    at most `max_entries` (always at least one bucket), and how many buckets that is: the usage API
-    pages on, so one call's work is bounded by rows read, whatever the period asked for. The buckets are
-    sized first (a count per bucket from the primary key's index), so only the rows that fit are read."""
+                     tenants: Iterable[str] = (), key_ids: Iterable[str] = (), models: Iterable[str] = (),
+                     group_by: Iterable[str] = ()) -> tuple[dict[int, dict[Group, list[int]]], int]:
+    """{bucket start: {group: [input, output, requests, errors]}} for the first of the consecutive
+    buckets `starts` whose grouped rows, one more per bucket, add up to at most `max_entries` (always at
+    least one bucket), and how many buckets that is: the usage API pages on those. A group is a Key with
+    None in the fields not in `group_by` (GROUP_COLUMNS); no `group_by`: one group per bucket. Empty
+    filters mean all.
+
+    The database sums the rollup rows by bucket and group (GROUP BY), so a page holds buckets x groups,
+    not buckets x dimensions: a day by tenant is 24 x tenants rows, however many keys and models the
+    tenants used. What the database reads to sum them is bounded anyway: at most the API's `limit`
+    buckets (1,440 minutes, 168 hours or 31 days), each at most one rollup row per dimension, and the
+    dimensions are bounded by the configuration (tenants x keys x models x endpoints); the usage API's
+    per-tenant call rate and concurrency bound how often. What comes back, and what Python then handles,
+    is bounded by `max_entries`: the query stops after max_entries + 1 grouped rows (LIMIT)."""
     if width not in ROLLUPS:
         raise ValueError(f"width must be one of {', '.join(ROLLUPS)}, not {width!r}")
+    groups = set(group_by)
+    if groups - set(GROUP_COLUMNS):
+        raise ValueError(f"group_by must be among {', '.join(GROUP_COLUMNS)}, not {sorted(groups)}")
     if not starts:
         return {}, 0
     table, d = ROLLUPS[width], usage_dims.c
     c = table.c
-    filters = [(d.tenant, sorted(set(tenants))), (d.key_id, sorted(set(key_ids))), (d.model_served, sorted(set(models)))]
-    dims_query = select(d.id, d.tenant, d.key_id, d.model_served, d.license)
-    for column, values in filters:
-        if values:
-            dims_query = dims_query.where(column.in_(values))
-    filtered = any(values for _, values in filters)
+    columns = [d[_DIM_OF[name]] for name in GROUP_COLUMNS if name in groups]
     wanted = sorted(set(starts))
+    where = [c.bucket_start >= wanted[0], c.bucket_start <= wanted[-1]]
+    for column, values in ((d.tenant, tenants), (d.key_id, key_ids), (d.model_served, models)):
+        if values := sorted(set(values)):
+            where.append(column.in_(values))
+    # One statement, so one snapshot: a row's dimension was committed before the row, so the join
+    # finds it. The order puts each bucket's groups together, so a LIMIT cuts at most the last one.
+    query = (select(c.bucket_start, *columns, _sum(c.input_tokens), _sum(c.output_tokens), _sum(c.requests),
+                    _sum(c.errors))
+             .select_from(table.join(usage_dims, d.id == c.dim_id)).where(*where)
+             .group_by(c.bucket_start, *columns).order_by(c.bucket_start, *columns))
     async with db.reading() as conn:
-        keys: dict[int, Key] = {row[0]: tuple(row[1:]) for row in (await conn.execute(dims_query)).all()}
-        if filtered and not keys:
-            return {}, len(starts)
-        where = [c.bucket_start >= wanted[0], c.bucket_start <= wanted[-1]]
-        if filtered:
-            where.append(c.dim_id.in_(sorted(keys)))
-        sizes = dict((await conn.execute(select(c.bucket_start, func.count()).where(*where)
-                                         .group_by(c.bucket_start))).all())
-        taken = _fitting([int(sizes.get(start, 0)) for start in starts], max_entries)
-        page = set(starts[:taken])
-        last = max(page)
-        rows = (await conn.execute(select(c.bucket_start, c.dim_id, c.input_tokens, c.output_tokens, c.requests)
-                                   .where(*where[:1], c.bucket_start <= last, *where[2:]))).all()
-        if not filtered:  # rows first, then dimensions: a row's dimension was committed before it
-            keys = {row[0]: tuple(row[1:]) for row in (await conn.execute(dims_query)).all()}
-    out: dict[int, dict[Key, list[int]]] = {}
-    for start, dim_id, inp, outp, n in rows:
-        key = keys.get(dim_id)
-        if key is None or start not in page:
+        rows = (await conn.execute(query if max_entries is None else query.limit(max_entries + 1))).all()
+        sizes: dict[int, int] = {}
+        for row in rows:
+            sizes[row[0]] = sizes.get(row[0], 0) + 1
+        # Cut short by the LIMIT, the last bucket read counts what was read of it: the max_entries + 1 rows
+        # up to it already pass the bound, so _fitting stops before it, unless it is the first bucket
+        # (larger than the bound alone); that one is read again whole (a page holds at least one bucket).
+        taken = _fitting([sizes.get(start, 0) for start in starts], max_entries)
+        cut = max_entries is not None and len(rows) > max_entries
+        if cut and taken == 1 and rows[-1][0] == starts[0]:
+            rows = (await conn.execute(query.where(c.bucket_start == starts[0]))).all()
+    page = set(starts[:taken])
+    out: dict[int, dict[Group, list[int]]] = {}
+    for start, *values in rows:
+        if start not in page:
             continue
-        acc = out.setdefault(start, {}).get(key)
-        if acc is None:
-            out[start][key] = [inp, outp, n]
-        else:
-            acc[0] += inp
-            acc[1] += outp
-            acc[2] += n
+        named = dict(zip((name for name in GROUP_COLUMNS if name in groups), values))
+        group: Group = tuple(named.get(name) for name in GROUP_COLUMNS)  # type: ignore[assignment]
+        out.setdefault(start, {})[group] = [int(v or 0) for v in values[len(columns):]]
     return out, taken
 
 
@@ -278,5 +292,5 @@ async def period_usage(db: Database, tenant: str, now: float | None = None) -> P
     return PeriodUsage(day, month, 0, 0)
 
 
-__all__ = ["Key", "PeriodUsage", "UsageReport", "WIDTHS", "period_usage", "period_usage_all", "report",
-           "usage_buckets", "usage_page"]
+__all__ = ["GROUP_COLUMNS", "Group", "Key", "PeriodUsage", "UsageReport", "WIDTHS", "period_usage",
+           "period_usage_all", "report", "usage_buckets", "usage_page"]

@@ -4,7 +4,7 @@
     store.ledger.record(LedgerRow(...))       # request path: a list append
     store.decisions.record(DecisionRow(...))  # request path: a list append
     store.keys.lookup(key_hash)               # request path: a dict lookup
-    await store.usage_page("1h", starts, 2000)  # the usage API (bounded pages)
+    await store.usage_page("1h", starts, 2000, group_by=["tenant"])  # the usage API (bounded pages)
     await store.sessions.get(token)           # the console
     await store.close()                       # SIGTERM, after the drain: loses nothing
 
@@ -206,11 +206,11 @@ class Store:
 
     async def usage_page(self, width: str, starts: Sequence[int], max_entries: int | None, *,
                          tenants: Iterable[str] = (), key_ids: Iterable[str] = (),
-                         models: Iterable[str] = ()) -> tuple[dict, int]:
+                         models: Iterable[str] = (), group_by: Iterable[str] = ()) -> tuple[dict, int]:
         await self._flush_for_read()
         async with self._reachable():
             return await queries.usage_page(self.db, width, starts, max_entries, tenants=tenants,
-                                            key_ids=key_ids, models=models)
+                                            key_ids=key_ids, models=models, group_by=group_by)
 
     async def search_decisions(self, **filters: object):  # type: ignore[no-untyped-def]
         """Decisions.search, after this replica's own decisions are written."""

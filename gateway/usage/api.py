@@ -8,6 +8,8 @@ project is a tenant. Admin keys see every tenant; any other key sees only its ow
 another one is a 403). The gateway has neither users nor batches: `user_ids` and a `group_by` on
 user_id, batch or service_tier are a 400; `batch=false` is every request, `batch=true` none; the
 cached/audio/image token fields are always 0.
+Our extra parameter `include_errors=true` adds `num_errors` (requests answered with a status >= 400) to
+each result; without it a result has exactly the fields it always had.
 Our extra top-level field `gateway` says where the figures come from (`"counters": "database"`), how long
 buckets of that width are kept (`retention_s`), and shows the tenants' token quotas.
 
@@ -17,10 +19,13 @@ single-valued one given twice, is a 400.
 
 What one call may cost is bounded. Each tenant has its own small limits on this endpoint, per replica
 (GATEWAY_USAGE_API_RPM requests per minute, GATEWAY_USAGE_API_MAX_CONCURRENT calls at once; past them
-OpenAI's 429 `rate_limit_exceeded` with Retry-After), and one call reads at most
-GATEWAY_USAGE_API_MAX_ROWS rollup rows (each bucket counts one more): a page that would read more
-stops early, with `has_more: true` and a `next_page` cursor, as OpenAI pages. A page holds at least one
-bucket, whose rows the configuration bounds (tenants x keys x models x endpoints).
+OpenAI's 429 `rate_limit_exceeded` with Retry-After), and one call answers at most
+GATEWAY_USAGE_API_MAX_ROWS results (each bucket counts one more): a page that would hold more stops
+early, with `has_more: true` and a `next_page` cursor, as OpenAI pages. The database sums the rollups by
+`group_by` (gateway/store/queries.py usage_page), so a result is a (bucket, group) and a day by tenant is
+one page; what the database reads for it stays bounded by `limit` buckets of at most one rollup row per
+dimension each, and the configuration bounds the dimensions (tenants x keys x models x endpoints). A
+page holds at least one bucket, whose results the configuration bounds the same way.
 """
 
 from __future__ import annotations
@@ -49,16 +54,17 @@ class UsageSource(Protocol):
 
     async def usage_page(self, width: str, starts: list[int], max_entries: int | None, *,
                          tenants: Iterable[str] = (), key_ids: Iterable[str] = (),
-                         models: Iterable[str] = ()) -> tuple[dict, int]: ...
+                         models: Iterable[str] = (), group_by: Iterable[str] = ()) -> tuple[dict, int]: ...
 
 
 class Rejections(Protocol):
     def rejected(self, tenant: str, limit: str) -> None: ...
 
-GROUPS = {"project_id": 0, "api_key_id": 1, "model": 2, "license": 3}  # index into a usage key
+# group_by's names, as the store names them (gateway/store/queries.py GROUP_COLUMNS, in a group's order)
+GROUPS = {"project_id": "tenant", "api_key_id": "key_id", "model": "model", "license": "license"}
 UNSUPPORTED_GROUPS = {"user_id", "batch", "service_tier"}
 LIMITS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}  # OpenAI's default and maximum per width
-SINGLE = {"start_time", "end_time", "bucket_width", "batch", "limit", "page"}
+SINGLE = {"start_time", "end_time", "bucket_width", "batch", "limit", "page", "include_errors"}
 LISTS = {"project_ids", "user_ids", "api_key_ids", "models", "group_by"}  # also as `name[]`
 _DIGITS = re.compile(r"[0-9]{1,12}")  # `\d` and int() take any script's digits; 12 digits: year 33658
 
@@ -132,11 +138,11 @@ def _int(params: QueryParams, name: str, default: int | None = None) -> int | No
     return int(raw)
 
 
-def _batch(params: QueryParams) -> bool | None:
-    raw = params.get("batch")
+def _bool(params: QueryParams, name: str) -> bool | None:
+    raw = params.get(name)
     if raw is None or raw in ("true", "false"):
         return None if raw is None else raw == "true"
-    raise _bad(f"`batch` must be true or false, not {raw[:40]!r}.", "batch")
+    raise _bad(f"`{name}` must be true or false, not {raw[:40]!r}.", name)
 
 
 async def completions(source: UsageSource, quotas: Any, tenants: Mapping[str, "Tenant"], caller: "Caller",
@@ -162,7 +168,8 @@ async def completions(source: UsageSource, quotas: Any, tenants: Mapping[str, "T
         if group not in GROUPS:
             raise _bad(f"Unknown `group_by` value {group[:40]!r}; use project_id, api_key_id, model or license.",
                        "group_by")
-    only_batches = _batch(params)
+    only_batches = _bool(params, "batch")
+    with_errors = bool(_bool(params, "include_errors"))
     default, maximum = LIMITS[width]
     limit = _int(params, "limit", default)
     if not 1 <= limit <= maximum:
@@ -184,16 +191,16 @@ async def completions(source: UsageSource, quotas: Any, tenants: Mapping[str, "T
                                code="forbidden_project")
         projects = [tenant]
     key_ids, models = _list(params, "api_key_ids"), _list(params, "models")
-    filters = [set(projects), set(key_ids), set(models)]
+    filters = [set(projects), set(key_ids), set(models), set()]  # in a group's order; license: no filter
     count = max(0, min(limit, -(-(end - first) // size)))
     starts = [first + i * size for i in range(count)]
     if only_batches:  # no request here is a batch request: empty buckets, nothing to read
         counts, taken = {}, count
     else:  # the filters go to the database: a tenant's page reads its own rows only
         counts, taken = await source.usage_page(width, starts, max_rows, tenants=projects, key_ids=key_ids,
-                                                models=models)
+                                                models=models, group_by=[GROUPS[g] for g in groups])
     data = [{"object": "bucket", "start_time": s, "end_time": s + size,
-             "results": _results(counts.get(s, {}).items(), filters, groups)} for s in starts[:taken]]
+             "results": _results(counts.get(s, {}).items(), filters, with_errors)} for s in starts[:taken]]
     following = first + taken * size
     has_more = following < end
     return {
@@ -203,23 +210,26 @@ async def completions(source: UsageSource, quotas: Any, tenants: Mapping[str, "T
     }
 
 
-def _results(rows: Iterable, filters: list[set[str]], groups: list[str]) -> list[dict]:
-    totals: dict[tuple, list[int]] = {}
-    for key, (inp, out, n) in rows:
-        if any(wanted and key[i] not in wanted for i, wanted in enumerate(filters)):
+def _results(rows: Iterable, filters: list[set[str]], with_errors: bool) -> list[dict]:
+    """One result per group the database summed (a group: tenant, key id, model, license, None where
+    not grouped by). The filters went to the database; they are checked again here on the grouped
+    fields, so that no other tenant's figure can reach a page, whatever the query did."""
+    out = []
+    for group, (inp, out_tokens, n, errors) in sorted(rows, key=lambda kv: str(kv[0])):
+        if any(wanted and value is not None and value not in wanted for value, wanted in zip(group, filters)):
             continue
-        group = tuple(key[GROUPS[g]] if g in groups else None for g in GROUPS)
-        row = totals.setdefault(group, [0, 0, 0])
-        row[0] += inp
-        row[1] += out
-        row[2] += n
-    return [{
-        "object": "organization.usage.completions.result",
-        "input_tokens": inp, "output_tokens": out, "input_cached_tokens": 0, "input_audio_tokens": 0,
-        "output_audio_tokens": 0, "num_model_requests": n,
-        "project_id": project, "user_id": None, "api_key_id": key_id, "model": model, "batch": None,
-        "license": license_,
-    } for (project, key_id, model, license_), (inp, out, n) in sorted(totals.items(), key=lambda kv: str(kv[0]))]
+        project, key_id, model, license_ = group
+        result = {
+            "object": "organization.usage.completions.result",
+            "input_tokens": inp, "output_tokens": out_tokens, "input_cached_tokens": 0, "input_audio_tokens": 0,
+            "output_audio_tokens": 0, "num_model_requests": n,
+            "project_id": project, "user_id": None, "api_key_id": key_id, "model": model, "batch": None,
+            "license": license_,
+        }
+        if with_errors:
+            result["num_errors"] = errors
+        out.append(result)
+    return out
 
 
 async def _quotas(quotas: Any, tenants: Mapping[str, "Tenant"], caller: "Caller", projects: list[str]) -> dict:

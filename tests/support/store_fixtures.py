@@ -81,9 +81,9 @@ def dim(tenant: str, key_id: str, model: str, license_: str, **extra: str) -> di
 
 
 async def seed_rollups(url: str, data_dir: Path, width: str,
-                       rows: list[tuple[int, dict, tuple[int, int, int]]]) -> None:
-    """Write rollup rows (bucket start, dimension, (input, output, requests)) straight into a migrated
-    database: usage the gateway would have recorded, without running the requests."""
+                       rows: list[tuple[int, dict, tuple[int, ...]]]) -> None:
+    """Write rollup rows (bucket start, dimension, (input, output, requests[, errors])) straight into a
+    migrated database: usage the gateway would have recorded, without running the requests."""
     from gateway.store.dims import Dimensions
     from gateway.store.schema import ROLLUPS, USAGE_DIM_COLUMNS, usage_dims
 
@@ -93,8 +93,9 @@ async def seed_rollups(url: str, data_dir: Path, width: str,
         known = await dims.ids([tuple(d[c] for c in USAGE_DIM_COLUMNS) for _, d, _ in rows])
         async with db.writing() as conn:
             await conn.execute(ROLLUPS[width].insert(), [
-                {"bucket_start": start, "dim_id": known[tuple(d[c] for c in USAGE_DIM_COLUMNS)], "requests": n,
-                 "errors": 0, "input_tokens": inp, "output_tokens": out, "gateway_counted": 0}
-                for start, d, (inp, out, n) in rows])
+                {"bucket_start": start, "dim_id": known[tuple(d[c] for c in USAGE_DIM_COLUMNS)],
+                 "requests": values[2], "errors": values[3] if len(values) > 3 else 0, "input_tokens": values[0],
+                 "output_tokens": values[1], "gateway_counted": 0}
+                for start, d, values in rows])
     finally:
         await db.dispose()
