@@ -59,6 +59,45 @@ def test_saved_is_readable_at_once_by_another_replica_and_only_by_its_tenant(db_
     asyncio.run(scenario())
 
 
+def test_concurrent_saves_share_commits_and_each_is_readable_elsewhere_when_it_returns(
+        db_url: str, tmp_path: Path) -> None:
+    """64 responses finishing at once (c64 on the Responses API): every save returns only once another
+    replica can read it, a refused id fails only its own save, and the group takes a few commits, not 64."""
+    async def scenario() -> None:
+        db_a, db_b = await migrated(db_url, tmp_path), await migrated(db_url, tmp_path)
+        a, b = SqlResponseStore(db_a), SqlResponseStore(db_b)
+        expires = int(time.time()) + 3600
+        try:
+            await a.save(_response("resp_other", tenant="globex"), expires_at=expires)
+            commits = 0
+            writing = db_a.writing
+
+            def counted():  # noqa: ANN202
+                nonlocal commits
+                commits += 1
+                return writing()
+
+            db_a.writing = counted  # type: ignore[method-assign]
+
+            async def save_then_read_elsewhere(rid: str) -> StoredResponse | None:
+                await a.save(_response(rid), expires_at=expires)
+                return await b.get("acme", rid)
+
+            ids = [f"resp_c{i}" for i in range(64)]
+            results = await asyncio.gather(*map(save_then_read_elsewhere, ids),
+                                           a.save(_response("resp_other"), expires_at=expires),
+                                           return_exceptions=True)
+            assert [r.id if isinstance(r, StoredResponse) else r for r in results[:64]] == ids
+            assert isinstance(results[64], ValueError)  # another tenant's id: only this save fails
+            assert (await b.get("globex", "resp_other")).tenant == "globex"
+            assert commits <= 8, commits
+        finally:
+            await db_a.dispose()
+            await db_b.dispose()
+
+    asyncio.run(scenario())
+
+
 def test_expired_responses_are_not_served_and_are_purged_in_batches(db_url: str, tmp_path: Path) -> None:
     async def scenario() -> None:
         db = await migrated(db_url, tmp_path)
