@@ -22,18 +22,14 @@ async def show(visit: Visit) -> Response:
     # adds each result's error count (a gateway extra, not in OpenAI's result).
     query = replace(UsageQuery.from_params({"range": "24h", "group": "license"}), errors=True)
     errors: dict[str, int] = {}
-    reported = [True]  # until a result comes without `num_errors` (an API that does not count them)
 
     def count_errors(result: dict) -> None:
-        if "num_errors" in result:
-            errors[result["license"]] = errors.get(result["license"], 0) + result["num_errors"]
-        else:
-            reported[0] = False
+        errors[result["license"]] = errors.get(result["license"], 0) + result["num_errors"]
 
     usage = await fetch(visit.get, query, on_result=count_errors)
     models = await visit.get("/admin/models", {"limit": "500"}, "models")
     classes = {use: {"label": label, "requests": 0, "input_tokens": 0, "output_tokens": 0,
-                     "errors": 0 if reported[0] else None} for use, label in CLASSES}
+                     "errors": 0} for use, label in CLASSES}
     licenses = models["licenses"]
     for total in usage.totals():
         use = licenses.get(total["group"], {}).get("commercial_use", "no")
@@ -41,8 +37,7 @@ async def show(visit: Visit) -> Response:
         row["requests"] += total["requests"]
         row["input_tokens"] += total["input_tokens"]
         row["output_tokens"] += total["output_tokens"]
-        if total["group"] in errors:
-            row["errors"] = (row["errors"] or 0) + errors[total["group"]]
+        row["errors"] += errors.get(total["group"], 0)
     if visit.admin:
         backends = (await visit.get("/admin/backends", None, "backends"))["data"]
         backend_rows = [{"id": b["id"], "model": b["model"], "engine": b["engine"], "role": b["role"],
@@ -55,8 +50,7 @@ async def show(visit: Visit) -> Response:
     return visit.render("overview.html", title="Overview", current="overview", classes=list(classes.values()),
                         since=query.start, truncated=usage.truncated, backends=backend_rows,
                         up=sum(b["up"] for b in backend_rows),
-                        down=sum(not b["up"] for b in backend_rows), warnings=warnings,
-                        errors_known=any(c["errors"] is not None for c in classes.values()))
+                        down=sum(not b["up"] for b in backend_rows), warnings=warnings)
 
 
 async def _quota_warnings(visit: Visit):
