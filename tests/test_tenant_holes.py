@@ -105,6 +105,17 @@ class Upload:
         closed = await asyncio.wait_for(self.reader.read(1), 5) == b""
         return int(status_line.split()[1]), headers, body, closed
 
+    async def trickle(self, duration_s: float) -> None:
+        """More of the body, a few bytes every couple of milliseconds, answered or not."""
+        deadline = time.monotonic() + duration_s
+        try:
+            while time.monotonic() < deadline:
+                self.writer.write(b"more of the prompt ")
+                await self.writer.drain()
+                await asyncio.sleep(0.002)
+        except ConnectionError:
+            pass
+
     def close(self) -> None:
         self.writer.transport.abort()
 
@@ -118,7 +129,10 @@ def test_uploads_past_max_concurrent_are_refused_at_once_and_hold_no_slot(setup:
     async def run() -> None:
         uploads = [await Upload.start(setup.port, UPLOADER_KEY) for _ in range(MAX_CONNECTIONS - 4)]
         try:
+            # the uploads go on while refused: the refusal must still reach them, not a reset
+            trickles = [asyncio.create_task(u.trickle(0.3)) for u in uploads]
             answers = await asyncio.gather(*(u.answer(timeout_s=2) for u in uploads))
+            await asyncio.gather(*trickles)
             refused = [a for a in answers if a[0] == 429]
             assert len(refused) == len(uploads) - UPLOADER_LIMIT, [a[0] for a in answers]
             for status, headers, body, closed in refused:
@@ -139,7 +153,11 @@ def test_connections_past_the_limit_get_openais_error_shape(setup: Setup) -> Non
     async def run() -> None:
         uploads = [await Upload.start(setup.port, OTHER_KEY) for _ in range(MAX_CONNECTIONS + 3)]
         try:
+            # More of each body keeps arriving while the gateway answers the ones it refuses: a socket
+            # closed with bytes unread in it resets, and a reset throws the answer away unread.
+            trickles = [asyncio.create_task(u.trickle(0.3)) for u in uploads]
             answers = await asyncio.gather(*(u.answer(timeout_s=2) for u in uploads))
+            await asyncio.gather(*trickles)
             over = [a for a in answers if a[0] is not None]
             assert over, "no connection was refused"
             for status, headers, body, closed in over:

@@ -10,7 +10,7 @@ from types import FrameType
 import orjson
 import uvicorn
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway import deadlines
 from gateway.deadlines import Deadline
@@ -29,6 +29,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     header_timeout_s = 10.0
     max_connections: int | None = None
+    linger_s = 2.0
     _header_deadline: Deadline | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -50,8 +51,26 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
                 super().on_headers_complete()
             finally:
                 self.app = app
+        else:
+            super().on_headers_complete()
+        if self.scope["method"] not in ("GET", "HEAD"):  # a body may still be on its way when we answer
+            self.cycle.transport = LingeringClose(self, self.cycle)
+
+    def close_lingering(self, cycle: RequestResponseCycle) -> None:
+        """Close after an answer given before the request's body was read (a refusal, a 408, a 413).
+
+        Closing a socket with unread bytes in it makes the kernel send a reset, and a reset that reaches
+        the client before it has read our answer throws the answer away: the client saw "connection reset"
+        instead of OpenAI's 503 or 429. So, as nginx's lingering close: send FIN after the answer, read and
+        drop whatever the client still sends, and close once it closes or after `linger_s`."""
+        transport = self.transport
+        if not cycle.more_body or transport.is_closing() or not transport.can_write_eof():
+            transport.close()
             return
-        super().on_headers_complete()
+        self.parser = _DISCARD  # nothing after this answer is a request
+        transport.write_eof()
+        self.flow.resume_reading()
+        self.loop.call_later(self.linger_s, transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_deadline()
@@ -71,6 +90,31 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._header_deadline = None
         if self.cycle is None or self.cycle.response_complete:  # no request of this connection under way
             self.transport.close()
+
+
+class _DiscardingParser:
+    def feed_data(self, data: bytes) -> None:
+        pass
+
+
+_DISCARD = _DiscardingParser()
+
+
+class LingeringClose:
+    """The transport a request cycle writes to: the connection's own, but `close` lingers (above).
+
+    Bound methods of the real transport are copied in, so a write costs what it did."""
+
+    __slots__ = ("write", "is_closing", "get_extra_info", "_protocol", "_cycle")
+
+    def __init__(self, protocol: HeaderDeadlineProtocol, cycle: RequestResponseCycle) -> None:
+        transport = protocol.transport
+        self.write, self.is_closing, self.get_extra_info = (transport.write, transport.is_closing,
+                                                            transport.get_extra_info)
+        self._protocol, self._cycle = protocol, cycle
+
+    def close(self) -> None:
+        self._protocol.close_lingering(self._cycle)
 
 
 _OVER_CAPACITY = orjson.dumps({"error": {
