@@ -195,7 +195,11 @@ def _sqlite_rollup(name: str, size: int) -> str:
 
 
 _SQLITE_STEPS = (
-    "DELETE FROM temp.ledger_batch WHERE request_id IN (SELECT request_id FROM usage_ledger)",
+    # EXISTS, not `request_id IN (SELECT request_id FROM usage_ledger)`: SQLite plans that one as a walk
+    # over every request id in the ledger, probing the batch for each (a batch cost that grew with the
+    # ledger: 10 ms per 2,000 rows at 60,000 rows); this one probes the ledger's key once per batch row.
+    "DELETE FROM temp.ledger_batch WHERE EXISTS (SELECT 1 FROM usage_ledger l "
+    "WHERE l.request_id = temp.ledger_batch.request_id)",
     "INSERT INTO usage_ledger (request_id, time_ms, dim_id, input_tokens, output_tokens, status, latency_ms) "
     "SELECT b.request_id, b.time_ms, d.dim_id, b.input_tokens, b.output_tokens, b.status, b.latency_ms "
     "FROM temp.ledger_batch b JOIN temp.ledger_batch_dims d USING (dim_index)",
