@@ -25,6 +25,10 @@ LLMGW_PIP_TORCH ?= $(shell curl -sf -m 5 -o /dev/null $(LLMGW_TORCH_INDEX)/ && \
 # Portable llama.cpp build (no -march=native): the wheel must run on any AVX2/AVX-512 x86-64 host.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
+# Two pytest-xdist workers, a test file each at a time (tests/conftest.py groups them; the files that use
+# the vLLM fleet share one worker). `make test PYTEST_WORKERS=` runs them in one process.
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
+
 # Not plain CACHE & co.: llama-cpp-python's server reads every environment variable as a setting.
 export LLMGW_CACHE LLMGW_VLLM_VENV LLMGW_VLLM_MPT_VENV LLMGW_TEST_MODELS LLMGW_LITELLM_VENV LLMGW_K8S_TOOLS \
   LLMGW_CHECKOV_VENV LLMGW_PIP_TORCH
@@ -38,7 +42,7 @@ run: $(VENV)/.installed
 test: redis-server postgres chromium
 	$(MAKE) -j3 $(VENV)/.installed-test $(LLMGW_VLLM_VENV)/.ready $(LLMGW_VLLM_MPT_VENV)/.ready k8s-tools
 	$(MAKE) test-models
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 install: $(VENV)/.installed-test
 engines: $(LLMGW_VLLM_VENV)/.ready $(LLMGW_VLLM_MPT_VENV)/.ready

@@ -15,6 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
+from _pytest.nodeid import NodeId
 
 from gateway.tenancy.tenants import hash_key
 from tests.support.processes import Server, free_port, start_server
@@ -69,6 +70,25 @@ def tenants_document() -> dict:
         tenant("grammar-lab", "research", GRAMMAR_KEY, engine_extras=["guided_json"]),
         tenant("metered-lab", "research", METERED_KEY, limits={"tpm": METERED_TPM}),
     ]}
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection and pytest-xdist's own hook
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs pytest-xdist workers with --dist loadgroup, and a group is a test file: its module
+    fixtures (gateways, engines) start once, in one worker. Every file with a test that needs the vLLM
+    fleet is one group: a fleet is four engines of ~2.3 GB each, and two of them do not fit in memory.
+
+    The controller reads a test's group from the "@group" suffix of its node id. pytest-xdist 3.8 sets
+    that suffix on an attribute pytest 9 no longer reads (node ids are `NodeId`s now), so it is set here."""
+    if not getattr(config.option, "loadgroup", False):  # set by pytest-xdist, in its workers
+        return
+    fleet_files = {item.path for item in items if "vllm_fleet_launched" in getattr(item, "fixturenames", ())}
+    for item in items:
+        group = "vllm-fleet" if item.path in fleet_files else item.path.name
+        node = item._id
+        if node.names:  # on the last name, params inside it: a NodeId rebuilt from its parts keeps it last
+            last = node.names[-1] + ("" if node.params is None else f"[{node.params}]") + f"@{group}"
+            item._id = NodeId(path=node.path, names=(*node.names[:-1], last))
 
 
 def smollm2_gguf() -> Path:

@@ -15,10 +15,31 @@ from pathlib import Path
 import httpx
 
 
+# Under pytest-xdist (`make test` runs two workers) each worker hands out ports from a range of its own,
+# below the kernel's ephemeral ports (32768+): a port the kernel picks for one worker's bind(0) could be
+# picked again for the other's before the first server binds it.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_RANGE_SIZE = 3000
+_next_port = 20000 + _RANGE_SIZE * int(_WORKER[2:]) if _WORKER.startswith("gw") and _WORKER[2:].isdigit() else 0
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port that nothing on this machine listens on now."""
+    global _next_port
+    if not _next_port:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    start = 20000 + _RANGE_SIZE * int(_WORKER[2:])
+    while True:
+        port = _next_port
+        _next_port = start + (port + 1 - start) % _RANGE_SIZE
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken (a server of an earlier test, or someone else's)
+            return port
 
 
 @dataclass
