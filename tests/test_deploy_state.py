@@ -59,11 +59,25 @@ def _wait_port(port: int, server: Server, timeout_s: float = 60) -> None:
     raise RuntimeError(f"{server.name}: nothing on {port}:\n{server.log_tail()}")
 
 
+_PODS: list[Pod] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_pods() -> Iterator[None]:
+    """Whatever pod a test left running (its last start) is stopped after it, failed or not."""
+    yield
+    while _PODS:
+        pod = _PODS.pop()
+        if pod.server is not None:
+            pod.server.stop()
+
+
 class Pod:
     """One rendered container as a local process that can be deleted, killed and started again on the
     same volumes (a StatefulSet pod's replacement gets its claim back)."""
 
     def __init__(self, cluster: Cluster, name: str) -> None:
+        _PODS.append(self)
         self.cluster, self.name = cluster, name
         self.workload = cluster.workload(name)
         (self.container,) = self.workload["spec"]["template"]["spec"]["containers"]
