@@ -21,7 +21,7 @@ import httpx
 import pytest
 import redis as redis_lib
 
-from gateway.admission.ratelimit_redis import tenant_prefix
+from gateway.admission.redis_keys import tenant_prefix
 from gateway.tenancy.tenants import hash_key
 from tests.support.hostile import Server, fault_backend, start_fault_upstream, start_gateway, start_redis
 

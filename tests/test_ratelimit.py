@@ -26,7 +26,8 @@ from gateway.admission.ratelimit import (
     make_rate_limiter,
 )
 from gateway.admission.ratelimit_redis import _RECOUNT_CAP as RECOUNT_CAP
-from gateway.admission.ratelimit_redis import RedisRateLimiter, tenant_prefix
+from gateway.admission.ratelimit_redis import RedisRateLimiter
+from gateway.admission.redis_keys import tenant_prefix
 from tests.support.processes import free_port
 
 REDIS_SERVER = shutil.which("redis-server")

@@ -22,7 +22,8 @@ from gateway.admission.quota import (DAY_S, LocalQuotas, QuotaExceeded, Quotas, 
 from gateway.admission.quota_lua import PERIODS_LUA
 from gateway.admission.ratelimit import Limits
 from gateway.admission.ratelimit_lua import LUA_HELPERS as _LUA_HELPERS
-from gateway.admission.ratelimit_redis import RedisRateLimiter, tenant_prefix
+from gateway.admission.ratelimit_redis import RedisRateLimiter
+from gateway.admission.redis_keys import tenant_prefix
 from gateway.observability.metrics import Metrics
 from gateway.registry import load_registry
 from gateway.tenancy.auth import ANONYMOUS

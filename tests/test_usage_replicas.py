@@ -18,7 +18,7 @@ import pytest
 import redis as redis_client
 import yaml
 
-from gateway.admission.ratelimit_redis import tenant_prefix
+from gateway.admission.redis_keys import tenant_prefix
 from gateway.tenancy.tenants import hash_key
 from tests.conftest import LLAMA2_CONDITIONS, ROOT
 from tests.support.processes import Server, free_port, start_redis, start_server

@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.admission.ratelimit_lua import LUA_HELPERS as _LUA_HELPERS
-from gateway.admission.ratelimit_redis import tenant_prefix
+from gateway.admission.redis_keys import tenant_prefix
 from gateway.admission.quota_lua import PERIODS_LUA
 from gateway.admission.quota import (KEY_TTL_S, LocalQuotas, Periods, QuotaGrant, Quotas, QuotaUnavailable,
                                  exceeded, headers)

@@ -18,7 +18,7 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.admission.ratelimit_redis import tenant_prefix
+from gateway.admission.redis_keys import tenant_prefix
 from tests.support.processes import Server, free_port, start_redis, start_server, wait_for_port  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -18,28 +19,32 @@ import httpx
 # Under pytest-xdist (`make test` runs two workers) each worker hands out ports from a range of its own,
 # below the kernel's ephemeral ports (32768+): a port the kernel picks for one worker's bind(0) could be
 # picked again for the other's before the first server binds it.
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
-_RANGE_SIZE = 3000
-_next_port = 20000 + _RANGE_SIZE * int(_WORKER[2:]) if _WORKER.startswith("gw") and _WORKER[2:].isdigit() else 0
+def _worker_ports() -> range | None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not (worker.startswith("gw") and worker[2:].isdigit()):
+        return None
+    start = 20000 + 3000 * int(worker[2:])
+    return range(start, start + 3000)
+
+
+_WORKER_PORTS = _worker_ports()
+_next_ports = itertools.cycle(_WORKER_PORTS) if _WORKER_PORTS else None
 
 
 def free_port() -> int:
     """A port that nothing on this machine listens on now."""
-    global _next_port
-    if not _next_port:
+    if _next_ports is None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             return sock.getsockname()[1]
-    start = 20000 + _RANGE_SIZE * int(_WORKER[2:])
-    while True:
-        port = _next_port
-        _next_port = start + (port + 1 - start) % _RANGE_SIZE
+    for port in itertools.islice(_next_ports, len(_WORKER_PORTS)):
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue  # taken (a server of an earlier test, or someone else's)
             return port
+    raise RuntimeError(f"no free port in this worker's range {_WORKER_PORTS}")
 
 
 @dataclass
