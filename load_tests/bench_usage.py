@@ -9,7 +9,9 @@ limits and quotas in Redis; the usage ledger in the embedded database either way
 - ledger: usage records on (the ledger row of every request, written to the database each second);
 - ledger+quotas: also daily and monthly token quotas that never bind (a reservation and a
   reconciliation per request: with Redis, a round trip each).
-Runs alternate between the configurations so drift on the machine hits all alike; the median of the
+Pinned as `make bench` pins: the gateway alone on the first core, everything else on the second. Besides
+requests per second, the gateway's CPU time per answered request (/proc, every thread) is compared: on a
+shared box the steadier figure. Runs alternate between the configurations so drift on the machine hits all alike; the median of the
 repeats is compared. Issue 20's cost bound (5 %) is the ledger's; quotas are reported beside it.
 """
 
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -37,7 +41,7 @@ CONFIGS = {"off": (False, False), "ledger": (True, False), "ledger+quotas": (Tru
 
 
 def _gateway(procs: bt.Procs, tmp: Path, mock_url: str, name: str, ledger: bool, quotas: bool,
-             redis_url: str | None) -> bt.Target:
+             redis_url: str | None, core: int | None) -> bt.Target:
     d = tmp / name
     d.mkdir()
     env = bt.gateway_files(d, {bt.GATEWAY_MODEL: {"id": "mock-0", "url": mock_url,
@@ -48,21 +52,38 @@ def _gateway(procs: bt.Procs, tmp: Path, mock_url: str, name: str, ledger: bool,
     Path(env["GATEWAY_TENANTS"]).write_text(yaml.safe_dump(tenants))
     env["GATEWAY_USAGE_RECORDS"] = "true" if ledger else "false"
     env["GATEWAY_DATA_DIR"] = str(d / "data")  # its own embedded database and spool
+    env["GATEWAY_METRICS_PUBLIC"] = "true"  # _answered reads the request counter
     if redis_url:
         env["GATEWAY_REDIS_URL"] = redis_url
     port = bt.free_port()
-    proc = procs.start(name, [sys.executable, "-m", "gateway", "serve", "--port", str(port)], env=env)
+    proc = procs.start(name, [sys.executable, "-m", "gateway", "serve", "--port", str(port)], env=env, core=core)
     bt.wait_http(f"http://127.0.0.1:{port}/ready", proc, 60)
     return bt.Target(name, f"http://127.0.0.1:{port}", bt.GATEWAY_MODEL, bt.BENCH_KEY, proc, {})
 
 
-def _rps(t: bt.Target, duration: float, concurrency: int) -> float:
+def _cpu_s(pid: int) -> float:
+    """The process's CPU seconds so far (user + system, all its threads: SQLite's writer thread included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _answered(t: bt.Target) -> float:
+    """Requests the gateway has answered so far (its own counter, warm-up included)."""
+    text = urllib.request.urlopen(t.url + "/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("gateway_requests_total{"))
+
+
+def _run(t: bt.Target, duration: float, concurrency: int) -> tuple[float, float]:
+    """(rps, gateway CPU microseconds per answered request) of one closed-loop run."""
+    cpu, answered = _cpu_s(t.proc.popen.pid), _answered(t)
     done = subprocess.run([sys.executable, str(LOADGEN), "--url", t.url, "--model", t.model, "--api-key", t.api_key,
                            "--concurrency", str(concurrency), "--duration", str(duration), "--warmup", "1"],
                           capture_output=True, timeout=120 + duration, check=True)
     result = json.loads(done.stdout)
     assert not result.get("errors"), result.get("error_kinds")
-    return float(result["throughput_rps"])
+    cpu, answered = _cpu_s(t.proc.popen.pid) - cpu, _answered(t) - answered
+    return float(result["throughput_rps"]), cpu / max(answered, 1) * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,33 +94,52 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-usage-") as raw:
         tmp = Path(raw)
-        procs = bt.Procs(tmp, None)
+        # As `make bench` (bench.py): the gateway alone on the first core, its SQLite writer thread with it;
+        # the mock, Redis, the load generator and this script on the second.
+        cpus = sorted(os.sched_getaffinity(0))
+        pinned = len(cpus) >= 2
+        target_core, own_core = (cpus[0], cpus[1]) if pinned else (None, None)
+        if pinned:
+            os.sched_setaffinity(0, {own_core})
+        procs = bt.Procs(tmp, cpus if pinned else None)
         try:
-            mock = bt.start_mock(procs, sys.executable, None)
+            mock = bt.start_mock(procs, sys.executable, own_core)
             stores: list[str | None] = [None]
             if shutil.which("redis-server"):
                 port = bt.free_port()
-                redis = procs.start("redis", ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"])
+                redis = procs.start("redis", ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+                                    core=own_core)
                 time.sleep(0.5)
                 assert redis.popen.poll() is None, "redis-server did not start"
                 stores.append(f"redis://127.0.0.1:{port}/0")
             lines = {}
             for store in stores:
                 where = "redis" if store else "process"
-                targets = {name: _gateway(procs, tmp, mock.url, f"gw-{name.replace('+', '-')}-{where}", *flags, store)
+                targets = {name: _gateway(procs, tmp, mock.url, f"gw-{name.replace('+', '-')}-{where}", *flags, store,
+                                         target_core)
                            for name, flags in CONFIGS.items()}
                 runs: dict[str, list[float]] = {name: [] for name in CONFIGS}
+                cpu: dict[str, list[float]] = {name: [] for name in CONFIGS}
                 for _ in range(a.repeats):
                     for name, target in targets.items():
-                        runs[name].append(_rps(target, a.duration, a.concurrency))
+                        rps, us = _run(target, a.duration, a.concurrency)
+                        runs[name].append(rps)
+                        cpu[name].append(round(us, 1))
                 medians = {k: statistics.median(v) for k, v in runs.items()}
-                lines[where] = {"rps": {k: round(v) for k, v in medians.items()}, "runs": runs}
+                cpu_medians = {k: statistics.median(v) for k, v in cpu.items()}
+                lines[where] = {"rps": {k: round(v) for k, v in medians.items()}, "runs": runs,
+                                "cpu_us_per_request": cpu_medians, "cpu_runs": cpu}
                 for name in ("ledger", "ledger+quotas"):
                     cost = (1 - medians[name] / medians["off"]) * 100
+                    # CPU per request is the steadier figure on a shared box: throughput on one core is its
+                    # inverse, so the same cost in RPS terms is 1 - off/on.
+                    cpu_cost = (1 - cpu_medians["off"] / cpu_medians[name]) * 100
                     lines[where][f"{name}_cost_percent"] = round(cost, 1)
+                    lines[where][f"{name}_cpu_cost_percent"] = round(cpu_cost, 1)
                     bound = " (target <= 5 %)" if name == "ledger" else ""
                     print(f"usage {name} ({where}): {medians[name]:,.0f} rps on vs {medians['off']:,.0f} rps off, "
-                          f"cost {cost:.1f} %{bound}", flush=True)
+                          f"cost {cost:.1f} %{bound}; gateway CPU {cpu_medians[name]:.0f} vs "
+                          f"{cpu_medians['off']:.0f} us/request, cost {cpu_cost:.1f} %", flush=True)
             print(json.dumps(lines))
         finally:
             procs.stop_all()
