@@ -15,8 +15,10 @@ conversation state the client cannot use right away is no use later.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import orjson
@@ -52,7 +54,53 @@ def _unavailable(error: Exception) -> StoreUnavailable:
     return StoreUnavailable(f"response store unavailable: {str(getattr(error, 'orig', None) or error)[:200]}")
 
 
-_DOWN = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, OSError, TimeoutError)
+# sqlite3.OperationalError: the embedded file's writer (Database.write_sqlite) could not write or lock it.
+_DOWN = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sqlite3.OperationalError, OSError,
+         TimeoutError)
+
+
+_COLUMNS = "responses (id, tenant, created_at, expires_at, previous_response_id, response)"
+_ITEM_COLUMNS = "response_input_items (response_id, position, item)"
+_PG_INSERT_RESPONSES = f"INSERT INTO {_COLUMNS} VALUES ($1, $2, $3, $4, $5, $6)"  # asyncpg's parameter style
+_PG_INSERT_ITEMS = f"INSERT INTO {_ITEM_COLUMNS} VALUES ($1, $2, $3)"
+
+
+def _taken(response_id: str) -> ValueError:
+    return ValueError(f"response id {response_id} is taken")
+
+
+def _items(response_id: str, item: StoredResponse) -> list[tuple]:
+    return [(response_id, i, orjson.dumps(entry).decode()) for i, entry in enumerate(item.input_items)]
+
+
+def _write_sqlite(latest: dict[str, tuple[StoredResponse, int]], db: sqlite3.Connection) -> dict[str, Exception]:
+    """The group's transaction on SQLite, as `_write` does it on PostgreSQL (run by Database.write_sqlite
+    in its writer thread: one thread hop for the whole group)."""
+    ids = list(latest)
+    found = {row[0]: row for row in db.execute(
+        f"SELECT id, tenant, deleted_at FROM responses WHERE id IN ({', '.join('?' * len(ids))})", ids)}
+    refused: dict[str, Exception] = {}
+    inserts: list[tuple] = []
+    items: list[tuple] = []
+    for response_id, (item, expires_at) in latest.items():
+        body = orjson.dumps(item.response).decode()
+        existing = found.get(response_id)
+        if existing is None:
+            inserts.append((response_id, item.tenant, item.created_at, expires_at, item.previous_response_id, body))
+        elif existing[1] != item.tenant or existing[2] is not None:
+            refused[response_id] = _taken(response_id)
+            continue
+        else:
+            db.execute("UPDATE responses SET tenant = ?, created_at = ?, expires_at = ?, previous_response_id = ?, "
+                       "response = ?, deleted_at = NULL WHERE id = ?",
+                       (item.tenant, item.created_at, expires_at, item.previous_response_id, body, response_id))
+            db.execute("DELETE FROM response_input_items WHERE response_id = ?", (response_id,))
+        items.extend(_items(response_id, item))
+    if inserts:
+        db.executemany(f"INSERT INTO {_COLUMNS} VALUES (?, ?, ?, ?, ?, ?)", inserts)
+    if items:
+        db.executemany(f"INSERT INTO {_ITEM_COLUMNS} VALUES (?, ?, ?)", items)
+    return refused
 
 
 _MAX_GROUP = 256  # saves per commit: bounds one transaction's statement and parameter count
@@ -97,32 +145,37 @@ class SqlResponseStore:
     async def _write(self, group: list[tuple[StoredResponse, int, asyncio.Future[None]]]) -> dict[str, Exception]:
         """One transaction for the group; the ids it refuses (taken by another tenant, or deleted)."""
         latest = {item.id: (item, expires_at) for item, expires_at, _ in group}  # a repeated id: the last save
+        if self._db.is_sqlite:
+            return await self._db.write_sqlite(partial(_write_sqlite, latest))
         refused: dict[str, Exception] = {}
         async with self._db.writing() as conn:
             found = {row.id: row for row in (await conn.execute(
                 select(responses.c.id, responses.c.tenant, responses.c.deleted_at)
                 .where(responses.c.id.in_(list(latest))))).all()}
-            inserts, items = [], []
+            inserts: list[tuple] = []
+            items: list[tuple] = []
             for response_id, (item, expires_at) in latest.items():
-                row = {"tenant": item.tenant, "created_at": item.created_at, "expires_at": expires_at,
-                       "previous_response_id": item.previous_response_id,
-                       "response": orjson.dumps(item.response).decode(), "deleted_at": None}
+                body = orjson.dumps(item.response).decode()
                 existing = found.get(response_id)
                 if existing is None:
-                    inserts.append({"id": response_id, **row})
+                    inserts.append((response_id, item.tenant, item.created_at, expires_at,
+                                    item.previous_response_id, body))
                 elif existing.tenant != item.tenant or existing.deleted_at is not None:
-                    refused[response_id] = ValueError(f"response id {response_id} is taken")
+                    refused[response_id] = _taken(response_id)
                     continue
                 else:
-                    await conn.execute(update(responses).where(responses.c.id == response_id).values(**row))
+                    await conn.execute(update(responses).where(responses.c.id == response_id).values(
+                        tenant=item.tenant, created_at=item.created_at, expires_at=expires_at,
+                        previous_response_id=item.previous_response_id, response=body, deleted_at=None))
                     await conn.execute(delete(response_input_items)
                                        .where(response_input_items.c.response_id == response_id))
-                items.extend({"response_id": response_id, "position": i, "item": orjson.dumps(entry).decode()}
-                             for i, entry in enumerate(item.input_items))
+                items.extend(_items(response_id, item))
+            # The driver's executemany with plain tuples: SQLAlchemy's insert of a list of dicts processed
+            # every row's parameters in Python.
             if inserts:
-                await conn.execute(responses.insert(), inserts)
+                await conn.exec_driver_sql(_PG_INSERT_RESPONSES, inserts)
             if items:
-                await conn.execute(response_input_items.insert(), items)
+                await conn.exec_driver_sql(_PG_INSERT_ITEMS, items)
         return refused
 
     async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
