@@ -87,10 +87,14 @@ class Database:
         connection.execute("BEGIN IMMEDIATE")
         try:
             result = work(connection)
+            connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            # Never leave the connection inside a transaction (a failed COMMIT included): the next
+            # BEGIN would fail, and every later write with it.
+            if connection.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    connection.execute("ROLLBACK")
             raise
-        connection.execute("COMMIT")
         return result
 
     @contextlib.asynccontextmanager
