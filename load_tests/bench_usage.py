@@ -12,7 +12,8 @@ limits and quotas in Redis; the usage ledger in the embedded database either way
 Pinned as `make bench` pins: the gateway alone on the first core, everything else on the second. Besides
 requests per second, the gateway's CPU time per answered request (/proc, every thread) is compared: on a
 shared box the steadier figure. Runs alternate between the configurations so drift on the machine hits
-all alike; the median of the repeats is compared. Issue 20's cost bound (5 %) is the ledger's; quotas are reported beside it.
+all alike; the median of the repeats is compared. Issue 20's cost bound (5 %) is the ledger's; quotas
+are reported beside it.
 """
 
 from __future__ import annotations

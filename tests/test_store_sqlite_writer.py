@@ -38,7 +38,8 @@ def test_a_failed_transaction_is_rolled_back_and_the_next_one_commits(tmp_path: 
             await db.write_sqlite(_insert("resp_c"))  # neither failure left a transaction open
             store = SqlResponseStore(db)
             await store.save(StoredResponse("resp_d", "t", 1, None, {"id": "resp_d"}, []), 2**40)
-            ids = await db.write_sqlite(lambda conn: [r for (r,) in conn.execute("SELECT id FROM responses ORDER BY id")])
+            ids = await db.write_sqlite(
+                lambda conn: [r for (r,) in conn.execute("SELECT id FROM responses ORDER BY id")])
             assert ids == ["resp_a", "resp_c", "resp_d"]  # resp_b was rolled back
             assert (await store.get("t", "resp_d")) is not None  # what the writer committed, the pool reads
         finally:
