@@ -119,7 +119,7 @@ bench: nginx
 	$(MAKE) -j3 $(VENV)/.installed-test $(LLMGW_VLLM_VENV)/.ready $(LLMGW_LITELLM_VENV)/.ready
 	$(MAKE) test-models
 	$(VENV)/bin/python load_tests/bench.py $(BENCH_ARGS)
-	$(VENV)/bin/python load_tests/bench_usage.py   # the usage ledger (and quotas) on vs off
+	$(VENV)/bin/python load_tests/bench_usage.py   # the usage ledger against the gateway before it (and quotas)
 
 # Where a request's CPU goes (load_tests/cpu_profile.py): py-spy samples the gateway under load.
 # PROFILE_ARGS e.g. --stream, --endpoint responses, --concurrency 1.

@@ -66,9 +66,10 @@ async def create_response(state: pipeline.GatewayState, caller: Caller, raw: byt
         answer.body_iterator = translator.stream(answer.body_iterator)
         return answer
     final = translator.body(answer.body)
+    encoded = orjson.dumps(final)  # once: the client's body and the stored one
     if save is not None:
         try:
-            await save(final)
+            await save(final, encoded)
         except Exception:
             # Acknowledged means stored: a 200 here would promise a chain that cannot continue. The
             # answer's bookkeeping (usage, metrics, in-flight count) still runs when this body is sent.
@@ -77,17 +78,17 @@ async def create_response(state: pipeline.GatewayState, caller: Caller, raw: byt
                                  code="store_unavailable")
             _replace_body(answer, orjson.dumps(error.body()), 503)
             return answer
-    _replace_body(answer, orjson.dumps(final))
+    _replace_body(answer, encoded)
     return answer
 
 
 def _saver(state: pipeline.GatewayState, caller: Caller, request: ResponsesRequest, turn: Turn) -> Save:
     store, retention = state.responses, state.settings.responses_retention_s
 
-    async def save(final: dict[str, Any]) -> None:
+    async def save(final: dict[str, Any], encoded: bytes) -> None:
         created = final["created_at"]
         await store.save(StoredResponse(final["id"], caller.tenant.name, created, request.previous_response_id,
-                                        final, turn.input_items), created + retention)
+                                        final, turn.input_items, encoded), created + retention)
 
     return save
 

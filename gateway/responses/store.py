@@ -6,18 +6,11 @@ The in-memory store (`gateway.responses.memory`) is the default; the SQL one
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.store.responses import StoredResponse
 
-@dataclass(frozen=True)
-class StoredResponse:
-    id: str  # "resp_..."
-    tenant: str
-    created_at: int  # unix seconds
-    previous_response_id: str | None
-    response: dict  # the full OpenAI response object, as returned to the client
-    input_items: list[dict]  # this turn's input items, each with an "id" (OpenAI input_items shape)
+__all__ = ["ResponseStore", "StoredResponse"]
 
 
 class ResponseStore(Protocol):

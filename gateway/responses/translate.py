@@ -32,7 +32,7 @@ import orjson
 
 from gateway.responses import objects
 
-Save = Callable[[dict[str, Any]], Awaitable[None]]
+Save = Callable[[dict[str, Any], bytes], Awaitable[None]]  # the final response, and its JSON
 _DONE = b"[DONE]"
 _CONTENT = b'"delta":{"content":"'
 _UNFINISHED_TAIL = b'"},"logprobs":null,"finish_reason":null'  # vLLM's and the gateway's own chunks
@@ -180,16 +180,18 @@ class ResponseTranslator:
             code = "invalid_prompt" if self._error.get("type") == "invalid_request_error" else "server_error"
             message = str(self._error.get("message") or "The model backend failed in the middle of the answer.")
             final = objects.failed(self.base, self.item_id, text, code, message)
+            encoded = orjson.dumps(final)
             if self._save is not None:
                 try:
-                    await self._save(final)
+                    await self._save(final, encoded)
                 except Exception:  # the failure is what the client must hear about
                     pass
-            return self._event("response.failed", response=final)
+            return self._event_with_response("response.failed", encoded)
         final = objects.finished(self.base, self.item_id, text, self._finish_reason, self._usage)
+        encoded = orjson.dumps(final)  # once: the last event and the stored response
         if self._save is not None:
             try:
-                await self._save(final)
+                await self._save(final, encoded)
             except Exception:
                 # Acknowledged means stored: a completed event here would promise a chain that cannot continue.
                 final = objects.failed(self.base, self.item_id, text, "server_error",
@@ -203,7 +205,7 @@ class ResponseTranslator:
             self._event("response.content_part.done", item_id=self.item_id, output_index=0, content_index=0,
                         part=item["content"][0]),
             self._event("response.output_item.done", output_index=0, item=item),
-            self._event(f"response.{final['status']}", response=final),
+            self._event_with_response(f"response.{final['status']}", encoded),
         ))
 
     def _event_with_response(self, kind: str, response: bytes) -> bytes:

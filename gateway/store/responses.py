@@ -41,6 +41,11 @@ class StoredResponse:
     previous_response_id: str | None
     response: dict  # the full OpenAI response object, as returned to the client
     input_items: list[dict]  # this turn's input items, each with an "id" (OpenAI input_items shape)
+    # `response` as the JSON the client was sent, when the caller has it: stored as is, not encoded again.
+    encoded: bytes | None = None
+
+    def response_json(self) -> str:
+        return (self.encoded or orjson.dumps(self.response)).decode()
 
 
 class ResponseStore(Protocol):
@@ -83,7 +88,7 @@ def _write_sqlite(latest: dict[str, tuple[StoredResponse, int]], db: sqlite3.Con
     inserts: list[tuple] = []
     items: list[tuple] = []
     for response_id, (item, expires_at) in latest.items():
-        body = orjson.dumps(item.response).decode()
+        body = item.response_json()
         existing = found.get(response_id)
         if existing is None:
             inserts.append((response_id, item.tenant, item.created_at, expires_at, item.previous_response_id, body))
@@ -155,7 +160,7 @@ class SqlResponseStore:
             inserts: list[tuple] = []
             items: list[tuple] = []
             for response_id, (item, expires_at) in latest.items():
-                body = orjson.dumps(item.response).decode()
+                body = item.response_json()
                 existing = found.get(response_id)
                 if existing is None:
                     inserts.append((response_id, item.tenant, item.created_at, expires_at,
