@@ -64,7 +64,7 @@ def _gateway(procs: bt.Procs, tmp: Path, mock_url: str, name: str, records: bool
     if redis_url:
         env["GATEWAY_REDIS_URL"] = redis_url
     port = bt.free_port()
-    entry = ["-m", "gateway"] if ledger or not records else [str(BEFORE_LEDGER)]
+    entry = [str(BEFORE_LEDGER)] if records and not ledger else ["-m", "gateway"]
     proc = procs.start(name, [sys.executable, *entry, "serve", "--port", str(port)], env=env, core=core)
     bt.wait_http(f"http://127.0.0.1:{port}/ready", proc, 60)
     return bt.Target(name, f"http://127.0.0.1:{port}", bt.GATEWAY_MODEL, bt.BENCH_KEY, proc, {})
