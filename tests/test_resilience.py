@@ -7,6 +7,7 @@ Two fault-injecting upstreams (vLLM's exact wire format) stand in for engines: A
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -182,6 +183,23 @@ def test_client_disconnect_closes_the_upstream_at_once(gateway: Server, faults: 
         time.sleep(0.05)
     assert record["disconnected"] and record["ended"] - closed_at < 1.0
     assert record["chunks_sent"] < 50  # generation stopped long before its 100 tokens
+
+
+def test_a_client_that_leaves_before_the_answer_is_logged_as_499_not_500(gateway: Server,
+                                                                         faults: dict[str, Server]) -> None:
+    """nginx's "client closed request": the access log agrees with the metrics and the usage record
+    instead of showing an operator a 500 the gateway never answered."""
+    mode(faults["a"], mode="normal", ttft_s=1.5)
+    client_id = f"leaves-early-{time.monotonic_ns()}"
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.url + "/v1/completions", timeout=httpx.Timeout(10, read=0.3),
+                   headers={"authorization": f"Bearer {ADMIN_KEY}", "x-client-request-id": client_id},
+                   json={"model": SINGLE, "prompt": "hi", "max_tokens": 5})
+    deadline = time.monotonic() + 5
+    while not (access := [line for line in gateway.log_lines_with(client_id) if "gateway.access: " in line]):
+        assert time.monotonic() < deadline, "no access log line for the request"
+        time.sleep(0.05)
+    assert json.loads(access[0].split("gateway.access: ", 1)[1])["status"] == 499
 
 
 def test_a_full_backend_means_429_engine_overloaded(gateway: Server, faults: dict[str, Server]) -> None:

@@ -158,9 +158,14 @@ def test_client_gone_before_a_non_streamed_answer_aborts_the_generation(gateway:
     engine = vllm_fleet["tiny-llama"]
 
     def leave() -> None:
-        with pytest.raises(httpx.ReadTimeout):
+        try:
             httpx.post(gateway.url + "/v1/completions", headers={"authorization": f"Bearer {RESEARCH_KEY}"},
                        json=_ABORT_TEST_BODY, timeout=httpx.Timeout(30, read=0.5))  # gives up after 0.5 s
+        except httpx.ReadTimeout:
+            pass
+        # An answer instead of the time-out means this process was not scheduled for the whole
+        # generation (seen once in CI: 1.9 s on a loaded 2-core machine): the engine generated all of
+        # it, so _leave_mid_generation counts the attempt as one that shows nothing and runs another.
 
     generated_before, stopped_after = _leave_mid_generation(engine, leave)
     assert stopped_after < 3.0, f"vLLM kept generating {stopped_after:.2f}s after the client left"

@@ -50,7 +50,7 @@ class RequestContextMiddleware:
         client_id = client_request_id(scope["headers"])
         context = RequestContext(request_id, client_id)
         scope.setdefault("state", {})["context"] = context
-        status = 500
+        status = 0  # none sent yet
         echoed = [(b"x-request-id", request_id.encode())]
         if client_id is not None:
             echoed.append((b"x-client-request-id", client_id.encode()))
@@ -65,6 +65,14 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except BaseException:
+            status = status or 500
+            raise
+        else:
+            # The app answers every request it can; it sends nothing only when its client left first
+            # (ClientGone). Logged as nginx's "client closed request", as the metrics and the usage
+            # record count it, not as a 500 an operator would take for the gateway's own failure.
+            status = status or 499
         finally:
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(orjson.dumps({
