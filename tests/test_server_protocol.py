@@ -7,6 +7,7 @@ pause of several milliseconds in the tail."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import threading
 import time
@@ -35,10 +36,11 @@ async def _echo(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
     await send({"type": "http.response.body", "body": body})
 
 
-@pytest.fixture
-def server_url() -> Iterator[str]:
+@contextlib.contextmanager
+def _serving(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """`app` under uvicorn with the gateway's protocol, in a thread of this process; its URL."""
     port = free_port()
-    config = uvicorn.Config(_echo, host="127.0.0.1", port=port, http=http_protocol(10.0), log_level="warning",
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=http_protocol(10.0), log_level="warning",
                             lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
@@ -47,9 +49,17 @@ def server_url() -> Iterator[str]:
     while not server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def server_url() -> Iterator[str]:
+    with _serving(_echo) as url:
+        yield url
 
 
 def _live_cycles() -> int:
@@ -72,29 +82,17 @@ def test_finished_post_requests_leave_no_cycle_for_the_collector(server_url: str
     assert left <= 2, f"{left} finished request cycles are waiting for the garbage collector"
 
 
-def test_a_refusal_before_the_body_still_lingers_then_closes(server_url: str) -> None:
+def test_a_refusal_before_the_body_still_lingers_then_closes() -> None:
     """The weak reference still finds its cycle: a POST answered before its body is read gets its answer
     (no reset) and the connection is closed after it."""
     async def refuse(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
         await send({"type": "http.response.start", "status": 413, "headers": [(b"connection", b"close")]})
         await send({"type": "http.response.body", "body": b"too large"})
 
-    port = free_port()
-    config = uvicorn.Config(refuse, host="127.0.0.1", port=port, http=http_protocol(10.0), log_level="warning",
-                            lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        def body() -> Iterator[bytes]:
-            for _ in range(64):
-                yield b"y" * 16384  # 1 MiB the server never reads
-        answer = httpx.post(f"http://127.0.0.1:{port}/", content=body(), timeout=10)
-        assert answer.status_code == 413 and answer.content == b"too large"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    def body() -> Iterator[bytes]:
+        for _ in range(64):
+            yield b"y" * 16384  # 1 MiB the server never reads
+
+    with _serving(refuse) as url:
+        answer = httpx.post(url + "/", content=body(), timeout=10)
+    assert answer.status_code == 413 and answer.content == b"too large"
