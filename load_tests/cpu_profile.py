@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             rps = float(result["throughput_rps"])
             window = int(a.duration - 1)
             us_per_request = (after - before) / (rps * window) * 1e6
-            counts = breakdown((tmp / "stacks.txt").read_text())
+            counts = breakdown((tmp / "stacks.txt").read_text(errors="replace"))  # py-spy may cut a name mid-character
             if os.environ.get("PROFILE_KEEP"):
                 shutil.copy(tmp / "stacks.txt", os.environ["PROFILE_KEEP"])
         finally:

@@ -142,7 +142,10 @@ def test_the_stream_helper_and_the_agents_sdk_see_the_failure(gateway: Server, u
 class _DownStore:
     """A response store whose database is unreachable: every call fails, as a real client's would."""
 
-    async def save(self, item, expires_at):  # noqa: ANN001
+    def expect(self) -> None:
+        return None
+
+    async def save(self, item, expires_at, expected=None):  # noqa: ANN001
         raise ConnectionRefusedError("database unreachable")
 
     async def get(self, tenant, response_id):  # noqa: ANN001

@@ -36,6 +36,10 @@ def test_saved_is_readable_at_once_by_another_replica_and_only_by_its_tenant(db_
             follow = _response("resp_2", previous="resp_1")
             await b.save(follow, expires_at=int(time.time()) + 3600)
             assert (await a.get("acme", "resp_2")).previous_response_id == "resp_1"
+            again = _response("resp_2", previous="resp_1")  # its tenant saving an id again: replaced
+            again.response["status"] = "incomplete"
+            await a.save(again, expires_at=int(time.time()) + 3600)
+            assert (await b.get("acme", "resp_2")).response["status"] == "incomplete"
             assert await a.get("globex", "resp_1") is None  # another tenant's: as if missing
             assert await b.delete("globex", "resp_1") is False
             assert await a.get("acme", "resp_404") is None
@@ -94,6 +98,53 @@ def test_concurrent_saves_share_commits_and_each_is_readable_elsewhere_when_it_r
         finally:
             await db_a.dispose()
             await db_b.dispose()
+
+    asyncio.run(scenario())
+
+
+def test_a_save_waits_to_share_a_commit_only_while_other_saves_are_expected(db_url: str,
+                                                                           tmp_path: Path) -> None:
+    """Group commit with PostgreSQL's commit_delay rule: while another response being answered will be saved
+    (`expect`), a small group waits a moment, so a save 0.5 ms later shares its commit; a lone save never
+    waits (that second save takes a commit of its own); a token dropped unsaved (the client went away)
+    stops counting."""
+    async def scenario() -> None:
+        db = await migrated(db_url, tmp_path)
+        store = SqlResponseStore(db)
+        commits = 0
+        for name in ("write_sqlite", "writing"):  # SQLite's writer thread, or a PostgreSQL transaction
+            real = getattr(db, name)
+
+            def counted(*args, _real=real):  # noqa: ANN002, ANN202
+                nonlocal commits
+                commits += 1
+                return _real(*args)
+
+            setattr(db, name, counted)
+        expires = int(time.time()) + 3600
+
+        async def two_saves(tag: str) -> int:
+            nonlocal commits
+            commits = 0
+
+            async def second() -> None:
+                await asyncio.sleep(0.0005)
+                await store.save(_response(f"resp_{tag}_2"), expires_at=expires)
+
+            await asyncio.gather(store.save(_response(f"resp_{tag}_1"), expires_at=expires), second())
+            return commits
+
+        try:
+            assert await two_saves("alone") == 2
+            elsewhere = store.expect()  # a stream still being answered
+            assert await two_saves("siblings") == 1
+            mine = store.expect()
+            await store.save(_response("resp_mine"), expires_at=expires, expected=mine)  # counted out when saved
+            del elsewhere  # its request ended without a save
+            assert await two_saves("dropped") == 2
+            assert (await store.get("acme", "resp_siblings_2")) is not None
+        finally:
+            await db.dispose()
 
     asyncio.run(scenario())
 

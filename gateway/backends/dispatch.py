@@ -167,6 +167,8 @@ async def dispatch(upstreams: list[OpenAIUpstream], payloads: EnginePayloads, re
         outcome.on_done.insert(0, _report_health(attempts, upstream.id))
         translator = _translator(call, upstream, requested)
         if stream:
+            if call.restyle_stream is not None:
+                translator = call.restyle_stream(translator)
             return await _stream_response(upstream, response, call, translator, requested, headers, outcome)
         return await _json_response(upstream, response, translator, headers, outcome)
     if not tried and refusal is not None:

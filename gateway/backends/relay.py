@@ -18,6 +18,7 @@ from gateway.errors import GatewayError
 
 _EVENT_BOUNDARY = re.compile(rb"\r?\n\r?\n")
 _DONE = b"[DONE]"
+_DONE_EVENT = b"data: [DONE]\n\n"
 _OPENAI_ERROR_TYPES = {"invalid_request_error", "not_found_error", "permission_error",
                        "authentication_error", "rate_limit_error", "server_error"}
 
@@ -135,7 +136,8 @@ async def relay_stream(
             now = time.monotonic()
             if now > watch.deadline:
                 watch.failure = "total timeout"
-                yield error_event("The model backend did not finish its answer in time.", "upstream_timeout")
+                yield translator.end(error_event("The model backend did not finish its answer in time.",
+                                                 "upstream_timeout"))
                 return
             events, buffer = split_events(buffer + raw if buffer else raw)
             out: list[bytes] = []
@@ -153,9 +155,8 @@ async def relay_stream(
                         response.close()
                         if (counted := await usage.usage()) is not None:
                             watch.usage, watch.usage_by_gateway = counted, True
-                            extra = usage.usage_event(counted, requested_model)
-                            out.extend(b"data: " + piece + b"\n\n" for piece in translator.event(extra))
-                    out.append(b"data: [DONE]\n\n")
+                            out.append(translator.frame(usage.usage_event(counted, requested_model)))
+                    out.append(translator.end(_DONE_EVENT))
                     yield b"".join(out)
                     if usage is not None and not forward_usage:  # counted after the client has its answer
                         response.close()
@@ -165,13 +166,14 @@ async def relay_stream(
                     return
                 if not (data.startswith(b"{") and data.endswith(b"}")):  # cheap: no parse of what is forwarded
                     watch.failure = "malformed event"
-                    out.append(error_event("The model backend sent a malformed stream.", "upstream_malformed"))
+                    out.append(translator.end(error_event("The model backend sent a malformed stream.",
+                                                          "upstream_malformed")))
                     yield b"".join(out)
                     return
                 if data.startswith(_ERROR_EVENT_STARTS):  # the engine failed after its 200
                     if seen:
                         watch.saw_events(seen, now)
-                    out.append(_engine_error_event(data, watch))
+                    out.append(translator.end(_engine_error_event(data, watch)))
                     yield b"".join(out)
                     return
                 if usage is not None:
@@ -182,25 +184,28 @@ async def relay_stream(
                     if not forward_usage and not chunk.get("choices"):
                         continue
                 seen += 1
-                out.extend(b"data: " + piece + b"\n\n" for piece in translator.event(data))
+                out.append(translator.frame(data))
             if seen:
                 watch.saw_events(seen, now)
             if out:
                 yield b"".join(out)
         if empty_is_rejection and watch.events == 0:
-            yield error_event("The model backend rejected the request as invalid (it ended the stream "
-                              "without an answer).", "invalid_value", type="invalid_request_error")
+            yield translator.end(error_event("The model backend rejected the request as invalid (it ended the "
+                                             "stream without an answer).", "invalid_value",
+                                             type="invalid_request_error"))
             return
         watch.failure = "ended without [DONE]"
     except UpstreamStalled:
         watch.failure = "stalled"
-        yield error_event("The model backend stopped sending in the middle of the answer.", "upstream_timeout")
+        yield translator.end(error_event("The model backend stopped sending in the middle of the answer.",
+                                         "upstream_timeout"))
         return
     except (UpstreamBroken, orjson.JSONDecodeError) as exc:
         watch.failure = type(exc).__name__
     finally:
         response.close()
-    yield error_event("The model backend disconnected in the middle of the answer.", "upstream_disconnected")
+    yield translator.end(error_event("The model backend disconnected in the middle of the answer.",
+                                     "upstream_disconnected"))
 
 
 # vLLM's error event after streaming began: `{"error": {...}}` (0.10+, json.dumps spacing), or the older

@@ -1,7 +1,8 @@
 """One translator per (what the client asked, what the engine answers) pair.
 
-`Passthrough`: the engine already answers in the client's shape; only the model name changes, by a
-byte replacement (no parse). `ChatFromCompletion`: the gateway rendered the chat into a prompt and
+Each turns an engine's JSON body (`body`) or stream event (`event`; `frame` with the SSE framing, the
+one the relay calls) into the client's. `Passthrough`: the engine already answers in the client's shape;
+only the model name changes, by a byte replacement (no parse). `ChatFromCompletion`: the gateway rendered the chat into a prompt and
 called `/v1/completions`; the engine's `text_completion` (and its chunks) become a `chat.completion`
 (and `chat.completion.chunk`s: role first, then content, finish_reason on the last content chunk).
 """
@@ -10,19 +11,45 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import orjson
 
 
 class Translator(Protocol):
+    events_as_is: ClassVar[bool]
+
     def body(self, data: bytes) -> bytes: ...
 
-    def event(self, data: bytes) -> Iterator[bytes]: ...
+    def event(self, data: bytes) -> Iterator[bytes]:
+        """One engine stream event's data -> the data of the client's events."""
+
+    def frame(self, data: bytes) -> bytes:
+        """One engine stream event's data -> the client's SSE bytes (what the relay sends)."""
+
+    def end(self, event: bytes) -> bytes:
+        """The relay's own last event (`data: [DONE]`, or an error event) -> what the client gets."""
+
+
+class SseChat:
+    """Chat and completions streams: each event's data framed as `data: ...`, the relay's last event as is.
+    `events_as_is`: the engine's stream events are already the client's chunks but for the model name (a
+    translator stacked on this one may read the engine's events directly: gateway/responses)."""
+
+    events_as_is: ClassVar[bool] = False
+
+    def event(self, data: bytes) -> Iterator[bytes]:
+        raise NotImplementedError
+
+    def frame(self, data: bytes) -> bytes:
+        return b"".join([b"data: %b\n\n" % piece for piece in self.event(data)])
+
+    def end(self, event: bytes) -> bytes:
+        return event
 
 
 @dataclass(frozen=True)
-class Passthrough:
+class Passthrough(SseChat):
     """Replace the engine's model name with the id the client asked for.
 
     Inside JSON strings every quote is escaped, so `"model":"<name>"` can only match the real key.
@@ -43,12 +70,17 @@ class Passthrough:
                 return data.replace(old, new, 1)
         return data
 
+    events_as_is: ClassVar[bool] = True
+
     def event(self, data: bytes) -> Iterator[bytes]:
         yield self.body(data)
 
+    def frame(self, data: bytes) -> bytes:
+        return b"data: %b\n\n" % self.body(data)  # the hot path: one format, no generator
+
 
 @dataclass(frozen=True)
-class ChatWithRefusal:
+class ChatWithRefusal(SseChat):
     """Chat from an engine whose non-streamed message leaves out `refusal` (llama.cpp): that body is
     parsed once to add OpenAI's `refusal: null`, which typed clients expect; stream events pass through."""
 
@@ -63,12 +95,17 @@ class ChatWithRefusal:
         answer["model"] = self.passthrough.requested
         return orjson.dumps(answer)
 
+    events_as_is: ClassVar[bool] = True
+
     def event(self, data: bytes) -> Iterator[bytes]:
         return self.passthrough.event(data)
 
+    def frame(self, data: bytes) -> bytes:
+        return self.passthrough.frame(data)
+
 
 @dataclass(frozen=True)
-class CompletionLogprobs:
+class CompletionLogprobs(SseChat):
     """Completions with `logprobs`: where the engine has no prediction for a token (the first token of an
     `echo`ed prompt: vLLM and OpenAI send `null` there) the spec still requires a number and an object;
     the gateway sends `0.0` (the token was given, not predicted: it adds nothing to a sum of logprobs)
@@ -106,7 +143,7 @@ def _fill_logprob_gaps(answer: dict[str, Any]) -> None:
 
 
 @dataclass
-class ChatFromCompletion:
+class ChatFromCompletion(SseChat):
     requested: str
     _started: set[int] = field(default_factory=set)  # choices whose role chunk was sent
     _speaking: set[int] = field(default_factory=set)  # choices whose first non-space text was sent

@@ -16,6 +16,7 @@ stop string could still match).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -61,6 +62,9 @@ class UpstreamCall:
     # Tokens an engine-side chat template may add beyond the gateway's own rendering (native templates:
     # a default system turn, role tokens per message).
     template_margin: int = 0
+    # A bridge's own stream translator stacked on the engine's (gateway.backends.translate.Translator ->
+    # Translator): the Responses API reads the engine's events in the relay's one pass over them.
+    restyle_stream: Callable[[Any], Any] | None = None
 
     @property
     def stream(self) -> bool:

@@ -54,18 +54,18 @@ async def create_response(state: pipeline.GatewayState, caller: Caller, raw: byt
     except GatewayError as exc:  # refused before the pipeline: counted as the pipeline counts its refusals
         _count_refusal(state, caller, exc.status, arrived)
         raise
-    try:
-        endpoint = pipeline.Endpoint(RESPONSES.name, ChatCompletionRequest, partial(prepare_turn, turn))
-        answer = await pipeline.serve(state, endpoint, caller, b"", context, client_gone, held, request=turn.chat)
-    except GatewayError as exc:
-        raise as_responses_error(exc, turn) from None
     store = request.store is not False
     save = _saver(state, caller, request, turn) if store else None
     translator = ResponseTranslator(skeleton(request, new_id("resp_"), created_at, store), new_id("msg_"), save)
-    if isinstance(answer, StreamingResponse):
+    try:
+        endpoint = pipeline.Endpoint(RESPONSES.name, ChatCompletionRequest, partial(prepare_turn, turn, translator))
+        answer = await pipeline.serve(state, endpoint, caller, b"", context, client_gone, held, request=turn.chat)
+    except GatewayError as exc:
+        raise as_responses_error(exc, turn) from None
+    if isinstance(answer, StreamingResponse):  # the relay translated its events (prepare_turn)
         answer.body_iterator = translator.stream(answer.body_iterator)
         return answer
-    final = translator.body(answer.body)
+    final = translator.final(answer.body)
     encoded = orjson.dumps(final)  # once: the client's body and the stored one
     if save is not None:
         try:
@@ -84,11 +84,12 @@ async def create_response(state: pipeline.GatewayState, caller: Caller, raw: byt
 
 def _saver(state: pipeline.GatewayState, caller: Caller, request: ResponsesRequest, turn: Turn) -> Save:
     store, retention = state.responses, state.settings.responses_retention_s
+    expected = store.expect()  # dropped with this closure if the request ends before its answer is saved
 
     async def save(final: dict[str, Any], encoded: bytes) -> None:
         created = final["created_at"]
         await store.save(StoredResponse(final["id"], caller.tenant.name, created, request.previous_response_id,
-                                        final, turn.input_items, encoded), created + retention)
+                                        final, turn.input_items, encoded), created + retention, expected)
 
     return save
 

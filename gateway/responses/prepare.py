@@ -11,6 +11,7 @@ from __future__ import annotations
 from gateway.prompts.prepare import UpstreamCall, prepare_chat
 from gateway.registry import Model
 from gateway.responses.request import Turn
+from gateway.responses.translate import ResponseTranslator
 from gateway.wire.protocol import ChatCompletionRequest
 
 # As gateway.prompts.context's estimate where no tokenizer is asked: it undercounts only unusually dense
@@ -18,12 +19,14 @@ from gateway.wire.protocol import ChatCompletionRequest
 _BYTES_PER_TOKEN = 3
 
 
-def prepare_turn(turn: Turn, model: Model, chat: ChatCompletionRequest,
+def prepare_turn(turn: Turn, translator: ResponseTranslator, model: Model, chat: ChatCompletionRequest,
                  _default_max_tokens: int | None = None) -> UpstreamCall:
-    """The pipeline's `prepare` for this turn (bound to it: `functools.partial(prepare_turn, turn)`)."""
+    """The pipeline's `prepare` for this turn (bound to it: `functools.partial(prepare_turn, turn,
+    translator)`). A stream's events become Responses events in the relay (`translator.over`)."""
     call = prepare_chat(model, chat)
     if turn.truncate:
         call = _truncated(turn, model, chat, call)
+    call.restyle_stream = translator.over
     return call
 
 

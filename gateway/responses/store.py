@@ -14,7 +14,11 @@ __all__ = ["ResponseStore", "StoredResponse"]
 
 
 class ResponseStore(Protocol):
-    async def save(self, item: StoredResponse, expires_at: int) -> None:
+    def expect(self) -> object | None:
+        """A token for a response being answered that will be saved (pass it to `save`), or None: a store
+        that groups its commits waits a little for expected saves (gateway.store.responses)."""
+
+    async def save(self, item: StoredResponse, expires_at: int, expected: object | None = None) -> None:
         """Durable when it returns: a follow-up sent the moment the answer completed finds it."""
 
     async def get(self, tenant: str, response_id: str) -> StoredResponse | None:

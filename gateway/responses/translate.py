@@ -9,27 +9,31 @@ one `response.output_text.delta` per engine chunk with text, then `response.outp
 when the length limit stopped it). The final response is stored before its last event leaves (`save`).
 An engine that breaks off after the first byte ends the stream with `response.failed` and the reason.
 
-The chat stream it reads is the gateway's own relay output (`data: {...}\\n\\n` events, `[DONE]` last, an
-`{"error": ...}` event on failure), with the usage chunk always present (gateway.responses.request asks
-for it). After `[DONE]` the relay still has to let go of the engine's connection and report the outcome:
-the final events go out first, and the chat stream is then read to its end.
+Two halves. As the relay's translator (`over`: stacked on the chat translator dispatch chose for the
+engine) it turns each engine event into its delta event inside the relay's own pass over the events,
+and keeps what the closing events need (text, finish reason, usage; the relay's `[DONE]` or error event).
+`stream` wraps the relay's output: the opening events first, the closing ones (after the save) once the
+relay's last event was seen. After `[DONE]` the relay still has to let go of the engine's connection and
+report the outcome: the final events go out first, and the relay is then read to its end.
 
 Cost: a token's chunk is the relay's hot loop. The common one (text, no finish reason, no usage, in the
 compact shape of vLLM and of the gateway's own translators) is not parsed: its text is copied as the JSON
 string it already is into the delta event (escapes and all: inside JSON strings every quote is escaped,
-so the key pattern can only be the real key). The rest (the role
-chunk, the last chunk, usage, anything shaped otherwise) is parsed. The text is kept JSON-escaped and
-decoded once, at the end.
+so the key pattern can only be the real key). The rest (the role chunk, the last chunk, usage, anything
+shaped otherwise) is parsed. The text is kept JSON-escaped and decoded once, at the end. Engines whose
+chunks are chat chunks already (`events_as_is`) are read directly, without the model name's replacement
+or the chat framing that the client of this stream never sees.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import orjson
 
+from gateway.backends.translate import Translator
 from gateway.responses import objects
 
 Save = Callable[[dict[str, Any], bytes], Awaitable[None]]  # the final response, and its JSON
@@ -53,10 +57,15 @@ class ResponseTranslator:
         self._usage: dict[str, Any] | None = None
         self._done = False
         self._error: dict[str, Any] | None = None
-        self._delta_head = b""
+        self._delta_head = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                            b'"item_id":' + orjson.dumps(item_id) + b',"output_index":0,"content_index":0,'
+                            b'"delta":"')
         self._prefix: bytes | None = None  # what precedes the text in this stream's token chunks
+        self._text_at = 0  # len(self._prefix)
+        self._engine: Translator | None = None
+        self._direct = False
 
-    def body(self, data: bytes) -> dict[str, Any]:
+    def final(self, data: bytes) -> dict[str, Any]:
         """A chat.completion body -> the final response."""
         completion = orjson.loads(data)
         choices = completion.get("choices") or [{}]
@@ -64,76 +73,94 @@ class ResponseTranslator:
         return objects.finished(self.base, self.item_id, message.get("content") or "",
                                 choices[0].get("finish_reason"), completion.get("usage"))
 
-    async def stream(self, chat_events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """The chat SSE stream -> the Responses event stream."""
-        self._delta_head = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
-                            b'"item_id":' + orjson.dumps(self.item_id) + b',"output_index":0,"content_index":0,'
-                            b'"delta":"')
+    def over(self, engine: Translator) -> ResponseTranslator:
+        """This translator as the relay's for a stream whose engine events `engine` translates to chat."""
+        self._engine = engine
+        self._direct = engine.events_as_is
+        return self
+
+    # The relay's translator (gateway.backends.translate.Translator) for streams: event, frame, end.
+
+    def event(self, data: bytes) -> Iterator[bytes]:
+        yield self.frame(data)
+
+    def frame(self, data: bytes) -> bytes:
+        if self._direct and self._error is None:
+            # The hot path, inline: a token chunk of this stream's known prefix (see _translate).
+            if self._prefix is not None and data.startswith(self._prefix):
+                start = self._text_at
+                end = data.find(b'"', start)
+                if (end > start and data[end - 1] != _BACKSLASH and data.startswith(_UNFINISHED_TAIL, end)
+                        and data.endswith(b"}]}")):
+                    text = data[start:end]
+                    self._texts.append(text)
+                    sequence = self._sequence
+                    self._sequence = sequence + 1
+                    return b'%s%s","logprobs":[],"sequence_number":%d}\n\n' % (self._delta_head, text, sequence)
+            return self._translate(data)
+        if self._error is not None:
+            return b""  # the answer ends at the first malformed chunk
+        return b"".join([self._translate(piece) for piece in self._engine.event(data)])
+
+    def end(self, event: bytes) -> bytes:
+        """The relay's `[DONE]` or error event: kept; the closing events follow from `stream`."""
+        if self._error is None:
+            self._parse(event.removeprefix(b"data: ").rstrip(b"\n"), [])
+        return b""
+
+    async def stream(self, relayed: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The relay's output (this translator's delta events) -> the whole Responses event stream."""
         try:
             yield self._opening()
             ended = False
-            async for blob in chat_events:
+            async for blob in relayed:
                 if ended:
                     continue  # the relay finishing after [DONE] or an error: nothing more for the client
-                out = self._read(blob)
                 if self._done or self._error is not None:
                     ended = True
-                    out.append(await asyncio.shield(self._closing()))
-                if out:
-                    yield b"".join(out)
+                    blob += await asyncio.shield(self._closing())
+                if blob:
+                    yield blob
             if not ended:
                 self._error = {"type": "server_error",
                                "message": "The model backend's stream ended without finishing the answer."}
                 yield await asyncio.shield(self._closing())
         finally:
-            await chat_events.aclose()  # idempotent; shields its own engine release and bookkeeping
+            await relayed.aclose()  # idempotent; shields its own engine release and bookkeeping
 
-    def _read(self, blob: bytes) -> list[bytes]:
-        """The events of one relayed read (the relay's own `data: ...\\n\\n` framing). Offsets into `blob`, no
-        slice per event, one scan of a token's chunk up to its text and O(1) checks after it (an event's
-        data is one line: JSON has no raw newline)."""
-        out: list[bytes] = []
-        texts, head, size, sequence = self._texts, self._delta_head, len(blob), self._sequence
-        find, startswith, endswith = blob.find, blob.startswith, blob.endswith
-        position, prefix = 0, self._prefix
-        while position < size:
+    def _translate(self, data: bytes) -> bytes:
+        """One chat chunk's JSON -> its delta event (b"": no text). The common token chunk by offsets (a
+        compare with the stream's known prefix, one search for the end of its text, O(1) checks after it);
+        anything else parsed."""
+        prefix = self._prefix
+        if prefix is not None and data.startswith(prefix):
+            start = len(prefix)
+        else:
+            start = data.find(_CONTENT)
+            if start < 0:
+                return self._parsed(data)
+            start += _CONTENT_SIZE
             # A stream's token chunks share everything before their text (id, created, model): once seen,
             # the next one is recognised by a compare, not a search.
-            if prefix and startswith(prefix, position):
-                start = position + len(prefix)
-            else:
-                start = find(_CONTENT, position)
-                if start < 0 or find(b"\n", position, start) >= 0:
-                    start = -1
-                else:
-                    start += _CONTENT_SIZE
-                    prefix = None if start - position > 512 else blob[position:start]
-            if start >= 0:
-                end = find(b'"', start)
-                if blob[end - 1] == _BACKSLASH:
-                    end = _string_end(blob, start)
-                stop = find(b"\n", end)
-                # Right after the text: no finish reason yet; the object closes after `choices` (no usage).
-                if end >= 0 and startswith(_UNFINISHED_TAIL, end) and endswith(b"}]}", end, stop):
-                    if end > start:
-                        text = blob[start:end]
-                        texts.append(text)
-                        out.append(b'%s%s","logprobs":[],"sequence_number":%d}\n\n' % (head, text, sequence))
-                        sequence += 1
-                    position = stop + 2
-                    continue
-            stop = find(b"\n\n", position)
-            if stop < 0:
-                stop = size
-            self._sequence = sequence
-            if startswith(b"data: ", position):
-                self._parse(blob[position + 6:stop], out)
-                if self._error is not None:
-                    break
-            sequence = self._sequence
-            position = stop + 2
-        self._sequence, self._prefix = sequence, prefix
-        return out
+            prefix = self._prefix = data[:start] if start <= 512 else None
+            self._text_at = start
+        end = data.find(b'"', start)
+        if data[end - 1] == _BACKSLASH:
+            end = _string_end(data, start)
+        # Right after the text: no finish reason yet; the object closes after `choices` (no usage).
+        if end >= 0 and data.startswith(_UNFINISHED_TAIL, end) and data.endswith(b"}]}"):
+            if end == start:
+                return b""
+            text = data[start:end]
+            self._texts.append(text)
+            self._sequence += 1
+            return b'%s%s","logprobs":[],"sequence_number":%d}\n\n' % (self._delta_head, text, self._sequence - 1)
+        return self._parsed(data)
+
+    def _parsed(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        self._parse(data, out)
+        return b"".join(out)
 
     def _parse(self, data: bytes, out: list[bytes]) -> None:
         if data == _DONE:
