@@ -2,9 +2,10 @@
 
 Each turns an engine's JSON body (`body`) or stream event (`event`; `frame` with the SSE framing, the
 one the relay calls) into the client's. `Passthrough`: the engine already answers in the client's shape;
-only the model name changes, by a byte replacement (no parse). `ChatFromCompletion`: the gateway rendered the chat into a prompt and
-called `/v1/completions`; the engine's `text_completion` (and its chunks) become a `chat.completion`
-(and `chat.completion.chunk`s: role first, then content, finish_reason on the last content chunk).
+only the model name changes, by a byte replacement (no parse). `ChatFromCompletion`: the gateway
+rendered the chat into a prompt and called `/v1/completions`; the engine's `text_completion` (and its
+chunks) become a `chat.completion` (and `chat.completion.chunk`s: role first, then content,
+finish_reason on the last content chunk).
 """
 
 from __future__ import annotations
