@@ -60,7 +60,7 @@ def _tenants() -> list[dict]:
             tenants.append({"name": f"probe-{kind}-{engine}", "environment": "research",
                             "api_key_hashes": [hash_key(_key(f"probe-{kind}-{engine}"))],
                             "limits": {"tpm": METERED_TPM}})
-        for kind in ("quota", "tpm", "cut"):
+        for kind in ("quota", "tpm", *(f"cut-{attempt}" for attempt in range(3))):
             tenants.append({"name": f"{kind}-{engine}", "environment": "research",
                             "api_key_hashes": [hash_key(_key(f"{kind}-{engine}"))]})
     return tenants
@@ -197,19 +197,24 @@ def test_a_burst_of_dense_prompts_never_passes_tpm(bench: Bench, engine: str) ->
 def test_a_stream_cut_off_is_charged_by_the_bound(bench: Bench, engine: str) -> None:
     model, text = ENGINES[engine], TEXTS["emoji"]
     prompt_tokens = _post(bench.gateways[0], _key("admin"), _chat(model, text)).json()["usage"]["prompt_tokens"]
-    tenant = f"cut-{engine}"
     # Long enough that the hang-up reaches the engine first: past the end of the turn too (vLLM's
     # ignore_eos; llama.cpp takes no such knob, so SmolLM2's <|endoftext|> and <|im_end|> are banned).
     never_end = {"logit_bias": {"0": -100, "2": -100}} if engine == "llamacpp" else {"ignore_eos": True}
     body = _chat(model, text, max_tokens=300, stream=True, **never_end)
-    with httpx.stream("POST", bench.gateways[0].url + "/v1/chat/completions", json=body, timeout=120,
-                      headers={"authorization": f"Bearer {_key(tenant)}"}) as reply:
-        assert reply.status_code == 200
-        for line in reply.iter_lines():
-            chunk = json.loads(line[6:]) if line.startswith("data: {") else {}
-            if any((choice.get("delta") or {}).get("content") for choice in chunk.get("choices") or ()):
-                break  # the first token arrived: hang up
-    records = _usage_records(bench, tenant)
+    for attempt in range(3):
+        tenant = f"cut-{attempt}-{engine}"
+        with httpx.stream("POST", bench.gateways[0].url + "/v1/chat/completions", json=body, timeout=120,
+                          headers={"authorization": f"Bearer {_key(tenant)}"}) as reply:
+            assert reply.status_code == 200
+            for line in reply.iter_lines():
+                chunk = json.loads(line[6:]) if line.startswith("data: {") else {}
+                if any((choice.get("delta") or {}).get("content") for choice in chunk.get("choices") or ()):
+                    break  # the first token arrived: hang up
+        records = _usage_records(bench, tenant)
+        # A whole answer (200) means the engine's 300 tokens (~0.5 s here) were relayed before this process
+        # hung up: the machine stalled it (seen once in a full run), which shows nothing about a cut stream.
+        if not (len(records) == 1 and records[0]["status"] == 200):
+            break
     assert len(records) == 1 and records[0]["status"] == 499, records
     record = records[0]
     assert record["usage_source"] == "gateway_estimate"
