@@ -57,9 +57,7 @@ class ResponseTranslator:
         self._usage: dict[str, Any] | None = None
         self._done = False
         self._error: dict[str, Any] | None = None
-        self._delta_head = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
-                            b'"item_id":' + orjson.dumps(item_id) + b',"output_index":0,"content_index":0,'
-                            b'"delta":"')
+        self._delta_head = b""  # set by `stream`, which always runs before the relay it reads
         self._prefix: bytes | None = None  # what precedes the text in this stream's token chunks
         self._text_at = 0  # len(self._prefix)
         self._engine: Translator | None = None
@@ -110,6 +108,9 @@ class ResponseTranslator:
 
     async def stream(self, relayed: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """The relay's output (this translator's delta events) -> the whole Responses event stream."""
+        self._delta_head = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                            b'"item_id":' + orjson.dumps(self.item_id) + b',"output_index":0,"content_index":0,'
+                            b'"delta":"')
         try:
             yield self._opening()
             ended = False
