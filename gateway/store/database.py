@@ -79,9 +79,8 @@ class Database:
     def _in_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         connection = self._sqlite_connection
         if connection is None:
-            # Used by the writer thread only. One cached statement per size of a multi-row INSERT (1-256 rows).
             connection = sqlite3.connect(self.url.database or "", timeout=30, isolation_level=None,
-                                         check_same_thread=False, cached_statements=600)
+                                         check_same_thread=False)  # used by the writer thread only
             for pragma in _SQLITE_PRAGMAS:
                 connection.execute(f"PRAGMA {pragma}")
             self._sqlite_connection = connection

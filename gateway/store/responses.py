@@ -81,37 +81,6 @@ def _items(response_id: str, item: StoredResponse) -> list[tuple]:
 
 
 def _write_sqlite(latest: dict[str, tuple[StoredResponse, int]], db: sqlite3.Connection) -> dict[str, Exception]:
-    """The group's transaction on SQLite, as `_write` does it on PostgreSQL (run by Database.write_sqlite
-    in its writer thread: one thread hop for the whole group).
-
-    New ids (all of them, but for a bug or a test that saves one again) go in as one multi-row INSERT per
-    table: the sqlite3 module lets go of the GIL around every step of a statement, and on the gateway's
-    one core each time the writer takes it back it waits for the event loop's thread to hand it over (a
-    look-up of the ids and an executemany were ~3 hand-overs per saved response). A taken id fails the
-    INSERT, which SQLite undoes alone (the transaction stays open): the group is then written row by row."""
-    rows = [(response_id, item.tenant, item.created_at, expires_at, item.previous_response_id, item.response_json())
-            for response_id, (item, expires_at) in latest.items()]
-    try:
-        _insert_many(db, _COLUMNS, rows)
-    except sqlite3.IntegrityError:
-        return _write_sqlite_each(latest, db)
-    _insert_many(db, _ITEM_COLUMNS, [entry for response_id, (item, _) in latest.items()
-                                     for entry in _items(response_id, item)])
-    return {}
-
-
-_ROWS_PER_INSERT = 256  # x 6 columns: well under SQLite's 32,766 parameters
-
-
-def _insert_many(db: sqlite3.Connection, columns: str, rows: list[tuple]) -> None:
-    for start in range(0, len(rows), _ROWS_PER_INSERT):
-        chunk = rows[start:start + _ROWS_PER_INSERT]
-        one = "(" + ", ".join("?" * len(chunk[0])) + ")"
-        db.execute(f"INSERT INTO {columns} VALUES {', '.join([one] * len(chunk))}",
-                   [value for row in chunk for value in row])
-
-
-def _write_sqlite_each(latest: dict[str, tuple[StoredResponse, int]], db: sqlite3.Connection) -> dict[str, Exception]:
     """Row by row: an id saved again replaces its response (same tenant), or is refused."""
     ids = list(latest)
     found = {row[0]: row for row in db.execute(
