@@ -134,16 +134,25 @@ class Runner:
         return json.loads(out.read_text()), peak
 
     def repeat(self, t: bt.Target, label: str, args: list[str], duration: float, n: int | None = None) -> dict:
-        runs = []
-        for i in range(n or self.a.repeats):
-            r, _ = self.loadgen(t, [*args, "--duration", str(duration)], timeout_s=60 + 20 * duration)
-            runs.append(r)
-            m = rep.run_metrics(r)
-            log(f"  [{t.name}] {label} #{i + 1}: {m['rps'] or 0:,.0f} rps, p50 {m['p50']} ms, p99 {m['p99']} ms"
-                + (f", {m['chunks_per_s']:,.0f} chunks/s" if m["chunks_per_s"] else "")
-                + (f", errors {r.get('error_kinds')}" if r.get("errors") else "")
-                + (" [generator saturated]" if r.get("generator_saturated") else ""))
-        return rep.summarise(runs)
+        return rep.summarise([self.run_once(t, label, args, duration, i) for i in range(n or self.a.repeats)])
+
+    def alternate(self, t: bt.Target, scenarios: list[tuple[str, list[str]]], duration: float) -> list[dict]:
+        """The scenarios run by run in turn (A B A B ...): a ratio of neighbours, not of runs minutes apart
+        on a machine whose speed drifts (the same gateway's c64 moved by up to 15 % within one run here)."""
+        runs: list[list[dict]] = [[] for _ in scenarios]
+        for i in range(self.a.repeats):
+            for (label, args), mine in zip(scenarios, runs):
+                mine.append(self.run_once(t, label, args, duration, i))
+        return [rep.summarise(mine) for mine in runs]
+
+    def run_once(self, t: bt.Target, label: str, args: list[str], duration: float, i: int) -> dict:
+        r, _ = self.loadgen(t, [*args, "--duration", str(duration)], timeout_s=60 + 20 * duration)
+        m = rep.run_metrics(r)
+        log(f"  [{t.name}] {label} #{i + 1}: {m['rps'] or 0:,.0f} rps, p50 {m['p50']} ms, p99 {m['p99']} ms"
+            + (f", {m['chunks_per_s']:,.0f} chunks/s" if m["chunks_per_s"] else "")
+            + (f", errors {r.get('error_kinds')}" if r.get("errors") else "")
+            + (" [generator saturated]" if r.get("generator_saturated") else ""))
+        return r
 
     def sweep(self, t: bt.Target, c64_rps: float | None) -> dict:
         a = self.a
@@ -190,12 +199,14 @@ class Runner:
             out["stream_c16"] = self.repeat(t, "stream c16 x128",
                                             ["--concurrency", "16", "--stream", "--max-tokens", "128"], a.duration)
         if "responses" in sc and t.name in RESPONSES_TARGETS:
-            # Right after chat's c64 and stream c16 x128, on the same target: the bridge's own cost.
-            out["responses_c64"] = self.repeat(t, "responses c64", ["--endpoint", "responses", "--concurrency", "64"],
-                                               a.duration)
-            out["responses_stream_c16"] = self.repeat(
-                t, "responses stream c16 x128", ["--endpoint", "responses", "--concurrency", "16", "--stream",
-                                                 "--max-tokens", "128"], a.duration)
+            # The bridge's own cost: each Responses run beside a run of the same chat scenario (alternating).
+            stream = ["--concurrency", "16", "--stream", "--max-tokens", "128"]
+            out["paired_c64"], out["responses_c64"] = self.alternate(t, [
+                ("chat c64, paired", ["--concurrency", "64"]),
+                ("responses c64", ["--endpoint", "responses", "--concurrency", "64"])], a.duration)
+            out["paired_stream_c16"], out["responses_stream_c16"] = self.alternate(t, [
+                ("chat stream c16 x128, paired", stream),
+                ("responses stream c16 x128", ["--endpoint", "responses", *stream])], a.duration)
         best = max((out[k]["median"]["rps"] or 0 for k in ("c1", "c16", "c64", "c256") if k in out), default=0)
         if "open500" in sc:
             # far past saturation an open-loop run only queues: seconds of draining that say nothing more

@@ -150,10 +150,13 @@ ROWS: list[tuple[str, Getter, int, bool]] = [
     ("stream c16 x128: TTFT p50 ms", _get("stream_c16", "ttft_p50"), 2, True),
     ("stream c16 x128: p99 ms", _get("stream_c16", "p99"), 1, True),
     # /v1/responses (the gateway only): the same work as the chat rows above, through the bridge
+    # (each run beside a run of the same chat scenario: the "paired" rows, from the same minutes)
     ("responses c64: rps", _get("responses_c64", "rps"), 0, False),
     ("responses c64: p99 ms", _get("responses_c64", "p99"), 1, False),
+    ("paired chat c64: rps", _get("paired_c64", "rps"), 0, False),
     ("responses stream c16 x128: chunks/s", _get("responses_stream_c16", "chunks_per_s"), 0, False),
     ("responses stream c16 x128: TTFT p50 ms", _get("responses_stream_c16", "ttft_p50"), 2, False),
+    ("paired chat stream c16 x128: chunks/s", _get("paired_stream_c16", "chunks_per_s"), 0, False),
     # RSS rows: no `*`; a busy generator does not change what the server holds per open stream
     ("slow streams: ok", _get("streams", "ok", False), 0, False),
     ("slow streams: peak open sockets", _get("streams", "peak_fds", False), 0, False),
@@ -233,7 +236,9 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     add("streamed relay, SSE chunks/s (c16 x128)", val(_get("stream_c16", "chunks_per_s"), "gateway"), 50_000, True,
         "chunks/s")
     def of_chat(scenario: str, chat: str, metric: str) -> float | None:
-        mine, theirs = val(_get(scenario, metric), "gateway"), val(_get(chat, metric), "gateway")
+        """Against the chat runs alternated with it (`paired_...`), else chat's own scenario (older results)."""
+        mine = val(_get(scenario, metric), "gateway")
+        theirs = val(_get("paired_" + chat, metric), "gateway") or val(_get(chat, metric), "gateway")
         return None if mine is None or not theirs else mine / theirs
 
     add("Responses / chat completions, non-streamed c64 rps", of_chat("responses_c64", "c64", "rps"), 0.9, True, "x")
