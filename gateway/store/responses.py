@@ -4,7 +4,8 @@
 finds it (LiteLLM batches these writes, and its follow-ups fail for ~10 s: BerriAI/litellm#28587).
 Saves that arrive while a commit is in flight share the next one (group commit): each still returns
 only once its row is durable, but 64 concurrent responses cost one commit (one fsync on SQLite), not 64
-in a row (one transaction each held the embedded database to ~100 saves a second here).
+in a row (one transaction each held the embedded database to ~100 saves a second here). A small group
+waits up to 2 ms for saves that other requests in flight announced (`expect`), never for nothing.
 A response belongs to its tenant: another tenant's id answers None, as a missing one does, so nothing
 tells that it exists. Expired or deleted responses lose their content (response NULL, input items
 deleted); the row stays as a tombstone so the id is never reused. When the database is down `save`,
