@@ -271,10 +271,16 @@ def walk(clone: Path) -> Iterator[list[str]]:
             if block.kind == "start":
                 started.append(start_block(block, clone, ports, gateway_port, llama_port))
             elif block.kind == "run":
-                code, output = run_block(block, clone, ports)
-                found = [f"exit {code}, expected {block.exit_code}"] if code != block.exit_code else []
-                if not found and block.comparison:
-                    found = output_problems(block, output, ports)
+                for attempt in range(2):
+                    code, output = run_block(block, clone, ports)
+                    found = [f"exit {code}, expected {block.exit_code}"] if code != block.exit_code else []
+                    if not found and block.comparison:
+                        found = output_problems(block, output, ports)
+                    # The gateway itself said the failure may pass (this machine's DNS server timed out on
+                    # an unresolvable name, seen once in a full run): once more, as the message advises.
+                    if not (found and "Retry later." in output):
+                        break
+                    time.sleep(2)
                 if found:
                     shown = rewrite(block.expected.text, ports) if block.expected else "(nothing compared)"
                     problems.append(f"README.md:{block.line}: {'; '.join(found)}\n--- printed:\n{output}\n"
