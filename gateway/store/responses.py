@@ -82,7 +82,8 @@ def _items(response_id: str, item: StoredResponse) -> list[tuple]:
 
 
 def _write_sqlite(latest: dict[str, tuple[StoredResponse, int]], db: sqlite3.Connection) -> dict[str, Exception]:
-    """Row by row: an id saved again replaces its response (same tenant), or is refused."""
+    """The group's transaction on SQLite, as `_write` does it on PostgreSQL (run by Database.write_sqlite
+    in its writer thread: one thread hop for the whole group)."""
     ids = list(latest)
     found = {row[0]: row for row in db.execute(
         f"SELECT id, tenant, deleted_at FROM responses WHERE id IN ({', '.join('?' * len(ids))})", ids)}
