@@ -28,7 +28,7 @@ or the chat framing that the client of this stream never sees.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -59,7 +59,6 @@ class ResponseTranslator:
         self._error: dict[str, Any] | None = None
         self._delta_head = b""  # set by `stream`, which always runs before the relay it reads
         self._prefix: bytes | None = None  # what precedes the text in this stream's token chunks
-        self._text_at = 0  # len(self._prefix)
         self._engine: Translator | None = None
         self._direct = False
 
@@ -77,27 +76,13 @@ class ResponseTranslator:
         self._direct = engine.events_as_is
         return self
 
-    # The relay's translator (gateway.backends.translate.Translator) for streams: event, frame, end.
-
-    def event(self, data: bytes) -> Iterator[bytes]:
-        yield self.frame(data)
+    # The relay's translator (gateway.backends.translate.Translator) for streams: frame, end.
 
     def frame(self, data: bytes) -> bytes:
-        if self._direct and self._error is None:
-            # The hot path, inline: a token chunk of this stream's known prefix (see _translate).
-            if self._prefix is not None and data.startswith(self._prefix):
-                start = self._text_at
-                end = data.find(b'"', start)
-                if (end > start and data[end - 1] != _BACKSLASH and data.startswith(_UNFINISHED_TAIL, end)
-                        and data.endswith(b"}]}")):
-                    text = data[start:end]
-                    self._texts.append(text)
-                    sequence = self._sequence
-                    self._sequence = sequence + 1
-                    return b'%s%s","logprobs":[],"sequence_number":%d}\n\n' % (self._delta_head, text, sequence)
-            return self._translate(data)
         if self._error is not None:
             return b""  # the answer ends at the first malformed chunk
+        if self._direct:
+            return self._translate(data)
         return b"".join([self._translate(piece) for piece in self._engine.event(data)])
 
     def end(self, event: bytes) -> bytes:
@@ -144,7 +129,6 @@ class ResponseTranslator:
             # A stream's token chunks share everything before their text (id, created, model): once seen,
             # the next one is recognised by a compare, not a search.
             prefix = self._prefix = data[:start] if start <= 512 else None
-            self._text_at = start
         end = data.find(b'"', start)
         if data[end - 1] == _BACKSLASH:
             end = _string_end(data, start)
