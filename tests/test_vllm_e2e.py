@@ -102,8 +102,8 @@ def _metric(engine: Server, name: str, label: str = "") -> float:
                if line.startswith(name) and label in line)
 
 
-_FULL = 32 * 480  # what one abort test request generates if nobody stops it
-_ABORT_TEST_BODY = {"model": "llama-2-7b", "prompt": "count", "max_tokens": 480, "n": 32, "ignore_eos": True}
+_FULL = 16 * 480  # what one abort test request generates if nobody stops it
+_ABORT_TEST_BODY = {"model": "llama-2-7b", "prompt": "count", "max_tokens": 480, "n": 16, "ignore_eos": True}
 
 
 def _leave_mid_generation(engine: Server, leave: Callable[[], None], attempts: int = 3) -> tuple[float, float]:
